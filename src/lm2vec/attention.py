@@ -1,0 +1,122 @@
+"""Bidirectional attention through transformers' native switch, and proof that it took effect.
+
+transformers >= 5.2 builds a padding-only (bidirectional) mask for every decoder whose config says
+``is_causal = False``. That one flag serves nearly every architecture; the few that need something else
+are listed in the tables below, nowhere else. Because a flag can be silently ignored (the reference
+implementation's Qwen2 stayed causal), :func:`verify_attention` checks the loaded model itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+# Extra config flags some architectures read instead of (or besides) ``is_causal``.
+EXTRA_FLAGS: dict[str, dict[str, object]] = {
+    "gemma3_text": {"use_bidirectional_attention": True},
+    "gemma3": {"use_bidirectional_attention": True},
+}
+
+# (model_type, attention implementation) pairs whose kernels ignore the switch, with the reason.
+# ``None`` as implementation means every implementation.
+UNSUPPORTED: dict[tuple[str, str | None], str] = {
+    ("stablelm", "sdpa"): "its decoder layers drop the is_causal switch before SDPA, so unpadded inputs stay "
+    "causal; use attn_implementation='eager' (the default for stablelm)",
+}
+
+
+class AttentionError(RuntimeError):
+    """The model's attention is not in the mode that was asked for."""
+
+
+def unsupported_reason(model_type: str, attn_implementation: str | None) -> str | None:
+    """Why this architecture cannot be made bidirectional under this implementation, or None."""
+    return UNSUPPORTED.get((model_type, None)) or UNSUPPORTED.get((model_type, attn_implementation or "sdpa"))
+
+
+def set_bidirectional(config: PretrainedConfig, bidirectional: bool = True) -> PretrainedConfig:
+    """Set the config flags that make a model built from ``config`` bidirectional (or causal).
+
+    Set them *before* the model is built: some architectures read the flag only at construction.
+    Raises :class:`AttentionError` for architectures listed in :data:`UNSUPPORTED`.
+    """
+    if bidirectional:
+        impl = getattr(config, "_attn_implementation", None) or "sdpa"
+        if reason := unsupported_reason(config.model_type, impl):
+            raise AttentionError(f"{config.model_type} with {impl} attention cannot be made bidirectional: {reason}")
+    config.is_causal = not bidirectional
+    for sub in _text_configs(config):
+        sub.is_causal = not bidirectional
+        for key, value in EXTRA_FLAGS.get(sub.model_type, {}).items():
+            setattr(sub, key, value if bidirectional else not value)
+    return config
+
+
+def _text_configs(config: PretrainedConfig) -> list[PretrainedConfig]:
+    """The config and its text sub-config, if it has one (multimodal wrappers such as Gemma 3)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that follow the real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def first_token_moves(model: PreTrainedModel, padding_side: str | None, vocab_size: int) -> bool:
+    """Does the first real token's state change when the last token changes?
+
+    ``padding_side`` None runs one unpadded sequence; "left"/"right" puts the probe inside a padded
+    batch with a longer neighbour, the situation in which a half-applied switch falls back to causal.
+    """
+    n = 6
+    ids = torch.arange(n, dtype=torch.long) % max(vocab_size - 1, 1) + 1
+    changed = ids.clone()
+    changed[-1] = (ids[-1] % (vocab_size - 1)) + 1 if vocab_size > 2 else 0
+    states = []
+    for seq in (ids, changed):
+        if padding_side is None:
+            input_ids, mask, first = seq[None], torch.ones(1, n, dtype=torch.long), 0
+        else:
+            pad = 3
+            longer = torch.arange(n + pad, dtype=torch.long) % max(vocab_size - 1, 1) + 1
+            padded = torch.zeros(n + pad, dtype=torch.long)
+            m = torch.zeros(n + pad, dtype=torch.long)
+            sl = slice(pad, None) if padding_side == "left" else slice(0, n)
+            padded[sl], m[sl] = seq, 1
+            input_ids = torch.stack([longer, padded])
+            mask = torch.stack([torch.ones_like(m), m])
+            first = pad if padding_side == "left" else 0
+        device = next(model.parameters()).device
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids_for(mask).to(device),
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+        states.append(hidden[-1, first].float().cpu())
+    scale = states[0].abs().max().clamp(min=1e-6)
+    return bool(((states[0] - states[1]).abs().max() / scale) > 1e-4)
+
+
+def verify_attention(model: PreTrainedModel, bidirectional: bool, vocab_size: int | None = None) -> None:
+    """Prove the attention mode on the loaded model: alone, and in left- and right-padded batches.
+
+    Raises :class:`AttentionError` naming the case that failed.
+    """
+    vocab_size = vocab_size or model.config.get_text_config().vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        for side in (None, "left", "right"):
+            if first_token_moves(model, side, vocab_size) != bidirectional:
+                case = "a single sequence" if side is None else f"a {side}-padded batch"
+                want, got = ("bidirectional", "causal") if bidirectional else ("causal", "bidirectional")
+                raise AttentionError(
+                    f"{model.config.model_type} ({model.config._attn_implementation}) should be {want} "
+                    f"but is {got} on {case}: the first token's state "
+                    f"{'did not change' if bidirectional else 'changed'} when the last token changed."
+                )
+    finally:
+        model.train(was_training)

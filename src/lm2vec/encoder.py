@@ -1,0 +1,245 @@
+"""The encoder: a (bidirectional) decoder, a tokenizer and a pooling mode, with sentence-transformers' API."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from . import loading, st_format
+from .attention import position_ids_for, verify_attention
+from .inputs import Batch, Inputs, Tokenization, normalize
+from .pooling import PoolingMode, parse_pooling, pool
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class Encoder:
+    """Turns texts into embeddings with a decoder-only LLM.
+
+    Build one with :func:`lm2vec.load`. ``prompts`` maps names (``"query"``, ``"document"``, task names)
+    to instructions, as in sentence-transformers.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pooling: str | PoolingMode = PoolingMode.MEAN,
+        max_length: int = 512,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        bidirectional: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = parse_pooling(pooling)
+        self.max_length = max_length
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        self.bidirectional = bidirectional
+        self.tokenization = Tokenization(tokenizer, max_length)
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}")
+
+    # -- properties --------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def verify(self) -> None:
+        """Prove the attention mode on this model (raises :class:`lm2vec.AttentionError`)."""
+        verify_attention(self.model, self.bidirectional, vocab_size=len(self.tokenizer))
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Embed one tokenized batch (no normalization); differentiable, used by training too."""
+        batch = batch.to(self.device)
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_for(batch.attention_mask),
+        )
+        return pool(out.last_hidden_state, batch.attention_mask, batch.pool_mask, self.pooling)
+
+    def resolve_instruction(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str | None:
+        if prompt is not None and instruction is not None:
+            raise ValueError("pass either prompt or instruction, not both (they are the same thing)")
+        if prompt is not None or instruction is not None:
+            return prompt if prompt is not None else instruction
+        name = prompt_name if prompt_name is not None else self.default_prompt_name
+        if name is None:
+            return None
+        if name not in self.prompts:
+            raise ValueError(f"unknown prompt_name {name!r}; this encoder has prompts: {sorted(self.prompts)}")
+        return self.prompts[name]
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        sentences: Inputs,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = False,
+        instruction: str | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed texts. A single string gives one vector; a list gives a (n, dim) array.
+
+        Items may be strings or (instruction, text) pairs; ``instruction``/``prompt``/``prompt_name``
+        set the instruction for plain strings. Instruction tokens are attended to but not pooled.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        default = self.resolve_instruction(prompt_name, prompt, instruction)
+        instructions, texts, single = normalize(sentences, default)
+        order = np.argsort([-len(p) - len(t) for p, t in zip(instructions, texts, strict=True)], kind="stable")
+        if show_progress_bar is None:
+            show_progress_bar = len(texts) > batch_size and sys.stderr.isatty()
+        was_training = self.model.training
+        self.model.eval()
+        chunks = []
+        try:
+            for start in tqdm(range(0, len(texts), batch_size), desc="Encoding", disable=not show_progress_bar):
+                idx = order[start : start + batch_size]
+                batch = self.tokenization([instructions[i] for i in idx], [texts[i] for i in idx])
+                chunks.append(self.forward(batch).cpu())
+        finally:
+            self.model.train(was_training)
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        embeddings = embeddings[torch.from_numpy(np.argsort(order, kind="stable"))] if len(order) else embeddings
+        if normalize_embeddings:
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        if single:
+            embeddings = embeddings[0]
+        if convert_to_tensor:
+            return embeddings
+        return embeddings.numpy() if convert_to_numpy else embeddings
+
+    def encode_query(self, sentences: Inputs, **kwargs) -> np.ndarray | torch.Tensor:
+        """Encode with the ``query`` prompt, if the encoder has one."""
+        return self.encode(sentences, prompt_name="query" if "query" in self.prompts else None, **kwargs)
+
+    def encode_document(self, sentences: Inputs, **kwargs) -> np.ndarray | torch.Tensor:
+        """Encode with the ``document`` prompt, if the encoder has one."""
+        return self.encode(sentences, prompt_name="document" if "document" in self.prompts else None, **kwargs)
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, merge_adapters: bool = True) -> Path:
+        """Save as a sentence-transformers directory (safetensors) that reloads with identical embeddings.
+
+        LoRA adapters are merged into the weights by default; with ``merge_adapters=False`` the base
+        weights and the adapter are saved side by side, and transformers/sentence-transformers apply the
+        adapter when loading.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if isinstance(model, PeftModel):
+            if merge_adapters:
+                model = _merged_copy(model)
+            else:
+                model.save_pretrained(path, safe_serialization=True)
+                model = model.get_base_model()
+        model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        settings = st_format.STSettings(self.pooling, self.max_length, self.prompts, self.default_prompt_name)
+        st_format.write(path, self.dim, settings)
+        return path
+
+    def info(self) -> dict[str, object]:
+        config = self.model.config
+        return {
+            "architecture": config.model_type,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "attention": "bidirectional" if self.bidirectional else "causal",
+            "attn_implementation": config._attn_implementation,
+            "pooling": self.pooling.value,
+            "dimension": self.dim,
+            "max_length": self.max_length,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "prompts": self.prompts,
+        }
+
+
+def _merged_copy(model: PeftModel) -> PreTrainedModel:
+    """Merge LoRA weights into a copy, leaving the trainable original untouched."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
+    """512 tokens, or fewer where the model has fewer positions."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return min(cap, positions) if positions else cap
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    *,
+    pooling: str | PoolingMode | None = None,
+    bidirectional: bool | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_length: int | None = None,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    verify: bool = True,
+) -> Encoder:
+    """Load a decoder-only LLM as an encoder and prove its attention mode.
+
+    ``source``: a local Hugging Face or sentence-transformers directory, a hub id, a ``.gguf`` file,
+    or None / ``"smollm2-135m-instruct"`` for the built-in SmolLM2-135M-Instruct. Settings not given
+    come from a saved lm2vec/sentence-transformers directory, else: mean pooling, bidirectional,
+    float32, 512 tokens.
+    """
+    resolved = loading.resolve(source)
+    saved = st_format.read(Path(resolved.path)) if resolved.local else None
+    if bidirectional is None:
+        bidirectional = saved.bidirectional if saved else True
+    model = loading.load_model(
+        resolved, bidirectional, parse_dtype(dtype), attn_implementation, trust_remote_code
+    )
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer = loading.load_tokenizer(resolved, trust_remote_code)
+    encoder = Encoder(
+        model,
+        tokenizer,
+        pooling=pooling or (saved.pooling if saved else PoolingMode.MEAN),
+        max_length=max_length or (saved.max_length if saved else default_max_length(model)),
+        prompts=prompts if prompts is not None else (saved.prompts if saved else None),
+        default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
+        bidirectional=bidirectional,
+    )
+    if verify:
+        encoder.verify()
+    return encoder

