@@ -19,8 +19,14 @@ from .attention import position_ids_for, verify_attention
 from .inputs import Batch, Inputs, Tokenization, normalize
 from .pooling import PoolingMode, parse_pooling, pool
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 class Encoder:
@@ -49,7 +55,9 @@ class Encoder:
         self.bidirectional = bidirectional
         self.tokenization = Tokenization(tokenizer, max_length)
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
-            raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}")
+            raise ValueError(
+                f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
+            )
 
     # -- properties --------------------------------------------------------------------------------
     @property
@@ -224,9 +232,7 @@ def load(
     saved = st_format.read(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
-    model = loading.load_model(
-        resolved, bidirectional, parse_dtype(dtype), attn_implementation, trust_remote_code
-    )
+    model = loading.load_model(resolved, bidirectional, parse_dtype(dtype), attn_implementation, trust_remote_code)
     if device is not None:
         model.to(device)
     model.eval()

