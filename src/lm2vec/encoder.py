@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -160,11 +161,9 @@ class Encoder:
         path.mkdir(parents=True, exist_ok=True)
         model = self.model
         if isinstance(model, PeftModel):
-            if merge_adapters:
-                model = _merged_copy(model)
-            else:
-                model.save_pretrained(path, safe_serialization=True)
-                model = model.get_base_model()
+            if not merge_adapters:
+                _save_adapter(model, path)
+            model = _without_adapters(model, merge_adapters)
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         settings = st_format.STSettings(self.pooling, self.max_length, self.prompts, self.default_prompt_name)
@@ -186,9 +185,23 @@ class Encoder:
         }
 
 
-def _merged_copy(model: PeftModel) -> PreTrainedModel:
-    """Merge LoRA weights into a copy, leaving the trainable original untouched."""
-    return copy.deepcopy(model).merge_and_unload()
+def _save_adapter(model: PeftModel, path: Path) -> None:
+    """Save the adapter beside the base weights; its config names this directory as the base model.
+
+    transformers finds the base weights in the directory itself; sentence-transformers reads the base
+    config from ``base_model_name_or_path``, an absolute path (update it if the directory moves).
+    """
+    model.save_pretrained(path, safe_serialization=True)
+    adapter_config = path / "adapter_config.json"
+    config = json.loads(adapter_config.read_text())
+    config["base_model_name_or_path"] = str(path.resolve())
+    adapter_config.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _without_adapters(model: PeftModel, merge: bool) -> PreTrainedModel:
+    """A plain copy of the model, LoRA merged in or left out, leaving the trainable original untouched."""
+    clone = copy.deepcopy(model)
+    return clone.merge_and_unload() if merge else clone.unload()
 
 
 def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:

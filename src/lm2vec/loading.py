@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .attention import AttentionError, set_bidirectional, unsupported_reason
+from .attention import set_bidirectional, unsupported_reason
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,7 +88,7 @@ def check_directory(path: Path) -> None:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {', '.join(pickled)}: lm2vec never unpickles weights)" if pickled else ""
         raise ModelLoadError(f"{path} has no *.safetensors weights{hint}")
-    if not any(path.glob(name) for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ModelLoadError(f"{path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
 
 
@@ -135,7 +136,10 @@ def fix_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
 
 
 def load_tokenizer(source: Source, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {source.path}: {err}") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"the tokenizer of {source.name} has neither a pad nor an EOS token")
@@ -176,7 +180,5 @@ def load_model(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        if isinstance(err, AttentionError):
-            raise
+    except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err

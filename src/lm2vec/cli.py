@@ -1,0 +1,129 @@
+"""The ``lm2vec`` command: a thin layer over the library (which never imports this module)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import lm2vec
+from lm2vec.data import read_jsonl, read_lines
+from lm2vec.inputs import Item
+from lm2vec.pooling import PoolingMode
+
+BUILTIN_ALIASES = ("default", "builtin")
+USAGE_ERRORS = (ValueError, TypeError, OSError, lm2vec.ModelLoadError, lm2vec.AttentionError)
+
+
+def model_source(name: str) -> str | None:
+    """``default``/``builtin`` mean the built-in model, which :func:`lm2vec.load` takes as None."""
+    return None if name in BUILTIN_ALIASES else name
+
+
+def read_inputs(path: Path, field: str) -> list[Item]:
+    """Texts from a .jsonl file (``field``, plus an optional per-line ``instruction``) or one per line."""
+    if path.suffix == ".jsonl":
+        records = read_jsonl(path, {field: str}, optional_fields={"instruction": str})
+        return [(r["instruction"], r[field]) if "instruction" in r else r[field] for r in records]
+    return read_lines(path)
+
+
+def load(args: argparse.Namespace) -> lm2vec.Encoder:
+    return lm2vec.load(
+        model_source(args.model),
+        pooling=args.pooling,
+        bidirectional=False if args.causal else None,
+        dtype=getattr(args, "dtype", None),
+        max_length=getattr(args, "max_length", None),
+    )
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    items = read_inputs(Path(args.input), args.field)
+    encoder = load(args)
+    start = time.perf_counter()
+    embeddings = encoder.encode(
+        items,
+        prompt_name=args.prompt_name,
+        instruction=args.instruction,
+        batch_size=args.batch_size,
+        show_progress_bar=True,
+        normalize_embeddings=args.normalize,
+    )
+    seconds = time.perf_counter() - start
+    with open(args.output, "wb") as out:  # np.save(path) would append .npy to other names
+        np.save(out, np.asarray(embeddings, dtype=np.float32))
+    attention = "bidirectional" if encoder.bidirectional else "causal"
+    print(
+        f"lm2vec: wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {args.output} in {seconds:.1f} s "
+        f"({len(items) / max(seconds, 1e-9):.1f} texts/s; {attention} (verified), {encoder.pooling.value} pooling)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    encoder = load(args)
+    info = encoder.info() | {"attention_verified": True}  # load() raises unless the mode was proven
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = {
+        "architecture": info["architecture"],
+        "parameters": f"{info['parameters']:,}",
+        "attention": f"{info['attention']} (verified)",
+        "attn implementation": info["attn_implementation"],
+        "pooling": info["pooling"],
+        "dimension": info["dimension"],
+        "max length": info["max_length"],
+        "dtype": info["dtype"],
+    }
+    if info["prompts"]:
+        rows["prompts"] = ", ".join(info["prompts"])
+    for key, value in rows.items():
+        print(f"{key:<20} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lm2vec", description=lm2vec.__doc__)
+    parser.add_argument("--version", action="version", version=f"lm2vec {lm2vec.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "model", help="'default' (the built-in SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id"
+    )
+    model.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's saved setting")
+    model.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
+
+    encode = commands.add_parser("encode", parents=[model], help="embed a text or .jsonl file into an .npy array")
+    encode.add_argument("input", help="a text file (one text per line, blank lines skipped) or a .jsonl file")
+    encode.add_argument("-o", "--output", required=True, help="the .npy file to write, shape (texts, dim)")
+    prompt = encode.add_mutually_exclusive_group()
+    prompt.add_argument("--instruction", help="instruction for every text (attended to, not pooled)")
+    prompt.add_argument("--prompt-name", help="a named prompt saved with the model, e.g. query")
+    encode.add_argument("--batch-size", type=int, default=32)
+    encode.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
+    encode.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32")
+    encode.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    encode.add_argument("--field", default="text", help="the text field of .jsonl lines (default: text)")
+    encode.set_defaults(run=cmd_encode)
+
+    info = commands.add_parser("info", parents=[model], help="load a model, verify its attention, describe it")
+    info.add_argument("--json", action="store_true", help="print the description as JSON")
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USAGE_ERRORS as err:
+        print(f"lm2vec: error: {err}", file=sys.stderr)
+        return 2

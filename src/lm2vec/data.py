@@ -1,0 +1,76 @@
+"""Where the local datasets live, and readers whose errors point at the offending file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+FieldTypes = Mapping[str, type | tuple[type, ...]]
+
+
+def data_dir() -> Path:
+    """``$LM2VEC_DATA``, else ``../shared/data`` from the working directory, else next to the repository.
+
+    The datasets are never part of the project; they sit beside it (see ``shared/data/README.md``).
+    """
+    if env := os.environ.get("LM2VEC_DATA"):
+        return Path(env).expanduser()
+    beside_cwd = Path.cwd().parent / "shared" / "data"
+    if beside_cwd.is_dir():
+        return beside_cwd
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of the non-blank lines; FileNotFoundError/ValueError name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    seen = False
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").removeprefix("\ufeff") if number == 1 else raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        if line.strip():
+            seen = True
+            yield number, line
+    if not seen:
+        raise ValueError(f"{path} is empty")
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, one text per line."""
+    return [line for _, line in _numbered_lines(path)]
+
+
+def read_jsonl(
+    path: str | os.PathLike, required_fields: Iterable[str] | FieldTypes = (), optional_fields: FieldTypes | None = None
+) -> list[dict]:
+    """Read a JSON-lines file of objects (blank lines skipped), checking fields as it goes.
+
+    ``required_fields`` is a list of names, or a mapping of name to the accepted type(s); ``optional_fields``
+    maps names to types checked only where present. Errors say ``file:line: what is wrong``.
+    """
+    types = dict(required_fields) if isinstance(required_fields, Mapping) else dict.fromkeys(required_fields)
+    checks = types | dict(optional_fields or {})
+    records = []
+    for number, line in _numbered_lines(path):
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        missing = [name for name in types if name not in record]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(map(repr, missing))} (has {sorted(record)})")
+        for name, expected in checks.items():
+            if expected is not None and name in record and not isinstance(record[name], expected):
+                names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+                raise ValueError(f"{where}: field {name!r} is {type(record[name]).__name__}, expected {names}")
+        records.append(record)
+    return records

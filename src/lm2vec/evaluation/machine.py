@@ -1,0 +1,31 @@
+"""Which CPU produced a figure: speed and bf16 behaviour differ a lot between the machines we run on."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+# The instruction sets that decide bf16 and int8 speed on CPU (see RECIPE.md, section 6).
+CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni")
+
+
+def cpu_info() -> dict[str, object]:
+    """CPU model name and whether each of :data:`CPU_FLAGS` is present (Linux ``/proc/cpuinfo``)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return {"model": model, "flags": {flag: flag in flags for flag in CPU_FLAGS}}
+
+
+def describe_cpu() -> str:
+    """One line, e.g. ``AMD EPYC (amx_bf16: no, avx512_bf16: yes, avx512_vnni: yes)``."""
+    info = cpu_info()
+    flags = ", ".join(f"{flag}: {'yes' if present else 'no'}" for flag, present in info["flags"].items())
+    return f"{info['model']} ({flags})"

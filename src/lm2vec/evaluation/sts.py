@@ -1,0 +1,90 @@
+"""Semantic textual similarity: Spearman (x100) of the cosine similarity against gold scores, as MTEB reports it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+from ..data import data_dir, read_jsonl
+
+
+class SupportsEncode(Protocol):
+    """An lm2vec Encoder, or anything with sentence-transformers' ``encode`` (for comparisons)."""
+
+    def encode(self, sentences: list[str], *, batch_size: int, show_progress_bar: bool | None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class STSPairs:
+    sentence1: list[str]
+    sentence2: list[str]
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class STSResult:
+    name: str
+    split: str
+    pairs: int
+    spearman: float
+    pearson: float
+
+    def __str__(self) -> str:
+        scores = f"Spearman {self.spearman:.2f}, Pearson {self.pearson:.2f}"
+        return f"{self.name} {self.split} ({self.pairs} pairs): {scores}"
+
+
+def load_sts(
+    name: str = "stsb", split: str = "test", data: str | os.PathLike | None = None, limit: int | None = None
+) -> STSPairs:
+    """Read ``sts/NAME/SPLIT.jsonl`` under the data directory (the first ``limit`` pairs if given)."""
+    path = Path(data if data is not None else data_dir()) / "sts" / name / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
+    fields = {"sentence1": str, "sentence2": str, "score": (int, float)}
+    records = read_jsonl(path, fields)[:limit]
+    return STSPairs(
+        [r["sentence1"] for r in records],
+        [r["sentence2"] for r in records],
+        np.array([r["score"] for r in records], dtype=np.float64),
+    )
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``, in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def correlations(similarities: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(Spearman x100, Pearson x100) of predicted similarities against gold scores."""
+    if len(similarities) != len(scores) or len(scores) < 2:
+        raise ValueError(f"need two equally long arrays of at least 2 items, got {len(similarities)} and {len(scores)}")
+    return 100 * float(spearmanr(similarities, scores).statistic), 100 * float(pearsonr(similarities, scores).statistic)
+
+
+def evaluate_sts(
+    encoder: SupportsEncode,
+    split: str = "test",
+    name: str = "stsb",
+    data: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    show_progress_bar: bool | None = None,
+) -> STSResult:
+    """Score ``encoder`` on an STS split. Each distinct sentence is embedded once (STS-B repeats many)."""
+    pairs = load_sts(name, split, data, limit)
+    unique = list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))
+    embeddings = np.asarray(encoder.encode(unique, batch_size=batch_size, show_progress_bar=show_progress_bar))
+    row = {sentence: i for i, sentence in enumerate(unique)}
+    similarities = cosine_rows(
+        embeddings[[row[s] for s in pairs.sentence1]], embeddings[[row[s] for s in pairs.sentence2]]
+    )
+    spearman, pearson = correlations(similarities, pairs.scores)
+    return STSResult(name, split, len(pairs.scores), spearman, pearson)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random encoders (fast) and the real built-in SmolLM2 (loaded once)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import VOCAB, tiny_config, tiny_model  # noqa: E402
+
+import lm2vec  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(4, VOCAB)]
+
+
+def tiny_tokenizer(padding_side: str = "right", bos: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: 'w4 w17 w9' -> [4, 17, 9] (BOS 1 first if asked)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {w: i for i, w in enumerate(WORDS, start=4)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side=padding_side,
+    )
+
+
+def tiny_encoder(
+    model_type: str = "llama", pooling: str = "mean", padding_side: str = "right", bos: bool = False, **kw
+) -> lm2vec.Encoder:
+    config = tiny_config(model_type, pad_token_id=3, attn_implementation=kw.pop("attn_implementation", "sdpa"))
+    lm2vec.set_bidirectional(config, kw.get("bidirectional", True))
+    tokenizer = tiny_tokenizer(padding_side, bos)
+    return lm2vec.Encoder(tiny_model(config), tokenizer, pooling=pooling, max_length=64, **kw)
+
+
+def random_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> lm2vec.Encoder:
+    """The built-in model, fp32, bidirectional, mean pooling (loaded once per test session)."""
+    return lm2vec.load()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    """A saved tiny encoder directory (sentence-transformers layout)."""
+    return tiny_encoder().save(tmp_path / "tiny")

@@ -1,0 +1,131 @@
+"""The encoder API on tiny random models: shapes, batch invariance, prompts, save and reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_texts, tiny_encoder, tiny_tokenizer
+from peft import LoraConfig, get_peft_model
+from sentence_transformers import SentenceTransformer
+
+import lm2vec
+
+TEXTS = random_texts(20, seed=1)
+
+
+def test_shapes_and_output_types():
+    enc = tiny_encoder()
+    assert enc.encode("w4 w5").shape == (64,)
+    assert enc.encode([]).shape == (0, 64)
+    assert enc.encode(TEXTS[:3]).shape == (3, 64)
+    tensor = enc.encode(TEXTS[:3], convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+    normed = enc.encode(TEXTS[:3], normalize_embeddings=True)
+    np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_invariance(model_type: str, padding_side: str):
+    enc = tiny_encoder(model_type, padding_side=padding_side)
+    together = enc.encode(TEXTS, batch_size=8)
+    alone = np.stack([enc.encode(t) for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", list(lm2vec.PoolingMode))
+def test_padding_side_does_not_matter(pooling):
+    left = tiny_encoder(pooling=pooling, padding_side="left")
+    right = tiny_encoder(pooling=pooling, padding_side="right")
+    np.testing.assert_allclose(left.encode(TEXTS), right.encode(TEXTS), atol=1e-5)
+
+
+def test_instruction_forms_agree_and_matter():
+    enc = tiny_encoder(prompts={"query": "w5 w6 ", "document": ""})
+    pair = enc.encode([("w5 w6 ", TEXTS[0])])[0]
+    np.testing.assert_allclose(enc.encode(TEXTS[0], instruction="w5 w6 "), pair, atol=1e-6)
+    np.testing.assert_allclose(enc.encode(TEXTS[0], prompt="w5 w6 "), pair, atol=1e-6)
+    np.testing.assert_allclose(enc.encode(TEXTS[0], prompt_name="query"), pair, atol=1e-6)
+    np.testing.assert_allclose(enc.encode_query(TEXTS[0]), pair, atol=1e-6)
+    np.testing.assert_allclose(enc.encode_document(TEXTS[0]), enc.encode(TEXTS[0]), atol=1e-6)
+    assert not np.allclose(pair, enc.encode(TEXTS[0]), atol=1e-4)  # attended to, so it changes the vector
+
+
+def test_prompt_errors():
+    enc = tiny_encoder(prompts={"query": "w5 "})
+    with pytest.raises(ValueError, match="unknown prompt_name 'passage'"):
+        enc.encode("w4", prompt_name="passage")
+    with pytest.raises(ValueError, match="either prompt or instruction"):
+        enc.encode("w4", prompt="a", instruction="b")
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode("w4", batch_size=0)
+
+
+def st_encode(path: Path, texts: list[str], **kwargs) -> np.ndarray:
+    return SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True, **kwargs)
+
+
+@pytest.mark.parametrize("pooling", list(lm2vec.PoolingMode))
+def test_save_reloads_identically_in_lm2vec_and_sentence_transformers(tmp_path: Path, pooling):
+    enc = tiny_encoder(pooling=pooling, prompts={"query": "w5 w6 "})
+    before = enc.encode(TEXTS)
+    before_query = enc.encode(TEXTS, prompt_name="query")
+    path = enc.save(tmp_path / "enc")
+    reloaded = lm2vec.load(path)
+    assert reloaded.pooling == pooling and reloaded.prompts == {"query": "w5 w6 "} and reloaded.bidirectional
+    np.testing.assert_allclose(reloaded.encode(TEXTS), before, atol=1e-5)
+    np.testing.assert_allclose(st_encode(path, TEXTS), before, atol=1e-5)
+    np.testing.assert_allclose(st_encode(path, TEXTS, prompt_name="query"), before_query, atol=1e-5)
+
+
+def test_causal_encoder_reloads_causal(tmp_path: Path):
+    enc = tiny_encoder(bidirectional=False, pooling="weighted_mean")
+    path = enc.save(tmp_path / "causal")
+    reloaded = lm2vec.load(path)
+    assert not reloaded.bidirectional
+    np.testing.assert_allclose(reloaded.encode(TEXTS), enc.encode(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_adapters_merged_or_kept(tmp_path: Path, merge: bool):
+    enc = tiny_encoder()
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    enc.model = get_peft_model(enc.model, lora)
+    before = enc.encode(TEXTS)
+    plain = tiny_encoder().encode(TEXTS)
+    assert not np.allclose(before, plain, atol=1e-4)  # the adapter does something
+    path = enc.save(tmp_path / "lora", merge_adapters=merge)
+    assert (path / "adapter_config.json").exists() != merge
+    np.testing.assert_allclose(lm2vec.load(path).encode(TEXTS), before, atol=1e-5)
+    np.testing.assert_allclose(st_encode(path, TEXTS), before, atol=1e-5)
+
+
+def test_saved_files(tmp_path: Path):
+    import json
+
+    path = tiny_encoder(pooling="weighted_mean").save(tmp_path / "enc")
+    assert json.loads((path / "config.json").read_text())["is_causal"] is False
+    pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_weightedmean_tokens"] and not pooling["include_prompt"]
+    assert not list(path.glob("*.bin")) and list(path.glob("*.safetensors"))
+    assert {"modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"} <= {
+        p.name for p in path.iterdir()
+    }
+
+
+def test_gemma3_flag_is_saved(tmp_path: Path):
+    import json
+
+    path = tiny_encoder("gemma3_text").save(tmp_path / "g3")
+    config = json.loads((path / "config.json").read_text())
+    assert config["use_bidirectional_attention"] is True and config["is_causal"] is False
+    assert lm2vec.load(path).bidirectional
+
+
+def test_tokenizer_fixture_is_word_level():
+    assert tiny_tokenizer()("w4 w17").input_ids == [4, 17]

@@ -1,0 +1,79 @@
+"""Input validation and tokenization with instructions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_tokenizer
+
+from lm2vec.inputs import Tokenization, normalize
+
+
+@pytest.mark.parametrize(
+    "bad,error,message",
+    [
+        (None, TypeError, "got NoneType"),
+        (42, TypeError, "got int"),
+        (b"bytes", TypeError, "decode"),
+        (["ok", 3.5], TypeError, "input 1 is float"),
+        (["ok", b"x"], TypeError, "input 1 is bytes"),
+        ([None], TypeError, "input 0 is NoneType"),
+        ([["a"]], ValueError, "length 1"),
+        ([["a", "b", "c"]], ValueError, "length 3"),
+        ([("instr", 5)], TypeError, r"\(str, int\)"),
+        ([[["nested"], "x"]], TypeError, r"\(list, str\)"),
+        ({"a": 1}, TypeError, "got dict"),
+    ],
+)
+def test_bad_inputs_name_the_problem(bad, error, message):
+    with pytest.raises(error, match=message):
+        normalize(bad)
+
+
+def test_instruction_must_be_a_string():
+    with pytest.raises(TypeError, match="instruction must be a string"):
+        normalize(["x"], instruction=3)
+
+
+def test_accepted_shapes():
+    assert normalize("one") == ([""], ["one"], True)
+    assert normalize(["a", ("do:", "b")], instruction="i: ") == (["i: ", "do:"], ["a", "b"], False)
+    assert normalize(np.array(["a", "b"])) == (["", ""], ["a", "b"], False)
+    assert normalize([]) == ([], [], False)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_instruction_tokens_are_marked_and_survive_truncation(bos: bool):
+    tokenization = Tokenization(tiny_tokenizer(bos=bos), max_length=6)
+    batch = tokenization(["w5 w6 ", ""], ["w7 w8 w9 w10 w11 w12", "w7"])
+    start = 1 if bos else 0
+    ids = batch.input_ids[0].tolist()
+    assert ids[start : start + 3] == [5, 6, 7]  # instruction kept, text cut from the right
+    assert len(ids) == 6
+    # instruction (and BOS) excluded from pooling, the rest pooled
+    assert batch.pool_mask[0].tolist() == [False] * (start + 2) + [True] * (4 - start)
+    # no instruction: every real token pooled (BOS included, as in sentence-transformers)
+    assert batch.pool_mask[1].tolist() == [True] * (start + 1) + [False] * (5 - start)
+
+
+def test_one_tokenizer_call_per_batch_and_instructions_cached(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    tokenization = Tokenization(tokenizer, max_length=16)
+    calls = []
+    original = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    tokenization(["w5 "] * 3, ["w6", "w7", "w8"])
+    tokenization(["w5 "] * 3, ["w6", "w7", "w8"])
+    # first batch: the texts + the new instruction (two ways); second batch: the texts only
+    assert len(calls) == 4
+
+
+def test_instruction_longer_than_max_length_is_an_error():
+    tokenization = Tokenization(tiny_tokenizer(), max_length=3)
+    with pytest.raises(ValueError, match="leaves no room"):
+        tokenization(["w4 w5 w6 w7 "], ["w8"])
+
+
+def test_empty_strings_get_a_token():
+    batch = Tokenization(tiny_tokenizer(), max_length=8)(["", ""], ["", ""])
+    assert batch.attention_mask.sum().item() == 2

@@ -1,0 +1,97 @@
+"""Loading: sources, clear errors for missing or corrupt models, no pickle, no remote code unless asked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_tokenizer
+
+import lm2vec
+from lm2vec.loading import ModelLoadError, fix_special_tokens, resolve
+
+
+def test_load_saved_directory_verifies(tiny_dir: Path):
+    enc = lm2vec.load(tiny_dir)
+    assert enc.info()["attention"] == "bidirectional"
+    assert lm2vec.load(tiny_dir, bidirectional=False).info()["attention"] == "causal"
+
+
+@pytest.mark.parametrize("missing", ["./no/such/model", "/no/such/dir", "missing.gguf"])
+def test_missing_sources(missing: str):
+    with pytest.raises(ModelLoadError, match="not found"):
+        lm2vec.load(missing)
+
+
+def test_hub_ids_are_left_to_from_pretrained():
+    source = resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert source.path == "HuggingFaceTB/SmolLM2-135M-Instruct" and not source.local
+
+
+def test_a_plain_file_is_not_a_model(tmp_path: Path):
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        lm2vec.load(tmp_path / "weights.txt")
+
+
+def test_missing_config(tiny_dir: Path):
+    (tiny_dir / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        lm2vec.load(tiny_dir)
+
+
+def test_pickle_weights_are_refused(tiny_dir: Path):
+    weights = tiny_dir / "model.safetensors"
+    weights.rename(tiny_dir / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        lm2vec.load(tiny_dir)
+
+
+def test_corrupt_weights(tiny_dir: Path):
+    (tiny_dir / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ModelLoadError, match="cannot load the weights"):
+        lm2vec.load(tiny_dir)
+
+
+def test_truncated_weights(tiny_dir: Path):
+    weights = tiny_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="cannot load the weights"):
+        lm2vec.load(tiny_dir)
+
+
+def test_missing_tokenizer(tiny_dir: Path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tiny_dir / name).unlink()
+    with pytest.raises(ModelLoadError, match="no tokenizer"):
+        lm2vec.load(tiny_dir)
+
+
+def test_remote_code_never_runs_unless_asked(tiny_dir: Path, tmp_path: Path):
+    marker = tmp_path / "ran"
+    (tiny_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["model_type"] = "evil-custom"
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (tiny_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="cannot read the config"):
+        lm2vec.load(tiny_dir)
+    assert not marker.exists()
+
+
+def test_chatml_special_tokens_are_fixed():
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_start|>"
+    tokenizer.pad_token = None
+    fixed = fix_special_tokens(tokenizer)
+    assert fixed.eos_token == "<|im_end|>" and fixed.pad_token == "<|im_end|>"
+
+
+def test_max_length_follows_a_short_model(tiny_dir: Path):
+    enc = lm2vec.load(tiny_dir, max_length=None)
+    assert enc.max_length == 64  # the saved setting
+    long_text = " ".join(["w5"] * 500)
+    assert np.isfinite(enc.encode(long_text)).all()

@@ -1,0 +1,90 @@
+"""Integration tests on the real built-in model, SmolLM2-135M-Instruct from its GGUF file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModelForCausalLM
+
+import lm2vec
+from lm2vec.loading import resolve
+
+DATA = Path(os.environ.get("LM2VEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+STSB_TEST = DATA / "sts" / "stsb" / "test.jsonl"
+
+
+def stsb_sentences(n: int) -> list[str]:
+    if not STSB_TEST.is_file():
+        pytest.skip(f"shared data not found at {DATA} (set LM2VEC_DATA)")
+    rows = [json.loads(line) for line in STSB_TEST.read_text().splitlines()[:n]]
+    return [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]
+
+
+def test_gguf_special_tokens(smollm2: lm2vec.Encoder):
+    tok = smollm2.tokenizer
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    assert tok.pad_token == "<|im_end|>"
+    ids = tok("The cat sat.").input_ids
+    assert ids == tok("The cat sat.", add_special_tokens=False).input_ids  # no BOS prepended
+    assert tok.convert_ids_to_tokens(79) == "_"  # the MNTP mask token of the recipe
+
+
+def test_lm_head_is_tied_and_the_model_still_talks():
+    """The GGUF has no output.weight: an untied head would be random and answer nonsense."""
+    path = resolve(None).path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tok = lm2vec.load(verify=False).tokenizer
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1] :])
+
+
+def test_attention_verified_both_ways(smollm2: lm2vec.Encoder):
+    smollm2.verify()
+    assert smollm2.info()["attention"] == "bidirectional"
+    causal = lm2vec.load(bidirectional=False)
+    assert causal.info()["attention"] == "causal"
+    with pytest.raises(lm2vec.AttentionError):
+        lm2vec.verify_attention(causal.model, bidirectional=True)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_invariance(smollm2: lm2vec.Encoder, padding_side: str):
+    texts = stsb_sentences(16)  # 32 texts of varied length
+    smollm2.tokenizer.padding_side = padding_side
+    try:
+        batch = smollm2.encode(texts, batch_size=32)
+        for i in (0, 5, int(np.argmax([len(t) for t in texts])), int(np.argmin([len(t) for t in texts]))):
+            alone = smollm2.encode(texts[i])
+            assert np.abs(batch[i] - alone).max() <= 1e-4, f"text {i} differs ({padding_side} padding)"
+    finally:
+        smollm2.tokenizer.padding_side = "right"
+
+
+def test_awkward_texts(smollm2: lm2vec.Encoder):
+    out = smollm2.encode(["", "   ", "\n", "x" * 100_000, "normal text"])
+    assert out.shape == (5, 576) and np.isfinite(out).all()
+    assert len(smollm2.tokenization(["x"], ["word " * 100_000]).input_ids[0]) == smollm2.max_length
+
+
+def test_save_reload_in_sentence_transformers(smollm2: lm2vec.Encoder, tmp_path: Path):
+    smollm2.prompts = {"query": "Given a question, retrieve passages that answer it: "}
+    try:
+        texts = stsb_sentences(8)
+        before = smollm2.encode(texts)
+        before_query = smollm2.encode_query(texts)
+        path = smollm2.save(tmp_path / "smol")
+    finally:
+        smollm2.prompts = {}
+    np.testing.assert_allclose(lm2vec.load(path).encode(texts), before, atol=1e-4)
+    st = SentenceTransformer(str(path), device="cpu")
+    np.testing.assert_allclose(st.encode(texts), before, atol=1e-4)
+    np.testing.assert_allclose(st.encode_query(texts), before_query, atol=1e-4)

@@ -1,0 +1,123 @@
+"""STS evaluation: the metric against independent rank computations, and evaluate_sts end to end."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_config, tiny_model
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import lm2vec
+from lm2vec.data import data_dir
+from lm2vec.evaluation import correlations, cosine_rows, evaluate_sts, load_sts
+
+STSB_DEV = data_dir() / "sts" / "stsb" / "dev.jsonl"
+needs_stsb = pytest.mark.skipif(
+    not STSB_DEV.is_file(), reason=f"STS-B not found at {STSB_DEV}: set LM2VEC_DATA to the shared data folder"
+)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of the positions they span (the textbook definition)."""
+    ranks = np.empty(len(values))
+    for value in np.unique(values):
+        below, equal = (values < value).sum(), (values == value).sum()
+        ranks[values == value] = below + (equal + 1) / 2
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    dx, dy = x - x.mean(), y - y.mean()
+    return float((dx * dy).sum() / np.sqrt((dx**2).sum() * (dy**2).sum()))
+
+
+def test_spearman_without_ties_matches_the_rank_difference_formula():
+    rng = np.random.default_rng(0)
+    sims, gold = rng.normal(size=50), rng.uniform(0, 5, size=50)
+    d = np.argsort(np.argsort(sims)) - np.argsort(np.argsort(gold))
+    n = len(d)
+    expected = 1 - 6 * (d**2).sum() / (n * (n**2 - 1))
+    spearman, pearson_ = correlations(sims, gold)
+    assert spearman == pytest.approx(100 * expected, abs=1e-9)
+    assert pearson_ == pytest.approx(100 * pearson(sims, gold), abs=1e-9)
+
+
+def test_spearman_with_ties_uses_average_ranks():
+    sims = np.array([0.1, 0.4, 0.4, 0.9, 0.2, 0.4])
+    gold = np.array([1.0, 2.0, 3.0, 3.0, 0.0, 5.0])
+    assert list(average_ranks(sims)) == [1, 4, 4, 6, 2, 4]
+    expected = pearson(average_ranks(sims), average_ranks(gold))
+    assert correlations(sims, gold)[0] == pytest.approx(100 * expected, abs=1e-9)
+
+
+def test_monotonic_but_nonlinear_is_perfect_for_spearman_only():
+    gold = np.linspace(0, 5, 20)
+    spearman, pearson_ = correlations(np.exp(gold), gold)
+    assert spearman == pytest.approx(100)
+    assert pearson_ < 95
+    assert correlations(-gold, gold)[0] == pytest.approx(-100)
+
+
+def test_correlations_reject_mismatched_inputs():
+    with pytest.raises(ValueError, match="equally long"):
+        correlations(np.zeros(3), np.zeros(4))
+
+
+def test_cosine_rows():
+    a = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).numpy()
+    np.testing.assert_allclose(cosine_rows(a.numpy(), b.numpy()), expected, atol=1e-12)
+    assert cosine_rows(np.zeros((1, 3)), np.ones((1, 3)))[0] == 0  # zero vector: 0, not NaN
+
+
+def test_missing_split_says_how_to_point_at_the_data(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(str(tmp_path / "sts" / "stsb" / "dev.jsonl")) + ".*LM2VEC_DATA"
+    ):
+        load_sts("stsb", "dev", data=tmp_path)
+
+
+def word_encoder(sentences: list[str]) -> lm2vec.Encoder:
+    """A tiny random bidirectional model with a real (lower-cased word-level) tokenizer over ``sentences``."""
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w.lower() for s in sentences for w, _ in pre.pre_tokenize_str(s)})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {w: i for i, w in enumerate(words, start=4)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    config = lm2vec.set_bidirectional(tiny_config("llama", vocab_size=len(vocab), pad_token_id=3))
+    return lm2vec.Encoder(tiny_model(config), tokenizer, max_length=64)
+
+
+@needs_stsb
+def test_evaluate_sts_end_to_end(monkeypatch):
+    pairs = load_sts("stsb", "dev", limit=40)
+    encoder = word_encoder(pairs.sentence1 + pairs.sentence2)
+    encode = encoder.encode
+    calls: list[list[str]] = []
+
+    def recording_encode(sentences, **kwargs):
+        calls.append(list(sentences))
+        return encode(sentences, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", recording_encode)
+    result = evaluate_sts(encoder, split="dev", limit=40, batch_size=8)
+
+    unique = set(pairs.sentence1 + pairs.sentence2)
+    assert len(calls) == 1 and len(calls[0]) == len(unique) and set(calls[0]) == unique
+    assert (result.name, result.split, result.pairs) == ("stsb", "dev", 40)
+
+    # Independently: embed each side in pair order, cosine with torch, Spearman as Pearson of average ranks.
+    e1 = torch.from_numpy(encode(pairs.sentence1, batch_size=8)).double()
+    e2 = torch.from_numpy(encode(pairs.sentence2, batch_size=8)).double()
+    sims = torch.nn.functional.cosine_similarity(e1, e2, dim=1).numpy()
+    assert np.unique(sims.round(6)).size == 40  # distinct similarities: a random model still tells pairs apart
+    assert result.spearman == pytest.approx(100 * pearson(average_ranks(sims), average_ranks(pairs.scores)), abs=1e-3)
+    assert result.pearson == pytest.approx(100 * pearson(sims, pairs.scores), abs=1e-3)
