@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lm2vec demo --data $(LM2VEC_DATA)
+	$(PY) examples/demo.py --data $(LM2VEC_DATA)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import transformers
 
 import lm2vec
 from lm2vec.data import read_jsonl, read_lines
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars; ours show the real work
     try:
         return args.run(args)
     except USAGE_ERRORS as err:

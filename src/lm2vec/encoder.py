@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import loading, st_format
 from .attention import position_ids_for, verify_attention
+from .hardware import native_bf16
 from .inputs import Batch, Inputs, Tokenization, normalize
 from .pooling import PoolingMode, parse_pooling, pool
 
@@ -241,6 +243,11 @@ def load(
     come from a saved lm2vec/sentence-transformers directory, else: mean pooling, bidirectional,
     float32, 512 tokens.
     """
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu" and not native_bf16():
+        warnings.warn(
+            "this CPU has no native bf16 (AMX or AVX512-BF16): bf16 will be slower than float32", stacklevel=2
+        )
     resolved = loading.resolve(source)
     saved = st_format.read(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:

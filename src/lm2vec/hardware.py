@@ -24,6 +24,12 @@ def cpu_info() -> dict[str, object]:
     return {"model": model, "flags": {flag: flag in flags for flag in CPU_FLAGS}}
 
 
+def native_bf16() -> bool:
+    """Does this CPU do bf16 matmuls in hardware? Without it, bf16 is emulated: slower than fp32."""
+    flags = cpu_info()["flags"]
+    return bool(flags["amx_bf16"] or flags["avx512_bf16"])
+
+
 def describe_cpu() -> str:
     """One line, e.g. ``AMD EPYC (amx_bf16: no, avx512_bf16: yes, avx512_vnni: yes)``."""
     info = cpu_info()
