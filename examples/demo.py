@@ -57,14 +57,16 @@ def main() -> None:
             encoder.pooling = pooling
             scored = time.perf_counter()
             result = evaluate_sts(encoder, "test", data=data, batch_size=args.batch_size, limit=args.limit)
-            print(f"  {mode} {pooling.value}: {result} ({time.perf_counter() - scored:.0f} s)")
+            scores = f"Spearman {result.scores['spearman']:.2f}, Pearson {result.scores['pearson']:.2f}"
+            print(f"  {mode} {pooling.value}: STS-B test: {scores} ({time.perf_counter() - scored:.0f} s)")
             rows.append((mode, pooling, result))
 
-    print(f"\nSTS-B test, {rows[0][2].pairs} pairs, cosine similarity, x100")
+    print(f"\nSTS-B test, {rows[0][2].samples['pairs']} pairs, cosine similarity, x100")
     print(f"{'attention':<15}{'pooling':<15}{'Spearman':>9}{'Pearson':>9}   expected Spearman")
     for mode, pooling, result in rows:
         expected = EXPECTED[(mode, pooling)]
-        print(f"{mode:<15}{pooling.value:<15}{result.spearman:>9.1f}{result.pearson:>9.1f}   {expected}")
+        spearman, pearson = result.scores["spearman"], result.scores["pearson"]
+        print(f"{mode:<15}{pooling.value:<15}{spearman:>9.1f}{pearson:>9.1f}   {expected}")
     print(f"\nwall time {time.perf_counter() - start:.0f} s on {describe_cpu()}")
 
 

@@ -112,12 +112,13 @@ def test_evaluate_sts_end_to_end(monkeypatch):
 
     unique = set(pairs.sentence1 + pairs.sentence2)
     assert len(calls) == 1 and len(calls[0]) == len(unique) and set(calls[0]) == unique
-    assert (result.name, result.split, result.pairs) == ("stsb", "dev", 40)
+    assert (result.task, result.type, result.samples) == ("stsb-dev", "sts", {"pairs": 40})
 
     # Independently: embed each side in pair order, cosine with torch, Spearman as Pearson of average ranks.
     e1 = torch.from_numpy(encode(pairs.sentence1, batch_size=8)).double()
     e2 = torch.from_numpy(encode(pairs.sentence2, batch_size=8)).double()
     sims = torch.nn.functional.cosine_similarity(e1, e2, dim=1).numpy()
     assert np.unique(sims.round(6)).size == 40  # distinct similarities: a random model still tells pairs apart
-    assert result.spearman == pytest.approx(100 * pearson(average_ranks(sims), average_ranks(pairs.scores)), abs=1e-3)
-    assert result.pearson == pytest.approx(100 * pearson(sims, pairs.scores), abs=1e-3)
+    spearman = 100 * pearson(average_ranks(sims), average_ranks(pairs.scores))
+    assert result.main_score == result.scores["spearman"] == pytest.approx(spearman, abs=1e-3)
+    assert result.scores["pearson"] == pytest.approx(100 * pearson(sims, pairs.scores), abs=1e-3)

@@ -54,3 +54,6 @@ class TaskResult:
     @classmethod
     def from_dict(cls, data: dict) -> TaskResult:
         return cls(**{k: v for k, v in data.items() if k != "main_score"})
+
+
+NO_INSTRUCTIONS = Instructions()

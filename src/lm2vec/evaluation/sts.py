@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 from ..data import data_dir, read_jsonl
-
-
-class SupportsEncode(Protocol):
-    """An lm2vec Encoder, or anything with sentence-transformers' ``encode`` (for comparisons)."""
-
-    def encode(self, sentences: list[str], *, batch_size: int, show_progress_bar: bool | None) -> np.ndarray: ...
+from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 
 
 @dataclass(frozen=True)
@@ -24,19 +19,6 @@ class STSPairs:
     sentence1: list[str]
     sentence2: list[str]
     scores: np.ndarray
-
-
-@dataclass(frozen=True)
-class STSResult:
-    name: str
-    split: str
-    pairs: int
-    spearman: float
-    pearson: float
-
-    def __str__(self) -> str:
-        scores = f"Spearman {self.spearman:.2f}, Pearson {self.pearson:.2f}"
-        return f"{self.name} {self.split} ({self.pairs} pairs): {scores}"
 
 
 def load_sts(
@@ -70,21 +52,37 @@ def correlations(similarities: np.ndarray, scores: np.ndarray) -> tuple[float, f
 
 
 def evaluate_sts(
-    encoder: SupportsEncode,
+    encoder: TextEncoder,
     split: str = "test",
     name: str = "stsb",
     data: str | os.PathLike | None = None,
     batch_size: int = 32,
     limit: int | None = None,
     show_progress_bar: bool | None = None,
-) -> STSResult:
-    """Score ``encoder`` on an STS split. Each distinct sentence is embedded once (STS-B repeats many)."""
+    instructions: Instructions = NO_INSTRUCTIONS,
+) -> TaskResult:
+    """Score ``encoder`` on an STS split (main score: Spearman x100). Each distinct sentence is embedded once.
+
+    STS is symmetric: both sentences get ``instructions.query``.
+    """
+    start = time.perf_counter()
     pairs = load_sts(name, split, data, limit)
     unique = list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))
-    embeddings = np.asarray(encoder.encode(unique, batch_size=batch_size, show_progress_bar=show_progress_bar))
+    embeddings = np.asarray(
+        encoder.encode(
+            unique, instruction=instructions.query, batch_size=batch_size, show_progress_bar=show_progress_bar
+        )
+    )
     row = {sentence: i for i, sentence in enumerate(unique)}
     similarities = cosine_rows(
         embeddings[[row[s] for s in pairs.sentence1]], embeddings[[row[s] for s in pairs.sentence2]]
     )
     spearman, pearson = correlations(similarities, pairs.scores)
-    return STSResult(name, split, len(pairs.scores), spearman, pearson)
+    return TaskResult(
+        task=name if split == "test" else f"{name}-{split}",
+        type="sts",
+        main_metric="spearman",
+        scores={"spearman": spearman, "pearson": pearson},
+        samples={"pairs": len(pairs.scores)},
+        seconds=time.perf_counter() - start,
+    )
