@@ -1,0 +1,102 @@
+"""An on-disk embedding cache, so re-runs are instant and interrupted evaluations resume.
+
+Embeddings are keyed by (model fingerprint, instruction, text) in one SQLite file per model. New texts are
+encoded in chunks and each chunk is committed as soon as it is done: an interrupted run loses at most
+one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..encoder import Encoder
+
+
+def fingerprint(encoder: Encoder) -> str:
+    """Identifies what the encoder computes: its settings, tokenizer and a checksum of every weight.
+
+    The weights' checksum makes training stages of one model distinct without the user naming them.
+    """
+    info = encoder.info()
+    settings = {key: info[key] for key in ("architecture", "attention", "pooling", "max_length", "dtype")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(type(encoder.tokenizer).__name__.encode() + str(len(encoder.tokenizer)).encode())
+    with torch.no_grad():
+        for name, param in encoder.model.named_parameters():
+            stats = torch.stack([param.double().sum(), param.double().abs().sum()])
+            digest.update(name.encode() + stats.numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _key(instruction: str | None, text: str) -> str:
+    return hashlib.sha256(f"{instruction or ''}\x00{text}".encode()).hexdigest()
+
+
+class CachedEncoder:
+    """Wraps an :class:`~lm2vec.Encoder`; ``encode`` returns cached rows and computes only the missing ones."""
+
+    def __init__(self, encoder: Encoder, directory: str | Path, chunk_size: int = 512):
+        self.encoder = encoder
+        self.chunk_size = chunk_size
+        self.path = Path(directory) / f"{fingerprint(encoder)}.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")
+        self.db.commit()
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _lookup(self, keys: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            rows = self.db.execute(
+                f"SELECT key, vector FROM embeddings WHERE key IN ({','.join('?' * len(part))})", part
+            )
+            found.update((key, np.frombuffer(blob, dtype=np.float32)) for key, blob in rows)
+        return found
+
+    def encode(
+        self,
+        sentences: list[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        """Embeddings of ``sentences`` (raw, not normalized), shape (n, dim)."""
+        keys = [_key(instruction, text) for text in sentences]
+        found = self._lookup(list(dict.fromkeys(keys)))
+        missing = list({key: text for key, text in zip(keys, sentences, strict=True) if key not in found}.items())
+        with tqdm(
+            total=len(missing), desc="Encoding", unit="text", disable=not missing or show_progress_bar is False
+        ) as bar:
+            for start in range(0, len(missing), self.chunk_size):
+                chunk = missing[start : start + self.chunk_size]
+                vectors = self.encoder.encode(
+                    [text for _, text in chunk],
+                    instruction=instruction,
+                    batch_size=batch_size,
+                    show_progress_bar=False,
+                ).astype(np.float32)
+                with self.db:  # one transaction per chunk: committed, or not at all
+                    self.db.executemany(
+                        "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
+                        [(key, vector.tobytes()) for (key, _), vector in zip(chunk, vectors, strict=True)],
+                    )
+                found.update((key, vector) for (key, _), vector in zip(chunk, vectors, strict=True))
+                bar.update(len(chunk))
+        if not keys:
+            return np.empty((0, self.encoder.dim), dtype=np.float32)
+        return np.stack([found[key] for key in keys])
