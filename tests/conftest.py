@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,6 +42,20 @@ def tiny_encoder(
     lm2vec.set_bidirectional(config, kw.get("bidirectional", True))
     tokenizer = tiny_tokenizer(padding_side, bos)
     return lm2vec.Encoder(tiny_model(config), tokenizer, pooling=pooling, max_length=64, **kw)
+
+
+def word_encoder(sentences: list[str]) -> lm2vec.Encoder:
+    """A tiny random bidirectional model with a real (lower-cased word-level) tokenizer over ``sentences``."""
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w.lower() for s in sentences for w, _ in pre.pre_tokenize_str(s)})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {w: i for i, w in enumerate(words, start=4)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    config = lm2vec.set_bidirectional(tiny_config("llama", vocab_size=len(vocab), pad_token_id=3))
+    return lm2vec.Encoder(tiny_model(config), tokenizer, max_length=64)
 
 
 def random_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:

@@ -7,11 +7,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_config, tiny_model
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import word_encoder
 
-import lm2vec
 from lm2vec.data import data_dir
 from lm2vec.evaluation import correlations, cosine_rows, evaluate_sts, load_sts
 
@@ -80,20 +77,6 @@ def test_missing_split_says_how_to_point_at_the_data(tmp_path):
         FileNotFoundError, match=re.escape(str(tmp_path / "sts" / "stsb" / "dev.jsonl")) + ".*LM2VEC_DATA"
     ):
         load_sts("stsb", "dev", data=tmp_path)
-
-
-def word_encoder(sentences: list[str]) -> lm2vec.Encoder:
-    """A tiny random bidirectional model with a real (lower-cased word-level) tokenizer over ``sentences``."""
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w.lower() for s in sentences for w, _ in pre.pre_tokenize_str(s)})
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {w: i for i, w in enumerate(words, start=4)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    config = lm2vec.set_bidirectional(tiny_config("llama", vocab_size=len(vocab), pad_token_id=3))
-    return lm2vec.Encoder(tiny_model(config), tokenizer, max_length=64)
 
 
 @needs_stsb

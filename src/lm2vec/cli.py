@@ -14,6 +14,7 @@ import transformers
 import lm2vec
 from lm2vec.data import read_jsonl, read_lines
 from lm2vec.inputs import Item
+from lm2vec.loading import cache_dir
 from lm2vec.pooling import PoolingMode
 
 BUILTIN_ALIASES = ("default", "builtin")
@@ -33,9 +34,9 @@ def read_inputs(path: Path, field: str) -> list[Item]:
     return read_lines(path)
 
 
-def load(args: argparse.Namespace) -> lm2vec.Encoder:
+def load(args: argparse.Namespace, model: str | None = None) -> lm2vec.Encoder:
     return lm2vec.load(
-        model_source(args.model),
+        model_source(model or args.model),
         pooling=args.pooling,
         bidirectional=False if args.causal else None,
         dtype=getattr(args, "dtype", None),
@@ -90,6 +91,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_name(model: str, args: argparse.Namespace) -> str:
+    name = "smollm2-135m-instruct" if model_source(model) is None else Path(model).name or model
+    return name + (" (causal)" if args.causal else "") + (f" [{args.pooling}]" if args.pooling else "")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lm2vec.evaluation import report, tasks
+
+    for name in args.tasks:
+        tasks.get_task(name)  # an unknown task fails before any model is loaded
+    instructions = {} if args.no_instructions else tasks.load_instructions(args.instructions)
+    runs = {}
+    for path in args.compare:
+        runs |= report.load_results(path)
+    for model in args.models:
+        encoder = load(args, model)
+        results = tasks.run_tasks(
+            encoder,
+            args.tasks,
+            data=args.data,
+            cache_dir=None if args.no_cache else args.cache,
+            instructions=instructions,
+            full=args.full,
+            batch_size=args.batch_size,
+            show_progress_bar=True,
+        )
+        runs[run_name(model, args)] = results
+        for r in results:
+            print(f"{run_name(model, args)}  {r.task:<22} {r.main_metric:<14} {r.main_score:6.2f}  ({r.seconds:.0f} s)")
+    meta = {"tasks": args.tasks, "full": args.full, "instructions": not args.no_instructions}
+    paths = report.write_report(Path(args.output), runs, meta)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2vec", description=lm2vec.__doc__)
     parser.add_argument("--version", action="version", version=f"lm2vec {lm2vec.__version__}")
@@ -114,6 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     encode.add_argument("--field", default="text", help="the text field of .jsonl lines (default: text)")
     encode.set_defaults(run=cmd_encode)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score models on MTEB-style tasks; write results.json, results.md, results.png"
+    )
+    evaluate.add_argument("models", nargs="+", metavar="MODEL", help="one or more models (or training stages)")
+    evaluate.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["stsb", "scifact", "banking77", "twentynewsgroups", "snli", "conll2003"],
+        help="task names (default: the six standard ones; an unknown name lists the known ones)",
+    )
+    evaluate.add_argument("-o", "--output", default="eval-results", help="folder for the report (default: %(default)s)")
+    evaluate.add_argument("--data", type=Path, help="the datasets folder (default: LM2VEC_DATA or ../shared/data)")
+    evaluate.add_argument("--full", action="store_true", help="all the data, not the CPU-budget samples")
+    evaluate.add_argument("--compare", nargs="*", default=[], help="earlier results.json files to put beside")
+    evaluate.add_argument("--instructions", help="a JSON file of instructions per task (default: the packaged one)")
+    evaluate.add_argument("--no-instructions", action="store_true", help="embed texts without instructions")
+    evaluate.add_argument("--cache", type=Path, default=cache_dir() / "embeddings", help="embedding cache folder")
+    evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32")
+    evaluate.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's setting")
+    evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
+    evaluate.set_defaults(run=cmd_evaluate)
 
     info = commands.add_parser("info", parents=[model], help="load a model, verify its attention, describe it")
     info.add_argument("--json", action="store_true", help="print the description as JSON")

@@ -1,15 +1,42 @@
-"""Evaluation with MTEB's metrics on local datasets (``lm2vec.data.data_dir()``) or through ``mteb``."""
+"""Evaluation with MTEB's metrics on local datasets (``lm2vec.data.data_dir()``) or through ``mteb``.
+
+``run_tasks`` runs registered tasks through the embedding cache; each ``evaluate_*`` function scores one task
+type; ``mteb_adapter.MTEBEncoder`` plugs an encoder into the real ``mteb`` package (imported only there).
+"""
 
 from .base import Instructions, TaskResult, TextEncoder
+from .cache import CachedEncoder, fingerprint
+from .classification import evaluate_classification
+from .clustering import evaluate_clustering
+from .pair_classification import evaluate_pair_classification
+from .report import load_results, write_report
+from .reranking import evaluate_reranking
+from .retrieval import evaluate_retrieval
 from .sts import STSPairs, correlations, cosine_rows, evaluate_sts, load_sts
+from .tasks import DEFAULT_TASKS, TASKS, load_instructions, run_tasks
+from .word_probing import evaluate_word_probing
 
 __all__ = [
+    "DEFAULT_TASKS",
+    "TASKS",
+    "CachedEncoder",
     "Instructions",
     "STSPairs",
     "TaskResult",
     "TextEncoder",
     "correlations",
     "cosine_rows",
+    "evaluate_classification",
+    "evaluate_clustering",
+    "evaluate_pair_classification",
+    "evaluate_reranking",
+    "evaluate_retrieval",
     "evaluate_sts",
+    "evaluate_word_probing",
+    "fingerprint",
+    "load_instructions",
+    "load_results",
     "load_sts",
+    "run_tasks",
+    "write_report",
 ]
