@@ -62,9 +62,11 @@ def test_batch_invariance(smollm2: lm2vec.Encoder, padding_side: str):
     smollm2.tokenizer.padding_side = padding_side
     try:
         batch = smollm2.encode(texts, batch_size=32)
-        for i in (0, 5, int(np.argmax([len(t) for t in texts])), int(np.argmin([len(t) for t in texts]))):
-            alone = smollm2.encode(texts[i])
-            assert np.abs(batch[i] - alone).max() <= 1e-4, f"text {i} differs ({padding_side} padding)"
+        alone = np.stack([smollm2.encode(text) for text in texts])
+        assert np.abs(batch - alone).max() <= 1e-4, f"{padding_side} padding"
+        # and inside a padded batch of mixed lengths (training's path): the same up to fp32 rounding
+        padded = smollm2.forward(smollm2.tokenization([""] * len(texts), texts)).detach().numpy()
+        assert np.abs(padded - alone).max() <= 2e-3
     finally:
         smollm2.tokenizer.padding_side = "right"
 

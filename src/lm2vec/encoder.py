@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from . import loading, st_format
 from .attention import position_ids_for, verify_attention
 from .hardware import native_bf16
-from .inputs import Batch, Inputs, Tokenization, normalize
+from .inputs import Batch, Inputs, Tokenization, equal_length_batches, normalize
 from .pooling import PoolingMode, parse_pooling, pool
 
 DTYPES = {
@@ -120,21 +120,23 @@ class Encoder:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         default = self.resolve_instruction(prompt_name, prompt, instruction)
         instructions, texts, single = normalize(sentences, default)
-        order = np.argsort([-len(p) - len(t) for p, t in zip(instructions, texts, strict=True)], kind="stable")
+        ids, prefix = self.tokenization.tokenize(instructions, texts) if texts else ([], [])
+        batches = equal_length_batches([len(row) for row in ids], batch_size)
         if show_progress_bar is None:
-            show_progress_bar = len(texts) > batch_size and sys.stderr.isatty()
+            show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
         was_training = self.model.training
         self.model.eval()
         chunks = []
         try:
-            for start in tqdm(range(0, len(texts), batch_size), desc="Encoding", disable=not show_progress_bar):
-                idx = order[start : start + batch_size]
-                batch = self.tokenization([instructions[i] for i in idx], [texts[i] for i in idx])
+            for idx in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
+                rows = [ids[i] for i in idx]  # all of one length; +1 column of padding: see equal_length_batches
+                batch = self.tokenization.collate(rows, [prefix[i] for i in idx], width=len(rows[0]) + 1)
                 chunks.append(self.forward(batch).cpu())
         finally:
             self.model.train(was_training)
+        order = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
-        embeddings = embeddings[torch.from_numpy(np.argsort(order, kind="stable"))] if len(order) else embeddings
+        embeddings = embeddings[torch.from_numpy(np.argsort(order))] if len(order) else embeddings
         if normalize_embeddings:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         if single:

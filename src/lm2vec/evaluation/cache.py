@@ -45,7 +45,7 @@ def _key(instruction: str | None, text: str) -> str:
 class CachedEncoder:
     """Wraps an :class:`~lm2vec.Encoder`; ``encode`` returns cached rows and computes only the missing ones."""
 
-    def __init__(self, encoder: Encoder, directory: str | Path, chunk_size: int = 512):
+    def __init__(self, encoder: Encoder, directory: str | Path, chunk_size: int = 256):
         self.encoder = encoder
         self.chunk_size = chunk_size
         self.path = Path(directory) / f"{fingerprint(encoder)}.sqlite"
