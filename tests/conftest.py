@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -63,6 +65,39 @@ def random_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
 
     rng = random.Random(seed)
     return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+class TableEncoder:
+    """Looks texts up in a table of vectors and records each call."""
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table, self.calls = table, []
+
+    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
+        self.calls.append((list(sentences), instruction))
+        return np.array([self.table[s] for s in sentences], dtype=np.float32)
+
+
+class BagOfWords:
+    """A stand-in encoder: counts of the tiny vocabulary's words, so equal texts embed equally; records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], str | None]] = []
+        self.column = {word: i for i, word in enumerate(WORDS)}
+
+    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
+        self.calls.append((list(sentences), instruction))
+        vectors = np.zeros((len(sentences), len(WORDS)), dtype=np.float32)
+        for row, sentence in enumerate(sentences):
+            for word in sentence.split():
+                vectors[row, self.column[word]] += 1
+        return vectors
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -10,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import word_encoder
+from conftest import TableEncoder, word_encoder, write_jsonl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -70,23 +69,6 @@ def test_scores_on_separable_embeddings_by_hand():
     assert scores["accuracy"] == pytest.approx(7 / 8)
     assert scores["f1"] == pytest.approx(sum(f1.values()) / 3)
     assert scores["f1_weighted"] == pytest.approx(sum(f1[k] * support[k] for k in f1) / 8)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-class TableEncoder:
-    """Looks texts up in a table of vectors and records each call."""
-
-    def __init__(self, table: dict[str, np.ndarray]):
-        self.table, self.calls = table, []
-
-    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
-        self.calls.append((list(sentences), instruction))
-        return np.array([self.table[s] for s in sentences])
 
 
 def toy_dataset(root: Path) -> dict[str, np.ndarray]:

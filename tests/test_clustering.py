@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import word_encoder
+from conftest import TableEncoder, word_encoder, write_jsonl
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
@@ -71,23 +69,6 @@ def test_bootstrap_draws_with_replacement_from_the_given_generator():
     first = bootstrap_v_measures(points, mixed, random.Random(7), n_runs=3, documents_per_run=8)
     assert first == bootstrap_v_measures(points, mixed, random.Random(7), n_runs=3, documents_per_run=8)
     assert first != bootstrap_v_measures(points, mixed, random.Random(8), n_runs=3, documents_per_run=8)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-class TableEncoder:
-    """Looks texts up in a table of vectors and records each call."""
-
-    def __init__(self, table: dict[str, np.ndarray]):
-        self.table, self.calls = table, []
-
-    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
-        self.calls.append((list(sentences), instruction))
-        return np.array([self.table[s] for s in sentences])
 
 
 def test_evaluate_matches_mteb_bootstrap(tmp_path):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import word_encoder
+from conftest import TableEncoder, word_encoder, write_jsonl
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 from lm2vec.data import data_dir
@@ -87,23 +85,6 @@ def test_scores_match_mteb():
     ours = pair_classification_scores(sims, labels)
     for metric in ("ap", "accuracy", "f1"):
         assert ours[metric] == pytest.approx(expected[metric], abs=1e-12)
-
-
-class TableEncoder:
-    """Looks texts up in a table of vectors and records each call."""
-
-    def __init__(self, table: dict[str, list[float]]):
-        self.table, self.calls = table, []
-
-    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
-        self.calls.append((list(sentences), instruction))
-        return np.array([self.table[s] for s in sentences], dtype=np.float32)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def test_evaluate_on_handmade_pairs(tmp_path):

@@ -8,27 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from conftest import WORDS, random_texts, tiny_encoder
+from conftest import BagOfWords, random_texts, tiny_encoder
 from sklearn.metrics import average_precision_score
 
 from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.reranking import evaluate_reranking, load_reranking, reranking_metrics
-
-
-class BagOfWords:
-    """A stand-in encoder: counts of the tiny vocabulary's words, so equal texts embed equally; records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[str], str | None]] = []
-        self.column = {word: i for i, word in enumerate(WORDS)}
-
-    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
-        self.calls.append((list(sentences), instruction))
-        vectors = np.zeros((len(sentences), len(WORDS)), dtype=np.float32)
-        for row, sentence in enumerate(sentences):
-            for word in sentence.split():
-                vectors[row, self.column[word]] += 1
-        return vectors
 
 
 def write_reranking(folder: Path, lines: list[str]) -> Path:

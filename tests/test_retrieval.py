@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from conftest import WORDS, tiny_encoder
+from conftest import BagOfWords, tiny_encoder
 
 from lm2vec.data import data_dir
 from lm2vec.evaluation.base import Instructions
@@ -33,22 +33,6 @@ needs_scifact = pytest.mark.skipif(
     reason=f"SciFact not found at {SCIFACT}: set LM2VEC_DATA to the shared data folder",
 )
 PYTREC_MEASURES = {"ndcg_cut.10", "map_cut.10", "recall.10,100", "P.10", "recip_rank"}
-
-
-class BagOfWords:
-    """A stand-in encoder: counts of the tiny vocabulary's words, so equal texts embed equally; records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[str], str | None]] = []
-        self.column = {word: i for i, word in enumerate(WORDS)}
-
-    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
-        self.calls.append((list(sentences), instruction))
-        vectors = np.zeros((len(sentences), len(WORDS)), dtype=np.float32)
-        for row, sentence in enumerate(sentences):
-            for word in sentence.split():
-                vectors[row, self.column[word]] += 1
-        return vectors
 
 
 def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: str, split: str = "test") -> Path:
