@@ -60,6 +60,15 @@ def word_encoder(sentences: list[str]) -> lm2vec.Encoder:
     return lm2vec.Encoder(tiny_model(config), tokenizer, max_length=64)
 
 
+def needs_data(*paths: str) -> pytest.MarkDecorator:
+    """Skip unless these files exist under the shared data folder (``LM2VEC_DATA``), naming the first missing."""
+    from lm2vec.data import data_dir
+
+    missing = [data_dir() / p for p in paths if not (data_dir() / p).is_file()]
+    reason = f"{missing[0]} not found: set LM2VEC_DATA to the shared data folder" if missing else ""
+    return pytest.mark.skipif(bool(missing), reason=reason)
+
+
 def random_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
     import random
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TableEncoder, word_encoder, write_jsonl
+from conftest import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -23,10 +23,7 @@ from lm2vec.evaluation.classification import (
 )
 
 BANKING77 = data_dir() / "classification" / "banking77"
-needs_banking77 = pytest.mark.skipif(
-    not all((BANKING77 / f"{split}.jsonl").is_file() for split in ("train", "test")),
-    reason=f"Banking77 train/test not found in {BANKING77}: set LM2VEC_DATA to the shared data folder",
-)
+needs_banking77 = needs_data("classification/banking77/train.jsonl", "classification/banking77/test.jsonl")
 
 
 def test_undersample_takes_samples_per_label_of_each_label():

@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import TableEncoder, word_encoder, write_jsonl
+from conftest import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
@@ -22,10 +22,7 @@ from lm2vec.evaluation.clustering import (
 )
 
 NEWSGROUPS = data_dir() / "clustering" / "twentynewsgroups" / "test.jsonl"
-needs_newsgroups = pytest.mark.skipif(
-    not NEWSGROUPS.is_file(),
-    reason=f"20 Newsgroups not found at {NEWSGROUPS}: set LM2VEC_DATA to the shared data folder",
-)
+needs_newsgroups = needs_data("clustering/twentynewsgroups/test.jsonl")
 
 
 def entropy(counts: list[int]) -> float:

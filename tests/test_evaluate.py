@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import word_encoder
+from conftest import needs_data, word_encoder
 from test_cli import run
 
 from lm2vec import Encoder
@@ -15,7 +15,7 @@ from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.report import load_results
 from lm2vec.evaluation.tasks import DEFAULT_TASKS, TASKS, get_task, load_instructions, run_tasks
 
-needs_data = pytest.mark.skipif(not (data_dir() / "sts").is_dir(), reason=f"shared data not found at {data_dir()}")
+needs_shared = needs_data("sts/stsb/test.jsonl", "sts/stsb/dev.jsonl", "pair_classification/snli/test.jsonl")
 
 
 def data_encoder() -> Encoder:
@@ -45,7 +45,7 @@ def test_instructions_file_errors(tmp_path: Path):
         load_instructions(tmp_path / "i.json")
 
 
-@needs_data
+@needs_shared
 def test_run_tasks_uses_the_cache(tmp_path: Path):
     encoder = data_encoder()
     first = run_tasks(encoder, ["stsb-dev", "snli"], cache_dir=tmp_path, show_progress_bar=False)
@@ -62,7 +62,7 @@ def test_run_tasks_uses_the_cache(tmp_path: Path):
     assert run_tasks(encoder, ["stsb-dev"], instructions=custom, show_progress_bar=False)[0].scores != first[0].scores
 
 
-@needs_data
+@needs_shared
 def test_cli_evaluate_writes_the_report_and_compares(tmp_path: Path):
     tiny_dir = data_encoder().save(tmp_path / "tiny")
     out = tmp_path / "report"

@@ -19,7 +19,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, tiny_encoder
+from conftest import WORDS, needs_data, tiny_encoder
 
 from lm2vec.data import data_dir, read_jsonl
 from lm2vec.evaluation import correlations, cosine_rows, load_sts
@@ -27,13 +27,8 @@ from lm2vec.evaluation.mteb_adapter import MTEBEncoder
 
 STSB_TEST = data_dir() / "sts" / "stsb" / "test.jsonl"
 SCIFACT = data_dir() / "retrieval" / "scifact"
-needs_stsb = pytest.mark.skipif(
-    not STSB_TEST.is_file(), reason=f"STS-B not found at {STSB_TEST}: set LM2VEC_DATA to the shared data folder"
-)
-needs_scifact = pytest.mark.skipif(
-    not (SCIFACT / "qrels" / "test.tsv").is_file(),
-    reason=f"SciFact not found at {SCIFACT}: set LM2VEC_DATA to the shared data folder",
-)
+needs_stsb = needs_data("sts/stsb/test.jsonl")
+needs_scifact = needs_data("retrieval/scifact/qrels/test.tsv")
 STS_TASK = "LocalSTSBenchmark"
 RETRIEVAL_TASK = "LocalSciFact"
 PAIRS = 100

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TableEncoder, word_encoder, write_jsonl
+from conftest import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 from lm2vec.data import data_dir
@@ -21,9 +21,7 @@ from lm2vec.evaluation.pair_classification import (
 )
 
 SNLI = data_dir() / "pair_classification" / "snli" / "test.jsonl"
-needs_snli = pytest.mark.skipif(
-    not SNLI.is_file(), reason=f"SNLI pairs not found at {SNLI}: set LM2VEC_DATA to the shared data folder"
-)
+needs_snli = needs_data("pair_classification/snli/test.jsonl")
 
 
 def brute_force(similarities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

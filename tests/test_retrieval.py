@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from conftest import BagOfWords, tiny_encoder
+from conftest import BagOfWords, needs_data, tiny_encoder
 
 from lm2vec.data import data_dir
 from lm2vec.evaluation.base import Instructions
@@ -28,10 +28,7 @@ from lm2vec.evaluation.retrieval import (
 )
 
 SCIFACT = data_dir() / "retrieval" / "scifact"
-needs_scifact = pytest.mark.skipif(
-    not (SCIFACT / "qrels" / "test.tsv").is_file(),
-    reason=f"SciFact not found at {SCIFACT}: set LM2VEC_DATA to the shared data folder",
-)
+needs_scifact = needs_data("retrieval/scifact/qrels/test.tsv")
 PYTREC_MEASURES = {"ndcg_cut.10", "map_cut.10", "recall.10,100", "P.10", "recip_rank"}
 
 

@@ -7,15 +7,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import word_encoder
+from conftest import needs_data, word_encoder
 
 from lm2vec.data import data_dir
 from lm2vec.evaluation import correlations, cosine_rows, evaluate_sts, load_sts
 
 STSB_DEV = data_dir() / "sts" / "stsb" / "dev.jsonl"
-needs_stsb = pytest.mark.skipif(
-    not STSB_DEV.is_file(), reason=f"STS-B not found at {STSB_DEV}: set LM2VEC_DATA to the shared data folder"
-)
+needs_stsb = needs_data("sts/stsb/dev.jsonl")
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:

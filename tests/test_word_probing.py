@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_encoder, tiny_tokenizer
+from conftest import needs_data, tiny_encoder, tiny_tokenizer
 from threadpoolctl import threadpool_limits
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -23,10 +23,7 @@ from lm2vec.evaluation.word_probing import (
 )
 
 CONLL = data_dir() / "word" / "conll2003"
-needs_conll = pytest.mark.skipif(
-    not (CONLL / "train.conll").is_file(),
-    reason=f"CoNLL-2003 not found at {CONLL}: set LM2VEC_DATA to the shared data folder",
-)
+needs_conll = needs_data("word/conll2003/train.conll")
 
 
 def wordpiece_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
