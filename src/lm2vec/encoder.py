@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -20,6 +21,7 @@ from . import loading, st_format
 from .attention import position_ids_for, verify_attention
 from .hardware import native_bf16
 from .inputs import Batch, Inputs, Tokenization, equal_length_batches, normalize
+from .invariance import BatchInvariant
 from .pooling import PoolingMode, parse_pooling, pool
 
 DTYPES = {
@@ -36,7 +38,9 @@ class Encoder:
     """Turns texts into embeddings with a decoder-only LLM.
 
     Build one with :func:`lm2vec.load`. ``prompts`` maps names (``"query"``, ``"document"``, task names)
-    to instructions, as in sentence-transformers.
+    to instructions, as in sentence-transformers. With ``batch_invariant`` (the default), float32 CPU
+    encoding gives each text the same embedding bit for bit whatever it is batched with (see
+    :mod:`lm2vec.invariance`); turn it off for ~25% faster fp32 encoding.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class Encoder:
         prompts: dict[str, str] | None = None,
         default_prompt_name: str | None = None,
         bidirectional: bool = True,
+        batch_invariant: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -56,6 +61,7 @@ class Encoder:
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.bidirectional = bidirectional
+        self.batch_invariant = batch_invariant
         self.tokenization = Tokenization(tokenizer, max_length)
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
@@ -127,11 +133,13 @@ class Encoder:
         was_training = self.model.training
         self.model.eval()
         chunks = []
+        invariance = BatchInvariant() if self.batch_invariant else contextlib.nullcontext()
         try:
-            for idx in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
-                rows = [ids[i] for i in idx]  # all of one length; +1 column of padding: see equal_length_batches
-                batch = self.tokenization.collate(rows, [prefix[i] for i in idx], width=len(rows[0]) + 1)
-                chunks.append(self.forward(batch).cpu())
+            with invariance:
+                for idx in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
+                    rows = [ids[i] for i in idx]  # one length; +1 padding column: see equal_length_batches
+                    batch = self.tokenization.collate(rows, [prefix[i] for i in idx], width=len(rows[0]) + 1)
+                    chunks.append(self.forward(batch).cpu())
         finally:
             self.model.train(was_training)
         order = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
