@@ -61,3 +61,30 @@ def test_info_json_reports_verified_bidirectional_attention(tiny_dir):
     assert info["architecture"] == "llama"
     assert info["attention"] == "bidirectional" and info["attention_verified"] is True
     assert info["dimension"] == 64
+
+
+def test_train_and_convert_refuse_bad_recipes_and_settings_before_loading(tmp_path):
+    done = run("convert", "default", "--recipe", "turbo", "-o", tmp_path / "out")
+    assert done.returncode == 2 and "unknown recipe 'turbo'" in done.stderr and "cpu" in done.stderr
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(json.dumps({"description": "", "how_chosen": "", "stages": [{"stage": "simcse", "stepz": 3}]}))
+    done = run("convert", "default", "--recipe", recipe, "-o", tmp_path / "out")
+    assert done.returncode == 2 and "stage 1: unknown simcse setting(s) 'stepz'" in done.stderr
+    done = run("convert", "default", "--recipe", "cpu", "-o", tmp_path / "out", "--data", tmp_path / "nodata")
+    assert done.returncode == 2 and "training data not found" in done.stderr
+    done = run("train", "simcse", "default", "-o", tmp_path / "out", "--set", "batch_size=0")
+    assert done.returncode == 2 and "batch_size must be a positive integer" in done.stderr
+    assert not (tmp_path / "out" / "1-mntp").exists() and not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_train_simcse_from_the_command_line(tiny_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(random_texts(20, seed=6, max_words=8)))
+    out = tmp_path / "run"
+    settings = ["steps=2", "batch_size=4", "save_steps=1", "logging_steps=1", "max_length=16", "bf16=false"]
+    done = run("train", "simcse", tiny_dir, "-o", out, "--set", f"data={json.dumps([str(corpus)])}", *settings)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "encoder" / "modules.json").is_file() and (out / "checkpoint-2").is_dir()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()][:2] == [1, 2]
+    again = run("train", "simcse", tiny_dir, "-o", out, "--set", f"data={json.dumps([str(corpus)])}", *settings)
+    assert again.returncode == 2 and "--resume" in again.stderr

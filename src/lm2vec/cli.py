@@ -127,6 +127,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_settings(pairs: list[str]) -> dict[str, object]:
+    """``key=value`` pairs; values are read as JSON where they parse (numbers, true, lists), else as strings."""
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value, got {pair!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lm2vec import training
+
+    settings = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = training.stage_config(args.stage, settings | parse_settings(args.set))  # checked before loading
+    train = {"mntp": training.train_mntp, "simcse": training.train_simcse, "supervised": training.train_supervised}
+    for spec in config.data:
+        training.data.resolve(spec, args.data)
+    try:
+        encoder = train[args.stage](
+            model_source(args.model), config, args.output, data_root=args.data, resume=args.resume
+        )
+    except training.NonFiniteLossError as err:
+        print(f"lm2vec: training stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"lm2vec: {args.stage} done; encoder ({encoder.dim} dimensions) saved in {Path(args.output) / 'encoder'}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lm2vec import training
+
+    recipe = training.load_recipe(args.recipe)  # unknown recipes and keys fail before any model loads
+    try:
+        training.convert(
+            model_source(args.model),
+            recipe,
+            args.output,
+            data_root=args.data,
+            resume=args.resume,
+            evaluate=not args.no_eval,
+            baselines=not args.no_baselines,
+        )
+    except training.NonFiniteLossError as err:
+        print(f"lm2vec: training stopped: {err}; fix the cause, then rerun with --resume", file=sys.stderr)
+        return 1
+    print((Path(args.output) / "results.md").read_text() if not args.no_eval else "")
+    print(f"lm2vec: final encoder saved in {Path(args.output) / 'encoder'}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2vec", description=lm2vec.__doc__)
     parser.add_argument("--version", action="version", version=f"lm2vec {lm2vec.__version__}")
@@ -175,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's setting")
     evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    train = commands.add_parser("train", help="run one training stage (mntp, simcse, supervised) on a model")
+    train.add_argument("stage", choices=["mntp", "simcse", "supervised"])
+    train.add_argument("model", help="'default', a model or encoder directory, a .gguf file or a hub id")
+    train.add_argument("-o", "--output", required=True, help="folder for checkpoints, log.jsonl and encoder/")
+    train.add_argument("--config", help="a JSON file of stage settings")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="stage settings, e.g. steps=100")
+    train.add_argument("--data", type=Path, help="the datasets folder (default: LM2VEC_DATA or ../shared/data)")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.set_defaults(run=cmd_train)
+
+    convert = commands.add_parser("convert", help="run a recipe's stages in order, scoring STS-B after each")
+    convert.add_argument("model", help="'default', a model directory, a .gguf file or a hub id")
+    convert.add_argument("--recipe", default="cpu", help="a packaged recipe (reference, small, cpu) or a JSON file")
+    convert.add_argument("-o", "--output", required=True, help="folder for the stages, results.md and encoder/")
+    convert.add_argument("--data", type=Path, help="the datasets folder (default: LM2VEC_DATA or ../shared/data)")
+    convert.add_argument("--resume", action="store_true", help="reuse finished stages, continue the interrupted one")
+    convert.add_argument("--no-eval", action="store_true", help="skip the STS-B scores")
+    convert.add_argument("--no-baselines", action="store_true", help="skip scoring the untrained model")
+    convert.set_defaults(run=cmd_convert)
 
     info = commands.add_parser("info", parents=[model], help="load a model, verify its attention, describe it")
     info.add_argument("--json", action="store_true", help="print the description as JSON")

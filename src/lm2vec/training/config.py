@@ -1,0 +1,160 @@
+"""Stage settings (one dataclass per stage, peft-style) and recipes: the stages of a conversion, in order.
+
+A recipe is a small JSON file: ``{"description", "how_chosen", "stages": [{"stage": "mntp", ...}, ...]}``.
+Every key is checked against the stage's dataclass before anything is loaded or trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+
+@dataclass
+class StageConfig:
+    """Settings every stage shares: optimisation, LoRA, checkpoints, evaluation on STS-B dev."""
+
+    data: list[str] = field(default_factory=list)  # files (or names under the data folder), or hub dataset ids
+    steps: int = 200
+    batch_size: int = 64  # per device
+    learning_rate: float = 3e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_length: int = 128
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | str = "all-linear"  # q,k,v,o,gate,up,down on Llama-family models
+    lora_layers: int | None = None  # LoRA on the top N layers only (a shorter backward pass); None: all
+    bf16: bool | None = None  # None: where the CPU or GPU does bf16 in hardware
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    save_steps: int = 50
+    save_total_limit: int | None = 3
+    eval_steps: int | None = None  # STS-B dev every N steps (and at the end); None: no evaluation
+    eval_pairs: int | None = None  # evaluate on the first N dev pairs only (CPU budgets); None: all
+    select_best: bool = True  # keep the checkpoint with the best dev score (needs eval_steps)
+    logging_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        for name in ("steps", "batch_size", "max_length", "lora_r", "save_steps", "logging_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.eval_steps is not None and self.select_best and self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps})")
+
+
+@dataclass
+class MNTPConfig(StageConfig):
+    """Masked next token prediction: the masked token at i is predicted from the output at i-1."""
+
+    data: list[str] = field(default_factory=lambda: ["corpus/wikitext2_raw_test.txt"])
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    max_length: int = 512  # the chunk length texts are concatenated and cut into
+    mlm_probability: float = 0.2
+    mask_strategy: str = "80/10/10"  # or "all": every chosen token becomes the mask token
+    mask_token: str = "_"  # an existing token, "eos", or "new" (adds <mask> to the vocabulary)
+    select_best: bool = False  # MNTP does not move STS by itself; keep the last step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask_strategy not in ("80/10/10", "all"):
+            raise ValueError(f"mask_strategy must be '80/10/10' or 'all', got {self.mask_strategy!r}")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
+
+
+@dataclass
+class SimCSEConfig(StageConfig):
+    """Unsupervised SimCSE: each sentence twice with dropout; InfoNCE over in-batch negatives."""
+
+    data: list[str] = field(default_factory=lambda: ["corpus/wiki1m_10k.txt", "corpus/wiki1m_prefix.txt"])
+    attention_dropout: float = 0.3
+    scale: float = 20.0  # 1 / temperature
+    gather_across_devices: bool = True
+
+
+@dataclass
+class SupervisedConfig(StageConfig):
+    """Supervised contrastive: (query, positive, negative) triplets, in-batch + hard negatives."""
+
+    data: list[str] = field(default_factory=lambda: ["pairs/snli_triplets/train.jsonl"])
+    learning_rate: float = 2e-4
+    scale: float = 50.0
+    instructions: dict[str, str] = field(default_factory=dict)  # dataset name (file's folder) -> instruction
+    default_instruction: str = "Retrieve semantically similar text: "
+    mini_batch_size: int | None = None  # GradCache chunk: contrastive batch not bounded by memory; None: off
+    gather_across_devices: bool = True
+
+
+STAGES: dict[str, type[StageConfig]] = {"mntp": MNTPConfig, "simcse": SimCSEConfig, "supervised": SupervisedConfig}
+
+
+def stage_config(stage: str, settings: dict | None = None) -> StageConfig:
+    """Build a stage's config, refusing unknown stages and keys with the list of known ones."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; the stages are: {', '.join(STAGES)}")
+    cls = STAGES[stage]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings or {}) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {stage} setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+        )
+    return cls(**(settings or {}))
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    how_chosen: str
+    stages: list[tuple[str, StageConfig]]
+
+    def to_dict(self) -> dict:
+        stages = [{"stage": stage} | asdict(config) for stage, config in self.stages]
+        return {"description": self.description, "how_chosen": self.how_chosen, "stages": stages}
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".json") for p in resources.files(__package__).joinpath("recipes").iterdir())
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """A packaged recipe by name (``reference``, ``small``, ``cpu``) or a JSON file; checked completely."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        text, name = path.read_text(), path.stem
+    elif str(name_or_path) in builtin_recipes():
+        name = str(name_or_path)
+        text = resources.files(__package__).joinpath("recipes", f"{name}.json").read_text()
+    else:
+        raise ValueError(f"unknown recipe {str(name_or_path)!r}; packaged recipes: {', '.join(builtin_recipes())}")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"recipe {name}: invalid JSON ({err})") from None
+    unknown = sorted(set(raw) - {"description", "how_chosen", "stages"})
+    if unknown or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise ValueError(
+            f"recipe {name}: expected keys description, how_chosen, stages (a non-empty list); got {sorted(raw)}"
+        )
+    stages = []
+    for i, entry in enumerate(raw["stages"]):
+        settings = dict(entry)
+        stage = settings.pop("stage", None)
+        try:
+            stages.append((stage, stage_config(stage, settings)))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"recipe {name}, stage {i + 1}: {err}") from None
+    return Recipe(name, raw.get("description", ""), raw.get("how_chosen", ""), stages)

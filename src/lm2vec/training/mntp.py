@@ -1,0 +1,113 @@
+"""Stage 1, masked next token prediction: teach a causal LM to use the future tokens it now sees.
+
+Mask a fraction of tokens (80/10/10 mask/random/keep, or all mask); the token masked at position i is
+predicted from the output at i-1, the LM head's usual shift, with the loss on masked positions only. LoRA
+on the decoder; the LM head stays frozen (and tied, where the model ties it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .. import loading
+from ..attention import verify_attention
+from ..encoder import Encoder, default_max_length
+from ..evaluation.sts import load_sts
+from . import data
+from .config import MNTPConfig
+from .models import IGNORE, MNTPModel, add_lora
+from .stage import finish, resume_point
+from .trainer import StageTrainer, training_arguments
+
+MASK_TOKEN = "<mask>"
+
+
+def mask_token_id(tokenizer: PreTrainedTokenizerBase, model, choice: str) -> int:
+    """The id that stands for a masked token: an existing token ("_" by default), EOS, or a new token."""
+    if choice == "eos":
+        return tokenizer.eos_token_id
+    if choice == "new":
+        if tokenizer.mask_token is None:
+            tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+            model.resize_token_embeddings(len(tokenizer))
+        return tokenizer.mask_token_id
+    ids = tokenizer.convert_tokens_to_ids([choice])
+    if ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"mask_token {choice!r} is not a single token of this tokenizer; use 'eos' or 'new'")
+    return ids[0]
+
+
+class MaskingCollator:
+    """Chunks -> masked inputs and labels (the original token at masked positions, IGNORE elsewhere).
+
+    Position 0 is never masked: nothing comes before it to predict it from.
+    """
+
+    def __init__(self, mask_id: int, vocab_size: int, probability: float, strategy: str, special_ids: list[int]):
+        self.mask_id, self.vocab_size = mask_id, vocab_size
+        self.probability, self.strategy = probability, strategy
+        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
+        chance = torch.full(ids.shape, self.probability)
+        chance[:, 0] = 0.0
+        chance[torch.isin(ids, self.special)] = 0.0
+        chosen = torch.bernoulli(chance).bool()
+        labels = torch.where(chosen, ids, IGNORE)
+        inputs = ids.clone()
+        if self.strategy == "all":
+            inputs[chosen] = self.mask_id
+        else:
+            masked = chosen & torch.bernoulli(torch.full(ids.shape, 0.8)).bool()
+            randomized = chosen & ~masked & torch.bernoulli(torch.full(ids.shape, 0.5)).bool()
+            inputs[masked] = self.mask_id
+            inputs[randomized] = torch.randint(self.vocab_size, ids.shape)[randomized]
+        return {"input_ids": inputs, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+class MNTPTrainer(StageTrainer):
+    def stage_loss(self, model, inputs):
+        return model(**inputs)
+
+
+def train_mntp(
+    source: str | os.PathLike | None,
+    config: MNTPConfig,
+    output_dir: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    resume: bool = False,
+    trust_remote_code: bool = False,
+    callbacks: list | None = None,
+) -> Encoder:
+    """Train MNTP on ``source`` (any :func:`lm2vec.load` source); return the bidirectional encoder, LoRA merged."""
+    resolved = loading.resolve(source)
+    tokenizer = loading.load_tokenizer(resolved, trust_remote_code)
+    chunks = data.chunks(tokenizer, config.data, config.max_length, data_root)  # bad data fails before loading
+    lm = loading.load_model(resolved, True, torch.float32, None, trust_remote_code, model_class=AutoModelForCausalLM)
+    verify_attention(lm.base_model, True, vocab_size=len(tokenizer))
+    mask_id = mask_token_id(tokenizer, lm, config.mask_token)
+    model = MNTPModel(add_lora(lm, config))
+    if config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    collator = MaskingCollator(
+        mask_id, len(tokenizer), config.mlm_probability, config.mask_strategy, tokenizer.all_special_ids
+    )
+    encoder = Encoder(lm.base_model, tokenizer, max_length=default_max_length(lm), batch_invariant=False)
+    trainer = MNTPTrainer(
+        model=model,
+        args=training_arguments(config, output_dir),
+        train_dataset=[{"input_ids": c} for c in chunks],
+        data_collator=collator,
+        eval_dataset=load_sts("stsb", "dev", data_root, config.eval_pairs) if config.eval_steps else None,
+        encoder=encoder,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_point(output_dir, resume))
+    merged = model.peft.merge_and_unload()
+    result = Encoder(merged.base_model, tokenizer, max_length=default_max_length(merged))
+    return finish(result, output_dir, trainer)

@@ -1,0 +1,43 @@
+"""What every stage does around its Trainer: where to resume from, and how the result is saved."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..encoder import Encoder, load
+from .trainer import COMPLETE, StageTrainer, atomic_write, last_checkpoint
+
+ENCODER_DIR = "encoder"
+
+
+def resume_point(output_dir: str | os.PathLike, resume: bool) -> str | None:
+    """The newest complete checkpoint when resuming; refuse to silently mix a new run into an old one."""
+    last = last_checkpoint(output_dir)
+    if resume:
+        return str(last) if last else None
+    if last:
+        raise FileExistsError(
+            f"{output_dir} already holds checkpoints ({last.name}); pass resume=True (--resume) "
+            "to continue that run, or choose another output directory"
+        )
+    return None
+
+
+def finish(encoder: Encoder, output_dir: str | os.PathLike, trainer: StageTrainer) -> Encoder:
+    """Save the stage's encoder (adapter merged) under ``output_dir/encoder``, committed by a marker."""
+    if trainer.args.should_save:
+        path = encoder.save(Path(output_dir) / ENCODER_DIR)
+        atomic_write(path / COMPLETE, '{"stage": "done"}')
+    encoder.model.eval()
+    return encoder
+
+
+def finished(output_dir: str | os.PathLike) -> Encoder | None:
+    """The encoder a completed stage saved, or None."""
+    path = Path(output_dir) / ENCODER_DIR
+    return load(path) if (path / COMPLETE).is_file() else None
+
+
+def as_encoder(model: Encoder | str | os.PathLike | None) -> Encoder:
+    return model if isinstance(model, Encoder) else load(model)

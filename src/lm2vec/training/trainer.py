@@ -1,0 +1,179 @@
+"""The Hugging Face Trainer, as every stage uses it: adapters-only checkpoints, committed atomically,
+resume, a stop on NaN/inf losses, STS-B dev evaluation that keeps the best checkpoint, a JSONL log.
+
+Runs unchanged under ``accelerate launch`` / ``torchrun`` (DDP): the stage's loss calls the wrapped model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..encoder import Encoder
+from ..evaluation.sts import STSPairs, correlations, cosine_rows
+from ..hardware import native_bf16
+from .config import StageConfig
+
+COMPLETE = "lm2vec-complete.json"  # written last, atomically: a checkpoint without it is ignored
+ADAPTER = "adapter_model.safetensors"
+METRIC = "stsb_dev_spearman"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return native_bf16()
+
+
+def training_arguments(
+    config: StageConfig, output_dir: str | os.PathLike, batch_size: int | None = None
+) -> TrainingArguments:
+    """TrainingArguments from a stage config (``batch_size`` overrides the per-device batch: 1 for pre-made batches)."""
+    evaluate = config.eval_steps is not None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=config.steps,
+        per_device_train_batch_size=batch_size or config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=config.eval_steps,
+        load_best_model_at_end=evaluate and config.select_best,
+        metric_for_best_model=METRIC if evaluate else None,
+        greater_is_better=True,
+        bf16=bf16_supported() if config.bf16 is None else config.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=config.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+    )
+
+
+class StageTrainer(Trainer):
+    """Trainer over a stage module (``MNTPModel`` or ``EmbeddingModel``) that holds a PeftModel as ``.peft``.
+
+    ``eval_dataset`` is the STS-B dev pairs; ``encoder`` embeds them with the model being trained.
+    """
+
+    def __init__(self, *args, encoder: Encoder | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoder = encoder
+        self.tokens_seen = 0
+        self._last_log = (time.perf_counter(), 0)
+        self.add_callback(JsonlLog(Path(self.args.output_dir) / "log.jsonl"))
+
+    # -- loss ----------------------------------------------------------------------------------
+    def stage_loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.tokens_seen += int(sum(v.sum() for k, v in inputs.items() if k.endswith("attention_mask")))
+        loss = self.stage_loss(model, inputs)
+        check_finite(loss, self.state.global_step + 1, self.args.output_dir)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), self.tokens_seen
+            logs["tokens_per_second"] = round((tokens - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
+            self._last_log = (now, tokens)
+        super().log(logs, start_time)
+
+    # -- evaluation: STS-B dev Spearman with the model as it is now ----------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        pairs: STSPairs = eval_dataset or self.eval_dataset
+        start = time.perf_counter()
+        unique = list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))
+        with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            vectors = self.encoder.encode(unique, batch_size=64, convert_to_tensor=True).float().numpy()
+        row = {s: i for i, s in enumerate(unique)}
+        sims = cosine_rows(vectors[[row[s] for s in pairs.sentence1]], vectors[[row[s] for s in pairs.sentence2]])
+        spearman, _ = correlations(sims, pairs.scores)
+        metrics = {
+            f"{metric_key_prefix}_{METRIC}": spearman,
+            f"{metric_key_prefix}_seconds": time.perf_counter() - start,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # -- checkpoints: the adapter only, committed by a marker written last ---------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self.args.should_save:
+            self.model.peft.save_pretrained(output_dir or self.args.output_dir, safe_serialization=True)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            atomic_write(folder / COMPLETE, json.dumps({"step": self.state.global_step}))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter(self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter(self.model, self.state.best_model_checkpoint)
+
+
+def load_adapter(stage_model, checkpoint: str | os.PathLike) -> None:
+    """Put a checkpoint's adapter weights (safetensors) into the stage model's PeftModel."""
+    path = Path(checkpoint) / ADAPTER
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {ADAPTER}: not an lm2vec checkpoint")
+    set_peft_model_state_dict(stage_model.peft, load_file(path))
+
+
+def check_finite(loss: torch.Tensor, step: int, output_dir: str | os.PathLike) -> None:
+    """Stop before a NaN/inf loss reaches the weights; checkpoints already written stay intact."""
+    if not torch.isfinite(loss.detach()).all():
+        last = last_checkpoint(output_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"the loss is {loss.item()} at step {step}; training stopped before updating the weights; {where} "
+            "(lower the learning rate, or check the data)"
+        )
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (one whose commit marker was written), or None."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    return max(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+class JsonlLog(TrainerCallback):
+    """Every logged loss, learning rate, throughput and dev score, one JSON object a line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args: TrainingArguments, state, control, logs=None, **kwargs) -> None:
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")

@@ -1,0 +1,69 @@
+"""Run by tests/test_ddp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): cross-device negatives.
+
+Each rank writes what it saw to ``OUT/rank-N.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import random_texts, tiny_encoder  # noqa: E402
+
+from lm2vec.training import SimCSEConfig, train_simcse  # noqa: E402
+from lm2vec.training.losses import info_nce, similarities  # noqa: E402
+
+BATCH = 4
+
+
+class Seen(TrainerCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        self.report = {"trainer_world_size": args.world_size, "parallel_mode": str(args.parallel_mode)}
+
+
+def main(out: Path, corpus: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    queries = torch.randn(BATCH, 16, requires_grad=True)
+    candidates = torch.randn(BATCH, 16, requires_grad=True)
+    scores, labels = similarities(queries, candidates, scale=20.0)
+    # Only rank 0's loss counts: rank 1's candidates get gradients only through the all-gather.
+    loss = info_nce(queries, candidates, scale=20.0) * (1.0 if rank == 0 else 0.0)
+    loss.backward()
+    report = {
+        "scores_shape": list(scores.shape),
+        "labels": labels.tolist(),
+        "candidate_grad_norm": candidates.grad.norm().item(),
+    }
+    dist.barrier()
+    # The real thing: a SimCSE stage under the Trainer, DDP over gloo, in the same process group.
+    config = SimCSEConfig(data=[str(corpus)], steps=3, batch_size=BATCH, save_steps=3, logging_steps=1, bf16=False)
+    seen = Seen()
+    encoder = train_simcse(tiny_encoder(), config, out / "train", callbacks=[seen])
+    report |= seen.report
+    # DDP keeps the ranks' weights equal although each rank saw other sentences
+    report["weight_sum"] = sum(p.double().sum().item() for p in encoder.model.parameters())
+    report["world_size"] = int(os.environ["WORLD_SIZE"])
+    (out / f"rank-{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    corpus = out / "corpus.txt"
+    if int(os.environ["RANK"]) == 0:
+        corpus.write_text("\n".join(random_texts(40, seed=5, max_words=8)))
+    else:
+        import time
+
+        while not corpus.exists():
+            time.sleep(0.05)
+    main(out, corpus)

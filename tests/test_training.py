@@ -1,0 +1,265 @@
+"""Training stages on tiny random models: MNTP labels, SimCSE padding, loss going down, checkpoints, resume,
+NaN handling, GradCache, saved encoders, and bad input refused before any training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_texts, tiny_encoder, tiny_tokenizer, write_jsonl
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+from tiny_models import tiny_config
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+import lm2vec
+from lm2vec.inputs import Tokenization
+from lm2vec.training import (
+    MNTPConfig,
+    NonFiniteLossError,
+    SimCSEConfig,
+    SupervisedConfig,
+    last_checkpoint,
+    train_mntp,
+    train_simcse,
+    train_supervised,
+)
+from lm2vec.training.losses import info_nce
+from lm2vec.training.mntp import MaskingCollator
+from lm2vec.training.models import IGNORE, EmbeddingModel, add_lora, mntp_loss
+
+FAST = dict(save_steps=2, logging_steps=1, max_length=24, bf16=False)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(random_texts(64, seed=1, max_words=12)) + "\n")
+    return path
+
+
+@pytest.fixture
+def triplets(tmp_path: Path) -> Path:
+    texts = random_texts(48, seed=2, max_words=10)
+    records = [{"query": t, "positive": t + " w5", "negative": texts[(i + 7) % 48]} for i, t in enumerate(texts)]
+    return write_jsonl(tmp_path / "nli" / "train.jsonl", records)
+
+
+@pytest.fixture
+def causal_lm_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", pad_token_id=3, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    return tmp_path / "lm"
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def logged_losses(output: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (output / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# -- MNTP -----------------------------------------------------------------------------------------
+def test_mntp_loss_scores_the_masked_token_from_the_previous_position():
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_config("llama", pad_token_id=3)).eval()
+    ids = torch.tensor([[5, 9, 14, 33, 40, 7], [8, 8, 21, 60, 11, 2]])
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 3], labels[1, 1], labels[1, 5] = 33, 8, 2  # masked positions and their original tokens
+    with torch.no_grad():
+        hidden = lm.model(input_ids=ids).last_hidden_state
+        logits = lm(input_ids=ids).logits
+        loss = mntp_loss(hidden, labels, lm)
+    # by hand: the label at i is scored by the logits at i-1, and nothing else counts
+    expected = torch.nn.functional.cross_entropy(logits[[0, 1, 1], [2, 0, 4]], torch.tensor([33, 8, 2]))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    changed = labels.clone()
+    changed[0, 4] = IGNORE  # an unmasked position: its label is IGNORE whatever it was
+    assert torch.equal(mntp_loss(hidden, changed, lm), loss)
+
+
+@pytest.mark.parametrize("strategy", ["80/10/10", "all"])
+def test_masking_collator(strategy: str):
+    torch.manual_seed(0)
+    collator = MaskingCollator(mask_id=99, vocab_size=128, probability=0.2, strategy=strategy, special_ids=[2])
+    rows = [{"input_ids": [(i * 7 + j) % 90 + 4 for j in range(64)]} for i in range(64)]
+    rows[0]["input_ids"][10] = 2  # a special token is never masked
+    out = collator(rows)
+    original = torch.tensor([r["input_ids"] for r in rows])
+    chosen = out["labels"] != IGNORE
+    assert not chosen[:, 0].any() and not chosen[0, 10]
+    assert 0.17 < chosen.float().mean() < 0.23
+    assert torch.equal(out["labels"][chosen], original[chosen])
+    assert torch.equal(out["input_ids"][~chosen], original[~chosen])
+    masked = (out["input_ids"] == 99) & chosen
+    if strategy == "all":
+        assert masked.sum() == chosen.sum()
+    else:
+        assert 0.75 < masked.sum() / chosen.sum() < 0.85
+
+
+def test_mntp_trains_the_decoder_and_keeps_the_head_frozen(causal_lm_dir: Path, corpus: Path, tmp_path: Path):
+    config = MNTPConfig(data=[str(corpus)], steps=4, batch_size=4, mask_token="eos", **dict(FAST, max_length=16))
+    encoder = train_mntp(str(causal_lm_dir), config, tmp_path / "mntp")
+    assert encoder.bidirectional and isinstance(encoder.model, torch.nn.Module)
+    assert len(logged_losses(tmp_path / "mntp")) == 4
+    saved = adapter(last_checkpoint(tmp_path / "mntp"))
+    assert saved and all("lm_head" not in key and "embed" not in key for key in saved)
+    lm2vec.load(tmp_path / "mntp" / "encoder").verify()
+
+
+# -- SimCSE -----------------------------------------------------------------------------------------
+def test_simcse_loss_ignores_padding():
+    encoder = tiny_encoder()
+    model = EmbeddingModel(add_lora(encoder.model, SimCSEConfig()), encoder.pooling).eval()
+    tokenization = Tokenization(encoder.tokenizer, 64)
+    texts = random_texts(6, seed=3, max_words=8)
+    ids, prefix = tokenization.tokenize([""] * 6, texts)
+    losses = []
+    for extra in (0, 7):
+        batch = tokenization.collate(ids, prefix, width=max(map(len, ids)) + extra)
+        with torch.no_grad():
+            first = model(batch.input_ids, batch.attention_mask, batch.pool_mask)
+            second = model(batch.input_ids.flip(0), batch.attention_mask.flip(0), batch.pool_mask.flip(0)).flip(0)
+        losses.append(info_nce(first, second, scale=20.0))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(triplets: Path, tmp_path: Path):
+    rows = [json.loads(line) for line in triplets.read_text().splitlines()][:8]
+    write_jsonl(tmp_path / "fixed" / "train.jsonl", rows)
+    config = SupervisedConfig(
+        data=[str(tmp_path / "fixed" / "train.jsonl")],
+        steps=12,
+        batch_size=8,
+        learning_rate=3e-3,
+        lora_dropout=0.0,
+        **FAST,
+    )
+    train_supervised(tiny_encoder(), config, tmp_path / "out")
+    losses = logged_losses(tmp_path / "out")
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(corpus: Path, tmp_path: Path):
+    config = SimCSEConfig(data=[str(corpus)], steps=6, batch_size=8, learning_rate=1e-3, **FAST)
+    train_simcse(tiny_encoder(), config, tmp_path / "straight")
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_simcse(tiny_encoder(), config, tmp_path / "resumed", callbacks=[Interrupt()])
+    assert last_checkpoint(tmp_path / "resumed").name == "checkpoint-4"
+    with pytest.raises(FileExistsError, match="resume"):
+        train_simcse(tiny_encoder(), config, tmp_path / "resumed")
+    train_simcse(tiny_encoder(), config, tmp_path / "resumed", resume=True)
+    straight, resumed = adapter(tmp_path / "straight" / "checkpoint-6"), adapter(tmp_path / "resumed" / "checkpoint-6")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+    assert any(straight[k].abs().sum() > 0 for k in straight if "lora_B" in k)  # it did train
+
+
+def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(corpus: Path, tmp_path: Path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    config = SimCSEConfig(data=[str(corpus)], steps=8, batch_size=8, **FAST)
+    with pytest.raises(NonFiniteLossError, match="step 4.*checkpoint-2"):
+        train_simcse(tiny_encoder(), config, tmp_path / "out", callbacks=[Poison()])
+    good = last_checkpoint(tmp_path / "out")
+    assert good.name == "checkpoint-2" and not (tmp_path / "out" / "checkpoint-4").exists()
+    assert all(torch.isfinite(t).all() for t in adapter(good).values())
+
+
+def test_gradcache_gives_the_gradients_of_the_full_batch(triplets: Path, tmp_path: Path):
+    results = []
+    for mini in (None, 3):
+        config = SupervisedConfig(
+            data=[str(triplets)],
+            steps=2,
+            batch_size=12,
+            learning_rate=1e-3,
+            lora_dropout=0.0,
+            mini_batch_size=mini,
+            **FAST,
+        )
+        train_supervised(tiny_encoder(), config, tmp_path / f"mini-{mini}")
+        results.append(adapter(tmp_path / f"mini-{mini}" / "checkpoint-2"))
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-5)
+
+
+def test_trained_encoder_reloads_with_its_embeddings(corpus: Path, tmp_path: Path):
+    config = SimCSEConfig(data=[str(corpus)], steps=2, batch_size=8, learning_rate=1e-2, **FAST)
+    encoder = train_simcse(tiny_encoder(), config, tmp_path / "out")
+    texts = random_texts(10, seed=4)
+    before = encoder.encode(texts)
+    untrained = tiny_encoder().encode(texts)
+    assert np.abs(before - untrained).max() > 1e-3  # the merged adapter changed the model
+    path = tmp_path / "out" / "encoder"
+    np.testing.assert_allclose(lm2vec.load(path).encode(texts), before, atol=1e-5)
+    np.testing.assert_allclose(SentenceTransformer(str(path), device="cpu").encode(texts), before, atol=1e-4)
+    assert not math.isclose(encoder.model.config.attention_dropout, 0.3)  # training dropout is not saved
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+def test_malformed_training_line_names_file_and_line(tmp_path: Path):
+    bad = tmp_path / "bad" / "train.jsonl"
+    write_jsonl(bad, [{"query": "w4", "positive": "w5", "negative": "w6"}])
+    with bad.open("a") as f:
+        f.write('{"query": "w4", "positive": "w5"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: missing field\(s\) 'negative'"):
+        train_supervised(tiny_encoder(), SupervisedConfig(data=[str(bad)], **FAST), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_or_missing_data_fails_before_training(tmp_path: Path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty"):
+        train_simcse(tiny_encoder(), SimCSEConfig(data=[str(empty)], **FAST), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        train_simcse(tiny_encoder(), SimCSEConfig(data=["nowhere.txt"], **FAST), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- recipes -----------------------------------------------------------------------------------------
+def test_packaged_recipes_load_and_say_how_they_were_chosen():
+    from lm2vec.training import load_recipe
+    from lm2vec.training.config import builtin_recipes
+
+    assert builtin_recipes() == ["cpu", "reference", "small"]
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        assert recipe.how_chosen and [stage for stage, _ in recipe.stages] == ["mntp", "simcse", "supervised"]
+    reference = dict(load_recipe("reference").stages)
+    assert reference["simcse"].learning_rate == 3e-5 and reference["simcse"].batch_size == 128
+
+
+def test_recipe_errors(tmp_path: Path):
+    from lm2vec.training import load_recipe, stage_config
+
+    with pytest.raises(ValueError, match="unknown recipe 'nope'.*cpu, reference, small"):
+        load_recipe("nope")
+    with pytest.raises(ValueError, match="unknown stage 'mtnp'"):
+        stage_config("mtnp", {})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"description": "", "how_chosen": "", "stages": [{"stage": "mntp", "lr": 1}]}))
+    with pytest.raises(ValueError, match="stage 1: unknown mntp setting.*'lr'"):
+        load_recipe(bad)
+    with pytest.raises(ValueError, match="save_steps"):
+        stage_config("simcse", {"save_steps": 5, "eval_steps": 2})
