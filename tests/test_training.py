@@ -263,3 +263,42 @@ def test_recipe_errors(tmp_path: Path):
         load_recipe(bad)
     with pytest.raises(ValueError, match="save_steps"):
         stage_config("simcse", {"save_steps": 5, "eval_steps": 2})
+
+
+def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
+    causal_lm_dir: Path, corpus: Path, triplets: Path, tmp_path: Path
+):
+    from lm2vec.training import Recipe, convert
+
+    tiny = dict(FAST, steps=2, batch_size=4, max_length=16)
+    recipe = Recipe(
+        "tiny",
+        "test",
+        "test",
+        [
+            ("mntp", MNTPConfig(data=[str(corpus)], mask_token="eos", **tiny)),
+            ("simcse", SimCSEConfig(data=[str(corpus)], **tiny)),
+            ("supervised", SupervisedConfig(data=[str(triplets)], **tiny)),
+        ],
+    )
+    lines: list[str] = []
+    encoder, rows = convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, log=lines.append)
+    assert [p.name for p in sorted((tmp_path / "out").glob("[0-9]-*"))] == ["1-mntp", "2-simcse", "3-supervised"]
+    assert [r.model for r in rows] == [
+        "bidirectional + mntp",
+        "bidirectional + mntp + simcse",
+        "bidirectional + mntp + simcse + supervised",
+    ]
+    texts = random_texts(6, seed=7)
+    np.testing.assert_allclose(
+        lm2vec.load(tmp_path / "out" / "encoder").encode(texts), encoder.encode(texts), atol=1e-5
+    )
+    again, _ = convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
+    assert sum("already finished" in line for line in lines) == 3
+    np.testing.assert_allclose(again.encode(texts), encoder.encode(texts), atol=1e-5)
+    causal, rows = convert(str(causal_lm_dir), recipe, tmp_path / "causal", evaluate=False, causal=True, log=print)
+    assert not causal.bidirectional and causal.pooling == "weighted_mean"
+    assert [r.model for r in rows] == [
+        "causal (weighted mean) + simcse",
+        "causal (weighted mean) + simcse + supervised",
+    ]

@@ -173,6 +173,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             resume=args.resume,
             evaluate=not args.no_eval,
             baselines=not args.no_baselines,
+            causal=args.causal,
         )
     except training.NonFiniteLossError as err:
         print(f"lm2vec: training stopped: {err}; fix the cause, then rerun with --resume", file=sys.stderr)
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--resume", action="store_true", help="reuse finished stages, continue the interrupted one")
     convert.add_argument("--no-eval", action="store_true", help="skip the STS-B scores")
     convert.add_argument("--no-baselines", action="store_true", help="skip scoring the untrained model")
+    convert.add_argument(
+        "--causal", action="store_true", help="ablation: the contrastive stages on the causal model (no MNTP)"
+    )
     convert.set_defaults(run=cmd_convert)
 
     info = commands.add_parser("info", parents=[model], help="load a model, verify its attention, describe it")
@@ -265,3 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as err:
         print(f"lm2vec: error: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":  # python -m lm2vec.cli, e.g. under torchrun
+    sys.exit(main())

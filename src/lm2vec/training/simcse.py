@@ -57,7 +57,13 @@ def merged(encoder: Encoder, stage_model: EmbeddingModel, dropout: float) -> Enc
     model = stage_model.peft.merge_and_unload()
     set_attention_dropout(model, dropout)
     return Encoder(
-        model, encoder.tokenizer, encoder.pooling, encoder.max_length, encoder.prompts, encoder.default_prompt_name
+        model,
+        encoder.tokenizer,
+        encoder.pooling,
+        encoder.max_length,
+        encoder.prompts,
+        encoder.default_prompt_name,
+        bidirectional=encoder.bidirectional,
     )
 
 
