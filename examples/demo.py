@@ -13,7 +13,10 @@ import argparse
 import time
 from pathlib import Path
 
+import lm2vec
+from lm2vec import PoolingMode
 from lm2vec.data import data_dir
+from lm2vec.evaluation import evaluate_sts
 from lm2vec.hardware import cpu_info, describe_cpu
 from lm2vec.training import convert
 
@@ -23,6 +26,20 @@ TARGETS = {
     "bidirectional + mntp + simcse": (">= 55", ">= 50"),
     "bidirectional + mntp + simcse + supervised": (">= 62", ">= 58"),
 }
+
+
+def other_poolings(data: Path) -> dict[tuple[str, str], float]:
+    """STS-B test of the untrained model with the poolings ``convert``'s baselines do not use.
+
+    Each ``load`` proves its attention mode (causal / bidirectional) on the loaded model or raises.
+    """
+    scores = {}
+    for bidirectional, pooling in ((False, PoolingMode.MEAN), (True, PoolingMode.WEIGHTED_MEAN)):
+        encoder = lm2vec.load(bidirectional=bidirectional, pooling=pooling)
+        key = ("bidirectional" if bidirectional else "causal", pooling.value)
+        scores[key] = evaluate_sts(encoder, "test", data=data, batch_size=64).scores["spearman"]
+        print(f"untrained {key[0]} {key[1]} (attention verified): STS-B test {scores[key]:.1f}", flush=True)
+    return scores
 
 
 def main() -> None:
@@ -35,11 +52,13 @@ def main() -> None:
     args = parser.parse_args()
     data = args.data or data_dir()
     amx = bool(cpu_info()["flags"]["amx_bf16"])
+    began = time.perf_counter()
     print(f"CPU: {describe_cpu()}", flush=True)
 
     runs = [("bidirectional", args.output, False)]
     if args.ablation:
         runs.append(("causal ablation", args.output / "causal", True))
+    pooled = other_poolings(data)
     rows = []
     for name, output, causal in runs:
         start = time.perf_counter()
@@ -56,13 +75,19 @@ def main() -> None:
         rows += table
         print(f"{name}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
+    pooled[("causal", "weighted_mean")], pooled[("bidirectional", "mean")] = rows[0].test, rows[1].test
+    print("\nuntrained model, STS-B test Spearman x100 (attention verified at every load):")
+    for mode in ("causal", "bidirectional"):
+        print(f"  {mode:<15}mean {pooled[(mode, 'mean')]:5.1f}   weighted mean {pooled[(mode, 'weighted_mean')]:5.1f}")
     print(f"\nSTS-B Spearman x100, recipe {args.recipe!r}, on {describe_cpu()}")
     print(f"{'model':<46}{'dev':>7}{'test':>7}{'minutes':>9}{'peak GB':>9}   target (test)")
     for row in rows:
         target = TARGETS.get(row.model, ("", ""))[0 if amx else 1]
         figures = f"{row.dev:>7.1f}{row.test:>7.1f}{row.seconds / 60:>9.1f}{row.peak_memory_gb:>9.1f}"
         print(f"{row.model:<46}{figures}   {target}")
-    print(f"\nresults: {args.output / 'results.md'}; final encoder: {args.output / 'encoder'}")
+    peak = max(r.peak_memory_gb for r in rows)
+    print(f"\nwall time {(time.perf_counter() - began) / 60:.1f} min; peak memory {peak:.1f} GB")
+    print(f"results: {args.output / 'results.md'}; final encoder: {args.output / 'encoder'}")
 
 
 if __name__ == "__main__":
