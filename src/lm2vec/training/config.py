@@ -79,6 +79,7 @@ class SimCSEConfig(StageConfig):
     data: list[str] = field(default_factory=lambda: ["corpus/wiki1m_10k.txt", "corpus/wiki1m_prefix.txt"])
     attention_dropout: float = 0.3
     scale: float = 20.0  # 1 / temperature
+    mini_batch_size: int | None = None  # rows per forward pass, sorted by length (less padding); None: one pass
     gather_across_devices: bool = True
 
 
@@ -91,8 +92,14 @@ class SupervisedConfig(StageConfig):
     scale: float = 50.0
     instructions: dict[str, str] = field(default_factory=dict)  # dataset name (file's folder) -> instruction
     default_instruction: str = "Retrieve semantically similar text: "
-    mini_batch_size: int | None = None  # GradCache chunk: contrastive batch not bounded by memory; None: off
+    mini_batch_size: int | None = None  # rows per forward pass, sorted by length (less padding); None: one pass
+    grad_cache: bool = False  # with mini_batch_size: free each pass's activations (GradCache); memory ~ one pass
     gather_across_devices: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grad_cache and not self.mini_batch_size:
+            raise ValueError("grad_cache needs mini_batch_size (the rows of each cached forward pass)")
 
 
 STAGES: dict[str, type[StageConfig]] = {"mntp": MNTPConfig, "simcse": SimCSEConfig, "supervised": SupervisedConfig}

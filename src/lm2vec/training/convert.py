@@ -42,8 +42,18 @@ def peak_memory_gb() -> float:
 
 
 def score(encoder: Encoder, data_root, splits=("dev", "test"), limit: int | None = None) -> dict[str, float]:
-    """STS-B Spearman x100 (no instruction) on each split."""
-    return {s: evaluate_sts(encoder, s, data=data_root, limit=limit, batch_size=64).scores["spearman"] for s in splits}
+    """STS-B Spearman x100 (no instruction) on each split.
+
+    Batch invariance is switched off meanwhile: ~25% faster, and its <3e-4 changes do not move a rank.
+    """
+    invariant, encoder.batch_invariant = encoder.batch_invariant, False
+    try:
+        return {
+            split: evaluate_sts(encoder, split, data=data_root, limit=limit, batch_size=64).scores["spearman"]
+            for split in splits
+        }
+    finally:
+        encoder.batch_invariant = invariant
 
 
 def check_data(recipe: Recipe, data_root) -> None:

@@ -75,6 +75,30 @@ class EmbeddingModel(nn.Module):
         return pool(out.last_hidden_state, attention_mask, pool_mask, self.pooling)
 
 
+def length_chunks(batch: dict[str, torch.Tensor], size: int | None) -> list[tuple[torch.Tensor, dict]]:
+    """(row indices, sub-batch) pairs: rows sorted by length in chunks of ``size``, each chunk cut to its own
+    longest row. Padding is most of a contrastive batch of mixed lengths; this removes nearly all of it.
+    ``size`` None: the whole batch as it is.
+    """
+    rows = len(batch["attention_mask"])
+    size = size or rows
+    order = torch.argsort(batch["attention_mask"].sum(-1), descending=True, stable=True)
+    chunks = []
+    for start in range(0, rows, size):
+        index = order[start : start + size]
+        part = {key: value[index] for key, value in batch.items()}
+        columns = part["attention_mask"].bool().any(0)  # padding sits at one end: a contiguous range remains
+        chunks.append((index, {key: value[:, columns] for key, value in part.items()}))
+    return chunks
+
+
+def embed(model: nn.Module, batch: dict[str, torch.Tensor], size: int | None) -> torch.Tensor:
+    """Pooled embeddings of a padded batch, one forward pass per length-sorted chunk, in the batch's order."""
+    chunks = length_chunks(batch, size)
+    vectors = torch.cat([model(**part) for _, part in chunks])
+    return vectors[torch.argsort(torch.cat([index for index, _ in chunks]))]
+
+
 class MNTPModel(nn.Module):
     """A (LoRA-wrapped) causal LM made bidirectional; forward returns the masked next token loss."""
 

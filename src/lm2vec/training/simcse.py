@@ -14,7 +14,7 @@ from ..inputs import Tokenization
 from . import data
 from .config import SimCSEConfig
 from .losses import info_nce
-from .models import EmbeddingModel, add_lora, set_attention_dropout
+from .models import EmbeddingModel, add_lora, embed, set_attention_dropout
 from .stage import as_encoder, finish, resume_point
 from .trainer import StageTrainer, training_arguments
 
@@ -31,13 +31,13 @@ class SentenceCollator:
 
 
 class SimCSETrainer(StageTrainer):
-    def __init__(self, *args, scale: float, gather_across_devices: bool, **kwargs):
+    def __init__(self, *args, scale: float, gather_across_devices: bool, mini_batch_size: int | None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.scale, self.gather = scale, gather_across_devices
+        self.scale, self.gather, self.mini_batch_size = scale, gather_across_devices, mini_batch_size
 
     def stage_loss(self, model, inputs):
         twice = {key: torch.cat([value, value]) for key, value in inputs.items()}  # two dropout views, one pass
-        first, second = model(**twice).chunk(2)
+        first, second = embed(model, twice, self.mini_batch_size).chunk(2)
         return info_nce(first, second, self.scale, self.gather)
 
 
@@ -90,6 +90,7 @@ def train_simcse(
         callbacks=callbacks,
         scale=config.scale,
         gather_across_devices=config.gather_across_devices,
+        mini_batch_size=config.mini_batch_size,
     )
     trainer.train(resume_from_checkpoint=resume_point(output_dir, resume))
     return finish(merged(encoder, stage_model, dropout_before), output_dir, trainer)

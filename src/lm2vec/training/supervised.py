@@ -2,9 +2,10 @@
 
 Queries carry their dataset's instruction (attended to, not pooled); each batch comes from one dataset;
 every query scores its positive against all positives and hard negatives of the batch (and of the other
-devices). With ``mini_batch_size`` the loss is cached (GradCache, Gao et al. 2021): embeddings are first
-computed without a graph, the loss's gradient with respect to them is taken, then each mini-batch is run
-again with a graph and back-propagated, so the contrastive batch is not bounded by memory.
+devices). ``mini_batch_size`` runs each side in passes of that many rows sorted by length, so each pass
+pads only to its own longest row; with ``grad_cache`` the loss is cached (GradCache, Gao et al. 2021):
+embeddings are first computed without a graph, the loss's gradient with respect to them is taken, then
+each pass is run again with a graph and back-propagated, so the contrastive batch is not bounded by memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import data
 from .config import SupervisedConfig
 from .data import Triplet
 from .losses import info_nce
+from .models import embed, length_chunks
 from .simcse import embedding_stage, merged
 from .stage import as_encoder, finish, resume_point
 from .trainer import StageTrainer, check_finite, training_arguments
@@ -84,39 +86,42 @@ class RandomState:
 
 
 class SupervisedTrainer(StageTrainer):
-    def __init__(self, *args, scale: float, gather_across_devices: bool, mini_batch_size: int | None, **kwargs):
+    def __init__(
+        self, *args, scale: float, gather_across_devices: bool, mini_batch_size: int | None, grad_cache: bool, **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.scale, self.gather, self.mini_batch_size = scale, gather_across_devices, mini_batch_size
+        self.scale, self.gather = scale, gather_across_devices
+        self.mini_batch_size, self.grad_cache = mini_batch_size, grad_cache
 
     def stage_loss(self, model, inputs):
-        queries, documents = (model(**side(inputs, name)) for name in SIDES)
+        queries, documents = (embed(model, side(inputs, name), self.mini_batch_size) for name in SIDES)
         return info_nce(queries, documents, self.scale, self.gather)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if not self.mini_batch_size:
+        if not self.grad_cache:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
         self.tokens_seen += int(sum(v.sum() for k, v in inputs.items() if k.endswith("attention_mask")))
-        chunks = [
-            (name, slice(start, start + self.mini_batch_size))
-            for name in SIDES
-            for start in range(0, inputs[f"{name}_input_ids"].shape[0], self.mini_batch_size)
-        ]
+        chunks = {name: length_chunks(side(inputs, name), self.mini_batch_size) for name in SIDES}
+        passes = [(name, part) for name in SIDES for _, part in chunks[name]]
         states, cached = [], []
         with torch.no_grad():  # pass 1: embeddings without a graph
-            for name, rows in chunks:
+            for _, part in passes:
                 states.append(RandomState())
-                cached.append(model(**side(inputs, name, rows)).detach().requires_grad_())
-        count = sum(1 for name, _ in chunks if name == "query")
-        loss = info_nce(torch.cat(cached[:count]), torch.cat(cached[count:]), self.scale, self.gather)
+                cached.append(model(**part).detach().requires_grad_())
+        count = len(chunks[SIDES[0]])
+        queries, documents = (
+            torch.cat(vectors)[torch.argsort(torch.cat([index for index, _ in chunks[name]]))]
+            for name, vectors in zip(SIDES, (cached[:count], cached[count:]), strict=True)
+        )
+        loss = info_nce(queries, documents, self.scale, self.gather)
         check_finite(loss, self.state.global_step + 1, self.args.output_dir)
         loss.backward()  # gradients with respect to the cached embeddings only
-        for i, ((name, rows), state) in enumerate(zip(chunks, states, strict=True)):  # pass 2: one graph at a time
-            sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.accelerator.no_sync(model)
+        for i, ((_, part), state) in enumerate(zip(passes, states, strict=True)):  # pass 2: one graph at a time
+            sync = contextlib.nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
             with sync, state.restored():
-                embeddings = model(**side(inputs, name, rows))
-                self.accelerator.backward((embeddings.float() * cached[i].grad).sum())
+                self.accelerator.backward((model(**part).float() * cached[i].grad).sum())
         return loss.detach()
 
 
@@ -145,6 +150,7 @@ def train_supervised(
         scale=config.scale,
         gather_across_devices=config.gather_across_devices,
         mini_batch_size=config.mini_batch_size,
+        grad_cache=config.grad_cache,
     )
     trainer.train(resume_from_checkpoint=resume_point(output_dir, resume))
     dropout = getattr(encoder.model.config.get_text_config(), "attention_dropout", 0.0) or 0.0
