@@ -16,11 +16,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from .. import loading
 from ..attention import verify_attention
 from ..encoder import Encoder, default_max_length
-from ..evaluation.sts import load_sts
 from . import data
 from .config import MNTPConfig
 from .models import IGNORE, MNTPModel, add_lora
-from .stage import finish, resume_point
+from .stage import dev_pairs, finish, resume_point
 from .trainer import StageTrainer, training_arguments
 
 MASK_TOKEN = "<mask>"
@@ -103,7 +102,7 @@ def train_mntp(
         args=training_arguments(config, output_dir),
         train_dataset=[{"input_ids": c} for c in chunks],
         data_collator=collator,
-        eval_dataset=load_sts("stsb", "dev", data_root, config.eval_pairs) if config.eval_steps else None,
+        eval_dataset=dev_pairs(config, data_root),
         encoder=encoder,
         callbacks=callbacks,
     )

@@ -9,13 +9,12 @@ import os
 import torch
 
 from ..encoder import Encoder
-from ..evaluation.sts import load_sts
 from ..inputs import Tokenization
 from . import data
 from .config import SimCSEConfig
 from .losses import info_nce
 from .models import EmbeddingModel, add_lora, embed, set_attention_dropout
-from .stage import as_encoder, finish, resume_point
+from .stage import as_encoder, dev_pairs, finish, resume_point
 from .trainer import StageTrainer, training_arguments
 
 
@@ -85,7 +84,7 @@ def train_simcse(
         args=training_arguments(config, output_dir),
         train_dataset=sentences,
         data_collator=SentenceCollator(Tokenization(encoder.tokenizer, config.max_length)),
-        eval_dataset=load_sts("stsb", "dev", data_root, config.eval_pairs) if config.eval_steps else None,
+        eval_dataset=dev_pairs(config, data_root),
         encoder=view,
         callbacks=callbacks,
         scale=config.scale,

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from ..encoder import Encoder, load
+from ..evaluation.sts import STSPairs, load_sts
+from .config import StageConfig
 from .trainer import COMPLETE, StageTrainer, atomic_write, last_checkpoint
 
 ENCODER_DIR = "encoder"
@@ -37,6 +39,11 @@ def finished(output_dir: str | os.PathLike) -> Encoder | None:
     """The encoder a completed stage saved, or None."""
     path = Path(output_dir) / ENCODER_DIR
     return load(path) if (path / COMPLETE).is_file() else None
+
+
+def dev_pairs(config: StageConfig, data_root: str | os.PathLike | None) -> STSPairs | None:
+    """The STS-B dev pairs scored during training (the first ``eval_pairs``), or None without evaluation."""
+    return load_sts("stsb", "dev", data_root, config.eval_pairs) if config.eval_steps else None
 
 
 def as_encoder(model: Encoder | str | os.PathLike | None) -> Encoder:

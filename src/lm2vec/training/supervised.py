@@ -17,7 +17,6 @@ import random
 import torch
 
 from ..encoder import Encoder
-from ..evaluation.sts import load_sts
 from ..inputs import Tokenization
 from . import data
 from .config import SupervisedConfig
@@ -25,7 +24,7 @@ from .data import Triplet
 from .losses import info_nce
 from .models import embed, length_chunks
 from .simcse import embedding_stage, merged
-from .stage import as_encoder, finish, resume_point
+from .stage import as_encoder, dev_pairs, finish, resume_point
 from .trainer import StageTrainer, check_finite, training_arguments
 
 SIDES = ("query", "document")
@@ -144,7 +143,7 @@ def train_supervised(
         data_collator=TripletCollator(
             Tokenization(encoder.tokenizer, config.max_length), config.instructions, config.default_instruction
         ),
-        eval_dataset=load_sts("stsb", "dev", data_root, config.eval_pairs) if config.eval_steps else None,
+        eval_dataset=dev_pairs(config, data_root),
         encoder=view,
         callbacks=callbacks,
         scale=config.scale,
