@@ -51,6 +51,25 @@ def correlations(similarities: np.ndarray, scores: np.ndarray) -> tuple[float, f
     return 100 * float(spearmanr(similarities, scores).statistic), 100 * float(pearsonr(similarities, scores).statistic)
 
 
+def score_pairs(
+    encoder: TextEncoder,
+    pairs: STSPairs,
+    batch_size: int = 32,
+    instruction: str | None = None,
+    show_progress_bar: bool | None = None,
+) -> tuple[float, float]:
+    """(Spearman x100, Pearson x100) of the encoder's cosine similarities; each distinct sentence embedded once."""
+    unique = list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))
+    embeddings = np.asarray(
+        encoder.encode(unique, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    )
+    row = {sentence: i for i, sentence in enumerate(unique)}
+    similarities = cosine_rows(
+        embeddings[[row[s] for s in pairs.sentence1]], embeddings[[row[s] for s in pairs.sentence2]]
+    )
+    return correlations(similarities, pairs.scores)
+
+
 def evaluate_sts(
     encoder: TextEncoder,
     split: str = "test",
@@ -67,17 +86,7 @@ def evaluate_sts(
     """
     start = time.perf_counter()
     pairs = load_sts(name, split, data, limit)
-    unique = list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))
-    embeddings = np.asarray(
-        encoder.encode(
-            unique, instruction=instructions.query, batch_size=batch_size, show_progress_bar=show_progress_bar
-        )
-    )
-    row = {sentence: i for i, sentence in enumerate(unique)}
-    similarities = cosine_rows(
-        embeddings[[row[s] for s in pairs.sentence1]], embeddings[[row[s] for s in pairs.sentence2]]
-    )
-    spearman, pearson = correlations(similarities, pairs.scores)
+    spearman, pearson = score_pairs(encoder, pairs, batch_size, instructions.query, show_progress_bar)
     return TaskResult(
         task=name if split == "test" else f"{name}-{split}",
         type="sts",

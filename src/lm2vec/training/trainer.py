@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..encoder import Encoder
-from ..evaluation.sts import STSPairs, correlations, cosine_rows
+from ..evaluation.sts import STSPairs, score_pairs
 from ..hardware import native_bf16
 from .config import StageConfig
 
@@ -103,12 +103,8 @@ class StageTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         pairs: STSPairs = eval_dataset or self.eval_dataset
         start = time.perf_counter()
-        unique = list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))
         with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            vectors = self.encoder.encode(unique, batch_size=64, convert_to_tensor=True).float().numpy()
-        row = {s: i for i, s in enumerate(unique)}
-        sims = cosine_rows(vectors[[row[s] for s in pairs.sentence1]], vectors[[row[s] for s in pairs.sentence2]])
-        spearman, _ = correlations(sims, pairs.scores)
+            spearman, _ = score_pairs(self.encoder, pairs, batch_size=64)
         metrics = {
             f"{metric_key_prefix}_{METRIC}": spearman,
             f"{metric_key_prefix}_seconds": time.perf_counter() - start,
