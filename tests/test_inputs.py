@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import tiny_tokenizer
 
-from lm2vec.inputs import Tokenization, normalize
+from lm2vec.inputs import Tokenization, equal_length_batches, normalize
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,21 @@ def test_instruction_longer_than_max_length_is_an_error():
 def test_empty_strings_get_a_token():
     batch = Tokenization(tiny_tokenizer(), max_length=8)(["", ""], ["", ""])
     assert batch.attention_mask.sum().item() == 2
+
+
+def test_batches_hold_one_length_and_respect_both_bounds():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=500).tolist()
+    batches = equal_length_batches(lengths, batch_size=32, max_tokens=200)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))  # every text once
+    for batch in batches:
+        assert len({lengths[i] for i in batch}) == 1
+        assert len(batch) <= 32 and (len(batch) * lengths[batch[0]] <= 200 or len(batch) == 1)
+    longest_first = [lengths[b[0]] for b in batches]
+    assert longest_first == sorted(longest_first, reverse=True)
+    unbounded = equal_length_batches(lengths, batch_size=32)
+    assert len(unbounded) < len(batches)
+
+
+def test_a_text_longer_than_max_tokens_still_gets_a_batch():
+    assert [b.tolist() for b in equal_length_batches([300, 300], batch_size=8, max_tokens=100)] == [[0], [1]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from lm2vec.loading import cache_dir
 from lm2vec.pooling import PoolingMode
 
 BUILTIN_ALIASES = ("default", "builtin")
+PRECISIONS = ["float32", "bfloat16", "int8", "auto"]
 USAGE_ERRORS = (ValueError, TypeError, OSError, lm2vec.ModelLoadError, lm2vec.AttentionError)
 
 
@@ -183,6 +185,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lm2vec.server import ServerSettings, serve
+
+    encoder = load(args)
+    name = args.name or (BUILTIN_ALIASES[0] if model_source(args.model) is None else Path(args.model).name)
+    settings = ServerSettings(
+        model_name=name,
+        api_key=args.api_key or os.environ.get("LM2VEC_API_KEY"),
+        max_inputs=args.max_inputs,
+        max_chars=args.max_chars,
+        batch_texts=1 if args.no_dynamic_batching else args.batch_texts,
+        normalize=not args.no_normalize,
+    )
+    print(f"lm2vec: serving {name!r} on http://{args.host}:{args.port}/v1/embeddings", file=sys.stderr)
+    serve(encoder, settings, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2vec", description=lm2vec.__doc__)
     parser.add_argument("--version", action="version", version=f"lm2vec {lm2vec.__version__}")
@@ -203,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-name", help="a named prompt saved with the model, e.g. query")
     encode.add_argument("--batch-size", type=int, default=32)
     encode.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
-    encode.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32")
+    encode.add_argument("--dtype", choices=PRECISIONS, help="default: float32; auto: this machine's fastest")
     encode.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     encode.add_argument("--field", default="text", help="the text field of .jsonl lines (default: text)")
     encode.set_defaults(run=cmd_encode)
@@ -227,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", type=Path, default=cache_dir() / "embeddings", help="embedding cache folder")
     evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32")
+    evaluate.add_argument("--dtype", choices=PRECISIONS, help="default: float32; int8: int8 linear layers (CPU)")
     evaluate.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's setting")
     evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
     evaluate.set_defaults(run=cmd_evaluate)
@@ -254,6 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--causal", action="store_true", help="ablation: the contrastive stages on the causal model (no MNTP)"
     )
     convert.set_defaults(run=cmd_convert)
+
+    serve = commands.add_parser("serve", parents=[model], help="an OpenAI-compatible /v1/embeddings server")
+    serve.add_argument("--host", default="127.0.0.1", help="default: loopback only; 0.0.0.0 to serve the network")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", help="the model name clients send (default: the model's folder name)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: LM2VEC_API_KEY, else none)")
+    serve.add_argument("--dtype", choices=PRECISIONS, help="default: float32")
+    serve.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
+    serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request (default: %(default)s)")
+    serve.add_argument("--max-chars", type=int, default=100_000, help="characters per text (default: %(default)s)")
+    serve.add_argument("--batch-texts", type=int, default=256, help="texts merged into one model call")
+    serve.add_argument("--no-dynamic-batching", action="store_true", help="one model call per request")
+    serve.add_argument("--no-normalize", action="store_true", help="raw vectors instead of unit length")
+    serve.set_defaults(run=cmd_serve)
 
     info = commands.add_parser("info", parents=[model], help="load a model, verify its attention, describe it")
     info.add_argument("--json", action="store_true", help="print the description as JSON")

@@ -19,11 +19,15 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import loading, st_format
 from .attention import position_ids_for, verify_attention
-from .hardware import native_bf16
+from .hardware import auto_precision, native_bf16
 from .inputs import Batch, Inputs, Tokenization, equal_length_batches, normalize
 from .invariance import BatchInvariant
+from .outputs import Precision, check_options, finish
 from .pooling import PoolingMode, parse_pooling, pool
+from .quantization import Int8Linear, quantize_int8
 
+# Precisions ``load`` takes: these torch dtypes by name, plus "int8" (int8 linear layers over float32, see
+# :mod:`lm2vec.quantization`) and "auto" (the fastest precision this device runs well, see ``auto_precision``).
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -116,42 +120,71 @@ class Encoder:
         convert_to_tensor: bool = False,
         normalize_embeddings: bool = False,
         instruction: str | None = None,
+        max_tokens: int | None = None,
+        truncate_dim: int | None = None,
+        precision: Precision = "float32",
     ) -> np.ndarray | torch.Tensor:
         """Embed texts. A single string gives one vector; a list gives a (n, dim) array.
 
         Items may be strings or (instruction, text) pairs; ``instruction``/``prompt``/``prompt_name``
         set the instruction for plain strings. Instruction tokens are attended to but not pooled.
+        Texts are batched by equal token count, at most ``batch_size`` texts and ``max_tokens`` tokens
+        per forward pass (raise both on a GPU: thousands of tokens per pass). ``truncate_dim`` and
+        ``precision`` (int8, uint8, binary, ubinary) shrink the output as sentence-transformers does.
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_options(self.dim, truncate_dim, precision)
         default = self.resolve_instruction(prompt_name, prompt, instruction)
         instructions, texts, single = normalize(sentences, default)
         ids, prefix = self.tokenization.tokenize(instructions, texts) if texts else ([], [])
-        batches = equal_length_batches([len(row) for row in ids], batch_size)
+        embeddings = self.embed_tokens(ids, prefix, batch_size, max_tokens, show_progress_bar)
+        embeddings = finish(embeddings, truncate_dim, normalize_embeddings, precision)
+        if single:
+            embeddings = embeddings[0]
+        if isinstance(embeddings, np.ndarray) or not convert_to_tensor and convert_to_numpy:
+            return np.asarray(embeddings)
+        return embeddings
+
+    @torch.inference_mode()
+    def embed_tokens(
+        self,
+        ids: list[list[int]],
+        prefix: list[int] | None = None,
+        batch_size: int = 32,
+        max_tokens: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> torch.Tensor:
+        """Embed token id rows (each at most ``max_length``; ``prefix``: instruction tokens not to pool).
+
+        Returns a float32 (rows, dim) tensor in input order, unnormalized.
+        """
+        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        prefix = prefix if prefix is not None else [0] * len(ids)
+        batches = equal_length_batches([len(row) for row in ids], batch_size, max_tokens)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
         was_training = self.model.training
         self.model.eval()
         chunks = []
-        invariance = BatchInvariant() if self.batch_invariant else contextlib.nullcontext()
         try:
-            with invariance:
+            with self._invariance():
                 for idx in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
                     rows = [ids[i] for i in idx]  # one length; +1 padding column: see equal_length_batches
                     batch = self.tokenization.collate(rows, [prefix[i] for i in idx], width=len(rows[0]) + 1)
                     chunks.append(self.forward(batch).cpu())
         finally:
             self.model.train(was_training)
-        order = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
-        embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
-        embeddings = embeddings[torch.from_numpy(np.argsort(order))] if len(order) else embeddings
-        if normalize_embeddings:
-            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
-        if single:
-            embeddings = embeddings[0]
-        if convert_to_tensor:
-            return embeddings
-        return embeddings.numpy() if convert_to_numpy else embeddings
+        if not chunks:
+            return torch.empty(0, self.dim)
+        order = torch.from_numpy(np.concatenate(batches))
+        return torch.cat(chunks)[torch.argsort(order)]
+
+    def _invariance(self) -> contextlib.AbstractContextManager:
+        """Blocked float32 CPU matmuls where they are needed (int8 products are exact; bf16 and GPUs: off)."""
+        param = next(self.model.parameters())
+        applies = self.batch_invariant and param.device.type == "cpu" and param.dtype == torch.float32
+        return BatchInvariant() if applies else contextlib.nullcontext()
 
     def encode_query(self, sentences: Inputs, **kwargs) -> np.ndarray | torch.Tensor:
         """Encode with the ``query`` prompt, if the encoder has one."""
@@ -169,6 +202,8 @@ class Encoder:
         weights and the adapter are saved side by side, and transformers/sentence-transformers apply the
         adapter when loading.
         """
+        if self.precision == "int8":
+            raise ValueError("int8 encoders are quantized when loaded: save the float model, load it with dtype='int8'")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self.model
@@ -182,6 +217,13 @@ class Encoder:
         st_format.write(path, self.dim, settings)
         return path
 
+    @property
+    def precision(self) -> str:
+        """ "int8" for a quantized model, else the weights' dtype ("float32", "bfloat16", ...)."""
+        if any(isinstance(module, Int8Linear) for module in self.model.modules()):
+            return "int8"
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
     def info(self) -> dict[str, object]:
         config = self.model.config
         return {
@@ -192,7 +234,7 @@ class Encoder:
             "pooling": self.pooling.value,
             "dimension": self.dim,
             "max_length": self.max_length,
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "dtype": self.precision,
             "prompts": self.prompts,
         }
 
@@ -228,8 +270,20 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join([*DTYPES, 'int8', 'auto'])}")
     return DTYPES[dtype]
+
+
+def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.device | None) -> str | torch.dtype | None:
+    """Turn "auto" into this device's best precision; warn where bf16 would be emulated on this CPU."""
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+    if dtype == "auto":
+        return auto_precision(on_cpu)
+    if on_cpu and dtype in ("bfloat16", "bf16", torch.bfloat16) and not native_bf16():
+        warnings.warn(
+            "this CPU has no native bf16 (AMX or AVX512-BF16): bf16 will be slower than float32", stacklevel=3
+        )
+    return dtype
 
 
 def load(
@@ -251,18 +305,19 @@ def load(
     ``source``: a local Hugging Face or sentence-transformers directory, a hub id, a ``.gguf`` file,
     or None / ``"smollm2-135m-instruct"`` for the built-in SmolLM2-135M-Instruct. Settings not given
     come from a saved lm2vec/sentence-transformers directory, else: mean pooling, bidirectional,
-    float32, 512 tokens.
+    float32, 512 tokens. ``dtype``: "float32", "bfloat16", "float16", "int8" (CPU; int8 linear layers)
+    or "auto" (the device's fastest precision).
     """
-    torch_dtype = parse_dtype(dtype)
-    if torch_dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu" and not native_bf16():
-        warnings.warn(
-            "this CPU has no native bf16 (AMX or AVX512-BF16): bf16 will be slower than float32", stacklevel=2
-        )
+    dtype = resolve_precision(dtype, device)
+    quantize = dtype == "int8"
     resolved = loading.resolve(source)
     saved = st_format.read(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
-    model = loading.load_model(resolved, bidirectional, parse_dtype(dtype), attn_implementation, trust_remote_code)
+    model_dtype = torch.float32 if quantize else parse_dtype(dtype)
+    model = loading.load_model(resolved, bidirectional, model_dtype, attn_implementation, trust_remote_code)
+    if quantize:
+        quantize_int8(model)
     if device is not None:
         model.to(device)
     model.eval()

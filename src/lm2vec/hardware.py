@@ -35,3 +35,10 @@ def describe_cpu() -> str:
     info = cpu_info()
     flags = ", ".join(f"{flag}: {'yes' if present else 'no'}" for flag, present in info["flags"].items())
     return f"{info['model']} ({flags})"
+
+
+def auto_precision(on_cpu: bool) -> str:
+    """The precision ``dtype="auto"`` picks: bf16 where the hardware multiplies bf16 natively, else float32."""
+    if not on_cpu:
+        return "bfloat16"
+    return "bfloat16" if native_bf16() else "float32"

@@ -126,8 +126,11 @@ class Tokenization:
         return self.collate(*self.tokenize(instructions, texts))
 
 
-def equal_length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
+def equal_length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
     """Indices grouped into batches of texts with exactly the same token count, longest first.
+
+    A batch holds at most ``batch_size`` texts and, with ``max_tokens``, at most that many tokens (but always
+    one text): long texts come in small batches, short ones in large, for an even cost per forward pass.
 
     With one padding column added to every such batch (see ``Encoder.encode``), every batch takes the same
     masked attention kernel over the same key length, so a text's embedding is bit-identical alone and in
@@ -137,8 +140,10 @@ def equal_length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):
+        length = lengths[order[start]]
+        room = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(length, 1)))
         end = start + 1
-        while end < len(order) and end - start < batch_size and lengths[order[end]] == lengths[order[start]]:
+        while end < len(order) and end - start < room and lengths[order[end]] == length:
             end += 1
         batches.append(order[start:end])
         start = end

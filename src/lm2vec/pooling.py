@@ -53,7 +53,7 @@ def pool(
     """
     hidden = hidden.float()
     empty = ~pool_mask.any(-1, keepdim=True)
-    pool_mask = torch.where(empty, attention_mask.bool(), pool_mask)
+    pool_mask = pool_mask.bool() | (empty & attention_mask.bool())  # (boolean ops export to ONNX)
     if mode in (PoolingMode.FIRST_TOKEN, PoolingMode.LAST_TOKEN):
         seq_len = pool_mask.shape[1]
         index = torch.arange(seq_len, device=hidden.device).expand_as(pool_mask)

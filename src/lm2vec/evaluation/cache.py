@@ -31,10 +31,11 @@ def fingerprint(encoder: Encoder, extra: object = None) -> str:
     tokenizer = [type(encoder.tokenizer).__name__, len(encoder.tokenizer)]
     digest = hashlib.sha256(json.dumps([settings, tokenizer, extra], sort_keys=True).encode())
     with torch.no_grad():
-        for name, param in encoder.model.named_parameters():
-            total = param.sum(dtype=torch.float64).item()
-            norm = torch.linalg.vector_norm(param, dtype=torch.float64).item()
-            digest.update(f"{name} {tuple(param.shape)} {total:.10g} {norm:.10g}".encode())
+        for name, weight in encoder.model.state_dict().items():  # parameters and saved buffers (int8 weights)
+            weight = weight if weight.is_floating_point() else weight.double()
+            total = weight.sum(dtype=torch.float64).item()
+            norm = torch.linalg.vector_norm(weight, dtype=torch.float64).item()
+            digest.update(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}".encode())
     return digest.hexdigest()[:20]
 
 

@@ -1,0 +1,264 @@
+"""An OpenAI-compatible embeddings server: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``.
+
+Requests are tokenized as they arrive and queued; one model thread takes everything queued (up to
+``batch_texts`` texts) as one model batch, so concurrent clients share forward passes (dynamic batching)
+without waiting for a timer. Bad requests get OpenAI's JSON error shape with a 4xx status, and the
+server keeps serving: malformed JSON 400, missing or wrong API key 401, unknown model 404, too many or
+too long inputs and oversized bodies 413, wrong types or values 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from .encoder import Encoder
+from .outputs import PRECISIONS, finish
+
+
+@dataclass
+class ServerSettings:
+    """Limits and identity of one server; the defaults suit a small model on a CPU."""
+
+    model_name: str
+    api_key: str | None = None
+    max_inputs: int = 2048  # texts per request, as OpenAI
+    max_chars: int = 100_000  # characters per text
+    max_body_bytes: int = 8 * 1024 * 1024
+    batch_texts: int = 256  # texts merged into one model call
+    batch_size: int = 32  # texts per forward pass within it
+    normalize: bool = True  # unit vectors, as OpenAI's
+
+
+class EmbeddingRequest(BaseModel):
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: StrictStr
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: str | None = None
+    prompt_name: StrictStr | None = None  # lm2vec: a named instruction saved with the model
+    precision: Literal[PRECISIONS] = "float32"  # lm2vec: int8, uint8, binary, ubinary as sentence-transformers
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class DynamicBatcher:
+    """Merges the token rows of concurrent requests into shared model calls on one worker thread."""
+
+    def __init__(self, embed: Callable[[list[list[int]], list[int]], torch.Tensor], batch_texts: int):
+        self.embed, self.batch_texts = embed, batch_texts
+        self.queue: asyncio.Queue[tuple[list[list[int]], list[int], asyncio.Future]] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm2vec-model")
+        self.model_calls = 0
+
+    async def __call__(self, ids: list[list[int]], prefix: list[int]) -> torch.Tensor:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((ids, prefix, future))
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            count = len(jobs[0][0])
+            while count < self.batch_texts and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+                count += len(jobs[-1][0])
+            ids = [row for job in jobs for row in job[0]]
+            prefix = [p for job in jobs for p in job[1]]
+            try:
+                vectors = await loop.run_in_executor(self.executor, self.embed, ids, prefix)
+            except Exception as err:  # the requests fail, the server goes on
+                for *_, future in jobs:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            self.model_calls += 1
+            start = 0
+            for job_ids, _, future in jobs:
+                if not future.done():  # a client that went away leaves a cancelled future
+                    future.set_result(vectors[start : start + len(job_ids)])
+                start += len(job_ids)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets a 413 JSON error (read and dropped, not parsed)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _drain(receive)
+            return await self._reject(scope, receive, send)
+        body, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.max_bytes:
+                await _drain(receive) if more else None
+                return await self._reject(scope, receive, send)
+        data, replayed = b"".join(body), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope, receive, send) -> None:
+        message = f"request body over the limit of {self.max_bytes} bytes"
+        await JSONResponse(error_body(message, code="body_too_large"), status_code=413)(scope, receive, send)
+
+
+async def _drain(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+def create_app(encoder: Encoder, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app serving ``encoder``; run it with uvicorn (see :func:`serve`)."""
+    batcher = DynamicBatcher(
+        lambda ids, prefix: encoder.embed_tokens(ids, prefix, batch_size=settings.batch_size), settings.batch_texts
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+        batcher.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="lm2vec embeddings", lifespan=lifespan)
+    app.state.batcher = batcher
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, param=err.param, code=err.code), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"malformed JSON: {first.get('msg')}", code="json_invalid"), 400)
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return JSONResponse(error_body(f"{where}: {first.get('msg')}", param=where or None), status_code=422)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next: Callable[[Request], Awaitable]):
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                return JSONResponse(error_body("missing or wrong API key", code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": settings.model_name, "model_calls": batcher.model_calls}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        entry = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "lm2vec"}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: EmbeddingRequest) -> dict:
+        if request.model != settings.model_name:
+            message = f"unknown model {request.model!r}; this server serves {settings.model_name!r}"
+            raise APIError(404, message, "model", "model_not_found")
+        if request.dimensions is not None and request.dimensions > encoder.dim:
+            raise APIError(422, f"dimensions must be at most {encoder.dim}, got {request.dimensions}", "dimensions")
+        ids, prefix = tokenize(encoder, request, settings)
+        vectors = await batcher(ids, prefix)
+        output = finish(vectors, request.dimensions, settings.normalize, request.precision)
+        rows = np.asarray(output)
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode_row(row, request.encoding_format)}
+            for i, row in enumerate(rows)
+        ]
+        tokens = sum(map(len, ids))
+        return {
+            "object": "list",
+            "data": data,
+            "model": settings.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    return BodyLimit(app, settings.max_body_bytes)
+
+
+def tokenize(encoder: Encoder, request: EmbeddingRequest, settings: ServerSettings) -> tuple[list[list[int]], list]:
+    """Token rows and instruction lengths for the request's texts or token ids, after the limits."""
+    items = [request.input] if isinstance(request.input, str) else request.input
+    if not items:
+        raise APIError(422, "input must not be empty", "input")
+    if len(items) > settings.max_inputs:
+        raise APIError(413, f"{len(items)} inputs; at most {settings.max_inputs} per request", "input", "too_many")
+    if isinstance(items[0], int):  # one list of token ids
+        items = [items]
+    if isinstance(items[0], list):
+        vocab = len(encoder.tokenizer)
+        for i, row in enumerate(items):
+            if not row or any(not 0 <= t < vocab for t in row):
+                raise APIError(422, f"input[{i}]: token ids must be a non-empty list within 0..{vocab - 1}", "input")
+        if request.prompt_name is not None:
+            raise APIError(422, "prompt_name applies to text input, not token ids", "prompt_name")
+        return [row[: encoder.max_length] for row in items], [0] * len(items)
+    for i, text in enumerate(items):
+        if not text:
+            raise APIError(422, f"input[{i}] is an empty string", "input")
+        if len(text) > settings.max_chars:
+            message = f"input[{i}] has {len(text)} characters; at most {settings.max_chars}"
+            raise APIError(413, message, "input", "input_too_long")
+    try:
+        instruction = encoder.resolve_instruction(request.prompt_name, None, None) or ""
+    except ValueError as err:
+        raise APIError(422, str(err), "prompt_name") from err
+    return encoder.tokenization.tokenize([instruction] * len(items), list(items))
+
+
+def encode_row(row: np.ndarray, encoding_format: str) -> list | str:
+    """A float or integer list, or base64 of the row's bytes (float32 little-endian, or the int8/uint8 bytes)."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.ascontiguousarray(row.astype(row.dtype.newbyteorder("<"))).tobytes()).decode()
+    return row.tolist()
+
+
+def serve(encoder: Encoder, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until interrupted. Binds to loopback unless ``host`` says otherwise."""
+    uvicorn.run(create_app(encoder, settings), host=host, port=port, log_level="warning")

@@ -1,0 +1,84 @@
+"""int8 inference: per-token int8 linear layers, exact integer products, and what loading with dtype="int8" does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_texts, tiny_encoder
+
+import lm2vec
+from lm2vec.evaluation import cosine_rows
+from lm2vec.hardware import auto_precision
+from lm2vec.quantization import Int8Linear, quantize_int8, quantize_rows
+
+TEXTS = random_texts(24, seed=3)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 96), (5, 7, 3), (40, 576, 192)])
+def test_int8_linear_is_close_to_the_float_layer(shape: tuple[int, int, int]):
+    rows, inputs, outputs = shape
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(inputs, outputs)
+    x = torch.randn(rows, inputs)
+    x[0, 0] = 50.0  # an outlier channel in one token: per-token scales keep the other rows precise
+    exact, approx = linear(x), Int8Linear(linear)(x)
+    relative = (approx - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert relative.max() < 0.05, relative
+    if rows > 1:
+        assert relative[1:].max() < 0.02
+
+
+def test_quantize_rows_round_trips_within_half_a_step():
+    x = torch.randn(6, 33) * torch.arange(1, 7)[:, None]
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((q.float() * scale - x).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(1)
+    layer = Int8Linear(torch.nn.Linear(64, 48))
+    x = torch.randn(37, 64) * 10
+    together = layer(x)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(together, alone)
+
+
+def test_quantized_encoder_batch_invariant_and_close_to_float():
+    float_encoder = tiny_encoder()
+    int8 = tiny_encoder()
+    quantize_int8(int8.model)
+    assert int8.precision == "int8" and float_encoder.precision == "float32"
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 7 * int8.model.config.num_hidden_layers
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
+    together = int8.encode(TEXTS, batch_size=8)
+    np.testing.assert_array_equal(together, np.stack([int8.encode(t) for t in TEXTS]))
+    cosine = cosine_rows(together, float_encoder.encode(TEXTS))
+    assert cosine.min() > 0.99, cosine.min()
+
+
+def test_int8_encoder_refuses_to_save(tmp_path: Path):
+    enc = tiny_encoder()
+    quantize_int8(enc.model)
+    with pytest.raises(ValueError, match="int8 encoders are quantized when loaded"):
+        enc.save(tmp_path / "q")
+
+
+def test_load_with_int8_and_auto(tiny_dir: Path):
+    int8 = lm2vec.load(tiny_dir, dtype="int8")
+    assert int8.precision == "int8" and int8.info()["dtype"] == "int8"
+    reference = lm2vec.load(tiny_dir)
+    cosine = cosine_rows(int8.encode(TEXTS), reference.encode(TEXTS))
+    assert cosine.min() > 0.99
+    auto = lm2vec.load(tiny_dir, dtype="auto")
+    assert auto.precision == auto_precision(on_cpu=True)
+    with pytest.raises(ValueError, match="int8, auto"):
+        lm2vec.load(tiny_dir, dtype="int4")
+
+
+def test_nothing_to_quantize():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantize_int8(torch.nn.Sequential(torch.nn.ReLU()))

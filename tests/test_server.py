@@ -1,0 +1,199 @@
+"""The embeddings server, for real: uvicorn on a free loopback port, called with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from conftest import random_texts, tiny_encoder
+from openai import OpenAI
+
+import lm2vec
+from lm2vec.server import ServerSettings, create_app
+
+TEXTS = random_texts(12, seed=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(encoder: lm2vec.Encoder, **settings) -> Iterator[str]:
+    """A real uvicorn server in a thread; yields its base URL and stops it afterwards."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(encoder, ServerSettings(model_name="tiny", **settings)), port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def encoder() -> lm2vec.Encoder:
+    return tiny_encoder(prompts={"query": "w5 w6 "})
+
+
+def test_openai_client_float_and_base64_equal_encode(encoder: lm2vec.Encoder):
+    expected = encoder.encode(TEXTS, normalize_embeddings=True)
+    with running(encoder) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        floats = client.embeddings.create(model="tiny", input=TEXTS, encoding_format="float")
+        np.testing.assert_allclose(np.array([d.embedding for d in floats.data]), expected, atol=1e-6)
+        assert [d.index for d in floats.data] == list(range(len(TEXTS)))
+        assert floats.usage.prompt_tokens == sum(len(t.split()) for t in TEXTS)
+        packed = client.embeddings.create(model="tiny", input=TEXTS, encoding_format="base64")
+        rows = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in packed.data]
+        np.testing.assert_allclose(np.stack(rows), expected, atol=1e-6)
+        default = client.embeddings.create(model="tiny", input=TEXTS)  # the client asks for base64 and decodes it
+        np.testing.assert_allclose(np.array([d.embedding for d in default.data]), expected, atol=1e-6)
+        one = client.embeddings.create(model="tiny", input=TEXTS[0], dimensions=16)
+        short = encoder.encode(TEXTS[0], truncate_dim=16, normalize_embeddings=True)
+        np.testing.assert_allclose(one.data[0].embedding, short, atol=1e-6)
+        query = client.embeddings.create(model="tiny", input=TEXTS[:2], extra_body={"prompt_name": "query"})
+        expected_query = encoder.encode(TEXTS[:2], prompt_name="query", normalize_embeddings=True)
+        np.testing.assert_allclose([d.embedding for d in query.data], expected_query, atol=1e-6)
+        ids = encoder.tokenizer(TEXTS[:2])["input_ids"]
+        by_ids = client.embeddings.create(model="tiny", input=ids)
+        np.testing.assert_allclose([d.embedding for d in by_ids.data], expected[:2], atol=1e-6)
+
+
+def test_quantized_outputs_match_encode(encoder: lm2vec.Encoder):
+    with running(encoder) as url:
+        for precision, dtype in (("int8", np.int8), ("ubinary", np.uint8)):
+            status, body = post(f"{url}/v1/embeddings", {"model": "tiny", "input": TEXTS, "precision": precision})
+            assert status == 200, body
+            expected = encoder.encode(TEXTS, normalize_embeddings=True, precision=precision)
+            np.testing.assert_array_equal(np.array([d["embedding"] for d in body["data"]], dtype=dtype), expected)
+            status, body = post(
+                f"{url}/v1/embeddings",
+                {"model": "tiny", "input": TEXTS, "precision": precision, "encoding_format": "base64"},
+            )
+            rows = [np.frombuffer(base64.b64decode(d["embedding"]), dtype=dtype) for d in body["data"]]
+            np.testing.assert_array_equal(np.stack(rows), expected)
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "malformed JSON"),
+    ({"model": "tiny", "input": 42}, 422, "input"),
+    ({"model": "tiny", "input": ["ok", 3]}, 422, "input"),
+    ({"model": "tiny", "input": []}, 422, "must not be empty"),
+    ({"model": "tiny", "input": ["w4", ""]}, 422, "input[1] is an empty string"),
+    ({"model": "tiny", "input": [[4, 99999]]}, 422, "token ids"),
+    ({"model": "tiny", "input": "w4", "dimensions": 0}, 422, "dimensions"),
+    ({"model": "tiny", "input": "w4", "dimensions": 65}, 422, "at most 64"),
+    ({"model": "tiny", "input": "w4", "encoding_format": "hex"}, 422, "encoding_format"),
+    ({"model": "tiny", "input": "w4", "prompt_name": "nope"}, 422, "unknown prompt_name"),
+    ({"model": "gpt-4", "input": "w4"}, 404, "unknown model 'gpt-4'"),
+    ({"input": "w4"}, 422, "model"),
+    ({"model": "tiny", "input": ["w4"] * 9}, 413, "at most 8 per request"),
+    ({"model": "tiny", "input": "w4 " * 40}, 413, "at most 100"),
+    (b'{"model": "tiny", "input": "' + b"w4 " * 3_500_000 + b'"}', 413, "request body over the limit"),
+]
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(encoder: lm2vec.Encoder):
+    with running(encoder, max_inputs=8, max_chars=100, max_body_bytes=1024 * 1024) as url:
+        for body, status, message in BAD_REQUESTS:
+            got, reply = post(f"{url}/v1/embeddings", body)
+            assert got == status, (body if isinstance(body, dict) else body[:40], reply)
+            assert message in reply["error"]["message"], reply
+            assert reply["error"]["type"] == "invalid_request_error"
+        status, body = post(f"{url}/v1/embeddings", {"model": "tiny", "input": TEXTS[:3]})
+        assert status == 200 and len(body["data"]) == 3
+
+
+def test_api_key(encoder: lm2vec.Encoder):
+    with running(encoder, api_key="s3cret") as url:
+        assert post(f"{url}/v1/embeddings", {"model": "tiny", "input": "w4"})[0] == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert post(f"{url}/v1/embeddings", {"model": "tiny", "input": "w4"}, wrong)[0] == 401
+        client = OpenAI(base_url=f"{url}/v1", api_key="s3cret")
+        assert len(client.embeddings.create(model="tiny", input=["w4", "w5"]).data) == 2
+        with urllib.request.urlopen(f"{url}/health") as response:  # health needs no key
+            assert json.loads(response.read())["status"] == "ok"
+
+
+def test_concurrent_requests_share_model_calls(encoder: lm2vec.Encoder):
+    """64 requests in flight at once: answered correctly, in fewer model calls than requests."""
+    from openai import AsyncOpenAI
+
+    expected = encoder.encode(TEXTS, normalize_embeddings=True)
+
+    async def flood(url: str) -> list:
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        jobs = [client.embeddings.create(model="tiny", input=TEXTS[i % 12 : i % 12 + 1 + i % 3]) for i in range(64)]
+        return await asyncio.gather(*jobs)
+
+    with running(encoder) as url:
+        replies = asyncio.run(flood(url))
+        with urllib.request.urlopen(f"{url}/health") as response:
+            calls = json.loads(response.read())["model_calls"]
+    for i, reply in enumerate(replies):
+        start = i % 12
+        got = np.array([d.embedding for d in reply.data])
+        np.testing.assert_allclose(got, expected[start : start + len(got)], atol=1e-6)
+    assert calls < 64, calls
+
+
+def test_cli_serves_on_loopback(tiny_dir: Path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lm2vec.cli", "serve", str(tiny_dir), "--port", str(port), "--name", "t"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    assert json.loads(response.read())["model"] == "t"
+                    break
+            except OSError:
+                assert process.poll() is None and time.time() < deadline, process.stderr.read()
+                time.sleep(0.2)
+        status, body = post(f"http://127.0.0.1:{port}/v1/embeddings", {"model": "t", "input": ["w4 w5"]})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 64
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert "127.0.0.1" in listening or not listening  # bound to loopback (ss may be missing)
+    finally:
+        process.terminate()
+        process.wait(10)
