@@ -12,7 +12,7 @@ from conftest import random_texts, tiny_encoder
 import lm2vec
 from lm2vec.evaluation import cosine_rows
 from lm2vec.hardware import auto_precision
-from lm2vec.quantization import Int8Linear, quantize_int8, quantize_rows
+from lm2vec.quantization import LINEAR, Int8Linear, first_block, quantize_int8, quantize_rows
 
 TEXTS = random_texts(24, seed=3)
 
@@ -52,12 +52,28 @@ def test_quantized_encoder_batch_invariant_and_close_to_float():
     int8 = tiny_encoder()
     quantize_int8(int8.model)
     assert int8.precision == "int8" and float_encoder.precision == "float32"
-    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 7 * int8.model.config.num_hidden_layers
-    assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
+    layers = int8.model.config.num_hidden_layers
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 7 * (layers - 1)
+    kept = [name for name, m in int8.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(kept) == 7 and all(name.startswith("layers.0.") for name in kept)  # the first block stays float
     together = int8.encode(TEXTS, batch_size=8)
     np.testing.assert_array_equal(together, np.stack([int8.encode(t) for t in TEXTS]))
     cosine = cosine_rows(together, float_encoder.encode(TEXTS))
     assert cosine.min() > 0.99, cosine.min()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+def test_every_linear_layer_or_the_first_block_whatever_the_architecture(model_type: str):
+    encoder = tiny_encoder(model_type)
+    model, texts = encoder.model, random_texts(6, seed=4)
+    before = encoder.encode(texts)
+    everything = sum(isinstance(m, LINEAR) for m in model.modules())
+    first = first_block(model)
+    assert first in ("h.0.", "layers.0.")
+    in_first = sum(isinstance(m, LINEAR) for n, m in model.named_modules() if f"{n}.".startswith(first))
+    quantize_int8(model, skip=())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == everything and in_first > 0
+    assert cosine_rows(encoder.encode(texts), before).min() > 0.98
 
 
 def test_int8_encoder_refuses_to_save(tmp_path: Path):

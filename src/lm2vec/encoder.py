@@ -9,10 +9,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -28,6 +28,9 @@ from .quantization import Int8Linear, quantize_int8
 
 # Precisions ``load`` takes: these torch dtypes by name, plus "int8" (int8 linear layers over float32, see
 # :mod:`lm2vec.quantization`) and "auto" (the fastest precision this device runs well, see ``auto_precision``).
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -207,6 +210,8 @@ class Encoder:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self.model
+        from peft import PeftModel  # imported when used: not needed to encode
+
         if isinstance(model, PeftModel):
             if not merge_adapters:
                 _save_adapter(model, path)

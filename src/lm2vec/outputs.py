@@ -12,7 +12,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sentence_transformers.util.quantization import quantize_embeddings
 
 Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
 PRECISIONS: tuple[str, ...] = ("float32", "int8", "uint8", "binary", "ubinary")
@@ -42,4 +41,6 @@ def finish(
         return embeddings
     if precision in ("int8", "uint8") and ranges is None and embeddings.shape[0] < 2:
         raise ValueError(f"{precision} needs ranges (shape (2, dim)) or at least two embeddings to take them from")
+    from sentence_transformers.util.quantization import quantize_embeddings  # imported when used: ~250 MB
+
     return quantize_embeddings(embeddings.numpy(), precision, ranges=ranges)
