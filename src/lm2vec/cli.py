@@ -49,6 +49,10 @@ def load(args: argparse.Namespace, model: str | None = None) -> lm2vec.Encoder:
 def cmd_encode(args: argparse.Namespace) -> int:
     items = read_inputs(Path(args.input), args.field)
     encoder = load(args)
+    if args.backend == "onnx":
+        from lm2vec.onnx_backend import onnx_encoder
+
+        encoder = onnx_encoder(encoder)  # exported once into the cache
     start = time.perf_counter()
     embeddings = encoder.encode(
         items,
@@ -203,6 +207,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed_corpus(args: argparse.Namespace) -> int:
+    from lm2vec.corpus import embed_corpus
+
+    rows = embed_corpus(
+        args.inputs,
+        args.output,
+        model_source(args.model),
+        text_column=args.text_column,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        address=args.address,
+    )
+    print(f"lm2vec: wrote {rows} rows with embeddings to {args.output}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2vec", description=lm2vec.__doc__)
     parser.add_argument("--version", action="version", version=f"lm2vec {lm2vec.__version__}")
@@ -225,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
     encode.add_argument("--dtype", choices=PRECISIONS, help="default: float32; auto: this machine's fastest")
     encode.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    encode.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="onnx: ONNX Runtime (CPU)")
     encode.add_argument("--field", default="text", help="the text field of .jsonl lines (default: text)")
     encode.set_defaults(run=cmd_encode)
 
@@ -288,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-dynamic-batching", action="store_true", help="one model call per request")
     serve.add_argument("--no-normalize", action="store_true", help="raw vectors instead of unit length")
     serve.set_defaults(run=cmd_serve)
+
+    corpus = commands.add_parser("embed-corpus", help="embed large corpora with Ray Data into Parquet files")
+    corpus.add_argument("model", help="'default', or a model path every worker can read, or a hub id")
+    corpus.add_argument("inputs", nargs="+", help=".txt (one text per line), .jsonl or .parquet files")
+    corpus.add_argument("-o", "--output", required=True, help="folder for the Parquet files")
+    corpus.add_argument("--text-column", default="text", help="the column to embed (default: text)")
+    corpus.add_argument("--workers", type=int, default=2, help="encoder workers (default: 2)")
+    corpus.add_argument("--threads-per-worker", type=int, default=1)
+    corpus.add_argument("--batch-size", type=int, default=32)
+    corpus.add_argument("--dtype", choices=PRECISIONS, help="default: float32")
+    corpus.add_argument("--address", help="a Ray cluster (ray://host:10001 or auto); default: a local instance")
+    corpus.set_defaults(run=cmd_embed_corpus)
 
     info = commands.add_parser("info", parents=[model], help="load a model, verify its attention, describe it")
     info.add_argument("--json", action="store_true", help="print the description as JSON")

@@ -83,14 +83,15 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None) -> nn.M
     if skip is None:
         skip = ("lm_head", first_block(model)) if first_block(model) else ("lm_head",)
     targets = [
-        (name, module)
+        name
         for name, module in model.named_modules()
         if isinstance(module, LINEAR) and not any(part in f"{name}." for part in skip)
     ]
     if not targets:
         raise ValueError("the model has no nn.Linear layers to quantize")
     shared = _LastInput()
-    for name, module in targets:
+    for name in targets:  # by name, so each float layer is freed as soon as it is replaced (lower peak memory)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int8Linear(module, shared))
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Int8Linear(getattr(parent, child), shared))
     return model

@@ -1,0 +1,44 @@
+"""ONNX export with pooling, run in ONNX Runtime: the same embeddings as PyTorch, any batch and padding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_texts, tiny_encoder
+
+from lm2vec.cli import main
+from lm2vec.onnx_backend import export_onnx, onnx_encoder
+from lm2vec.quantization import quantize_int8
+
+TEXTS = random_texts(30, seed=7, max_words=40)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "weighted_mean", "last_token"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_onnx_runtime_matches_pytorch(tmp_path: Path, pooling: str, padding_side: str):
+    encoder = tiny_encoder(pooling=pooling, padding_side=padding_side, prompts={"query": "w5 w6 "})
+    path = export_onnx(encoder, tmp_path / "model.onnx")
+    assert path.is_file() and not list(tmp_path.glob("*.partial"))
+    runtime = onnx_encoder(encoder, path)
+    for kwargs in ({}, {"prompt_name": "query"}, {"batch_size": 3}):
+        np.testing.assert_allclose(runtime.encode(TEXTS, **kwargs), encoder.encode(TEXTS, **kwargs), atol=1e-3)
+    assert runtime.encode(TEXTS[0]).shape == (64,)
+
+
+def test_only_float32_exports(tmp_path: Path):
+    encoder = tiny_encoder()
+    quantize_int8(encoder.model)
+    with pytest.raises(ValueError, match="export a float32 encoder"):
+        export_onnx(encoder, tmp_path / "q.onnx")
+
+
+def test_cli_encode_with_onnx_backend(tiny_dir: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS[:5]) + "\n")
+    for backend in ("torch", "onnx"):
+        out = tmp_path / f"{backend}.npy"
+        assert main(["encode", str(tiny_dir), str(tmp_path / "in.txt"), "-o", str(out), "--backend", backend]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "onnx.npy"), np.load(tmp_path / "torch.npy"), atol=1e-3)
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
