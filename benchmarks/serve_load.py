@@ -1,8 +1,9 @@
 """Load test of `lm2vec serve` on loopback: dynamic batching against one model call per request.
 
 Starts the real server (the built-in model unless ``--model``) in a subprocess, once per mode, and drives it
-with ``--clients`` concurrent clients sending ``--requests`` requests of 1-16 STS-B sentences each (a fixed
-seeded sequence, the same for both modes), each mode bounded by ``--max-seconds``. Prints requests/s,
+with ``--clients`` concurrent clients (the official openai async client) sending ``--requests`` requests of
+1-16 STS-B sentences each (a fixed seeded sequence, the same for both modes), each mode bounded by
+``--max-seconds``. Prints requests/s,
 texts/s, p50/p99 latency, the error count, and the gain of dynamic batching. Client and server share the
 machine's cores, so on a 2-core machine the figures include the load generator's own cost.
 
@@ -22,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import httpx
+from openai import APIError, AsyncOpenAI
 
 from lm2vec.data import data_dir
 from lm2vec.evaluation import load_sts
@@ -62,24 +63,24 @@ async def drive(url: str, requests: list[list[str]], clients: int, max_seconds: 
     latencies: list[float] = []
     errors, texts_done = 0, 0
     start = time.perf_counter()
-    limits = httpx.Limits(max_connections=clients)
+    api = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal errors, texts_done
         while not queue.empty() and time.perf_counter() - start < max_seconds:
             texts = queue.get_nowait()
             sent = time.perf_counter()
             try:
-                reply = await http.post(f"{url}/v1/embeddings", json={"model": "bench", "input": texts})
-                ok = reply.status_code == 200 and len(reply.json()["data"]) == len(texts)
-            except httpx.HTTPError:
+                reply = await api.embeddings.create(model="bench", input=texts)
+                ok = len(reply.data) == len(texts)
+            except APIError:
                 ok = False
             latencies.append(time.perf_counter() - sent)
             errors += not ok
             texts_done += len(texts) if ok else 0
 
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
+    await api.close()
     seconds = time.perf_counter() - start
     latencies.sort()
     return {

@@ -136,3 +136,23 @@ def test_max_tokens_changes_batching_not_embeddings():
     np.testing.assert_array_equal(enc.encode(TEXTS, max_tokens=16), enc.encode(TEXTS, batch_size=64))
     with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
         enc.encode(TEXTS, max_tokens=0)
+
+
+def test_truncate_dim_and_precision_follow_sentence_transformers():
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    enc = tiny_encoder()
+    full = enc.encode(TEXTS)
+    short = enc.encode(TEXTS, truncate_dim=16, normalize_embeddings=True)
+    expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, expected, rtol=1e-5, atol=1e-6)
+    for precision in ("int8", "uint8", "binary", "ubinary"):
+        got = enc.encode(TEXTS, precision=precision)
+        np.testing.assert_array_equal(got, quantize_embeddings(full, precision))
+    assert enc.encode(TEXTS, precision="ubinary").shape == (len(TEXTS), 8)  # 64 dims packed into 8 bytes
+    with pytest.raises(ValueError, match="truncate_dim must be an integer from 1 to the model's dimension 64"):
+        enc.encode(TEXTS, truncate_dim=65)
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        enc.encode(TEXTS, precision="int4")
+    with pytest.raises(ValueError, match="int8 needs ranges"):
+        enc.encode(TEXTS[0], precision="int8")
