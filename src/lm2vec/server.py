@@ -1,8 +1,8 @@
 """An OpenAI-compatible embeddings server: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``.
 
 Requests are tokenized as they arrive and queued; the model takes everything queued (up to
-``batch_texts`` texts) as one model batch, so concurrent clients share forward passes (dynamic batching)
-without waiting for a timer. Bad requests get OpenAI's JSON error shape with a 4xx status, and the
+``batch_texts`` texts, after a 2 ms pause) as one model batch, so concurrent clients share forward passes
+(dynamic batching). Bad requests get OpenAI's JSON error shape with a 4xx status, and the
 server keeps serving: malformed JSON 400, missing or wrong API key 401, unknown model 404, too many or
 too long inputs and oversized bodies 413, wrong types or values 422.
 """
