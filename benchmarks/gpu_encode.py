@@ -29,8 +29,7 @@ from lm2vec.pooling import PoolingMode, pool
 
 
 def stsb_sentences(data: Path, count: int) -> list[str]:
-    pairs = load_sts("stsb", "test", data)
-    return list(dict.fromkeys(s for pair in zip(pairs.sentence1, pairs.sentence2, strict=True) for s in pair))[:count]
+    return load_sts("stsb", "test", data).interleaved_sentences()[:count]
 
 
 def wiki_sentences(data: Path, count: int) -> list[str]:

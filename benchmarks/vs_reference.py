@@ -99,9 +99,7 @@ def load_texts(kind: str, count: int, data: Path) -> list[str]:
     if kind == "stsb":
         from lm2vec.evaluation import load_sts
 
-        pairs = load_sts("stsb", "test", data)
-        unique = dict.fromkeys(s for pair in zip(pairs.sentence1, pairs.sentence2, strict=True) for s in pair)
-        return list(unique)[:count]
+        return load_sts("stsb", "test", data).interleaved_sentences()[:count]
     records = [json.loads(line) for line in (data / "retrieval" / "scifact" / "corpus.jsonl").open()]
     return [f"{r.get('title') or ''} {r['text']}".strip() for r in records[:count]]
 

@@ -17,28 +17,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import position_ids_for
 from .encoder import Encoder
 from .inputs import Batch
 from .loading import cache_dir
-from .pooling import PoolingMode, pool
 
 INPUTS = ("input_ids", "attention_mask", "pool_mask")
 OUTPUT = "sentence_embedding"
 
 
 class _EncoderGraph(nn.Module):
-    """What is exported: model forward with position ids from the mask, then pooling."""
+    """What is exported: ``Encoder.forward`` (model, position ids from the mask, pooling) on three tensors."""
 
-    def __init__(self, model: nn.Module, pooling: PoolingMode):
+    def __init__(self, encoder: Encoder):
         super().__init__()
-        self.model, self.pooling = model, pooling
+        self.model, self.encoder = encoder.model, encoder  # the model registered, so its weights export
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
-        ).last_hidden_state
-        return pool(hidden, attention_mask, pool_mask, self.pooling)
+        return Encoder.forward(self.encoder, Batch(input_ids, attention_mask, pool_mask))
 
 
 def export_onnx(encoder: Encoder, path: str | os.PathLike) -> Path:
@@ -50,7 +45,7 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike) -> Path:
     example = encoder.tokenization([""] * 2, ["an example text to trace", "another"])
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     shapes = {name: {0: batch, 1: length} for name in INPUTS}
-    graph = _EncoderGraph(encoder.model, encoder.pooling).eval()
+    graph = _EncoderGraph(encoder).eval()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.partial")
     os.close(fd)
     try:

@@ -269,7 +269,7 @@ def tokenize(encoder: Encoder, request: EmbeddingRequest, settings: ServerSettin
 def encode_row(row: np.ndarray, encoding_format: str) -> list | str:
     """A float or integer list, or base64 of the row's bytes (float32 little-endian, or the int8/uint8 bytes)."""
     if encoding_format == "base64":
-        return base64.b64encode(np.ascontiguousarray(row.astype(row.dtype.newbyteorder("<"))).tobytes()).decode()
+        return base64.b64encode(row.astype(row.dtype.newbyteorder("<"), copy=False).tobytes()).decode()
     return row.tolist()
 
 

@@ -20,6 +20,10 @@ class STSPairs:
     sentence2: list[str]
     scores: np.ndarray
 
+    def interleaved_sentences(self) -> list[str]:
+        """Each distinct sentence once, in file order (sentence1, then sentence2 of each pair): benchmark texts."""
+        return list(dict.fromkeys(s for pair in zip(self.sentence1, self.sentence2, strict=True) for s in pair))
+
 
 def load_sts(
     name: str = "stsb", split: str = "test", data: str | os.PathLike | None = None, limit: int | None = None
