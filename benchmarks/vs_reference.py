@@ -59,8 +59,13 @@ def reference_worker(args: argparse.Namespace, texts: list[str]) -> None:
     from llm2vec import LLM2Vec
 
     torch.set_num_threads(args.threads)
+    # doc_max_length: the reference otherwise cuts documents to 400 tokens (by whole words) before max_length
     model = LLM2Vec.from_pretrained(
-        str(args.reference / "smollm2-hf"), enable_bidirectional=True, pooling_mode="mean", max_length=args.max_length
+        str(args.reference / "smollm2-hf"),
+        enable_bidirectional=True,
+        pooling_mode="mean",
+        max_length=args.max_length,
+        doc_max_length=args.max_length,
     )
     model.eval()
     tokens = sum(len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"])
