@@ -138,6 +138,16 @@ def test_max_tokens_changes_batching_not_embeddings():
         enc.encode(TEXTS, max_tokens=0)
 
 
+def test_chunked_tokenization_gives_the_same_embeddings(monkeypatch: pytest.MonkeyPatch):
+    """A corpus larger than one tokenization chunk is tokenized chunk by chunk on a thread; nothing changes."""
+    enc = tiny_encoder()
+    texts = random_texts(23, seed=3) + [("w5 w6", "w7 w8 w9")]
+    whole = enc.encode(texts, batch_size=4)
+    monkeypatch.setattr(lm2vec.encoder, "TOKENIZE_CHUNK", 5)
+    np.testing.assert_array_equal(enc.encode(texts, batch_size=4), whole)
+    assert enc.encode([], batch_size=4).shape == (0, enc.dim)
+
+
 def test_truncate_dim_and_precision_follow_sentence_transformers():
     from sentence_transformers.util.quantization import quantize_embeddings
 

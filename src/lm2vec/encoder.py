@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ from .quantization import Int8Linear, quantize_int8
 # :mod:`lm2vec.quantization`) and "auto" (the fastest precision this device runs well, see ``auto_precision``).
 if TYPE_CHECKING:
     from peft import PeftModel
+
+TOKENIZE_CHUNK = 16384  # texts tokenized at a time by encode(), the next chunk while the model embeds this one
 
 DTYPES = {
     "float32": torch.float32,
@@ -138,14 +141,43 @@ class Encoder:
         check_options(self.dim, truncate_dim, precision)
         default = self.resolve_instruction(prompt_name, prompt, instruction)
         instructions, texts, single = normalize(sentences, default)
-        ids, prefix = self.tokenization.tokenize(instructions, texts) if texts else ([], [])
-        embeddings = self.embed_tokens(ids, prefix, batch_size, max_tokens, show_progress_bar)
+        embeddings = self._embed_texts(instructions, texts, batch_size, max_tokens, show_progress_bar)
         embeddings = finish(embeddings, truncate_dim, normalize_embeddings, precision)
         if single:
             embeddings = embeddings[0]
         if isinstance(embeddings, np.ndarray) or not convert_to_tensor and convert_to_numpy:
             return np.asarray(embeddings)
         return embeddings
+
+    def _embed_texts(
+        self,
+        instructions: list[str],
+        texts: list[str],
+        batch_size: int,
+        max_tokens: int | None,
+        show_progress_bar: bool | None,
+    ) -> torch.Tensor:
+        """Tokenize and embed in chunks of ``TOKENIZE_CHUNK`` texts, the next chunk tokenized on a thread
+        (fast tokenizers release the GIL) while the model embeds this one, so a large corpus never waits
+        on tokenization. Length sorting is per chunk: a chunk is large enough for full equal-length batches.
+        """
+        if show_progress_bar is None:
+            show_progress_bar = len(texts) > batch_size and sys.stderr.isatty()
+        chunks = [
+            (instructions[i : i + TOKENIZE_CHUNK], texts[i : i + TOKENIZE_CHUNK])
+            for i in range(0, len(texts), TOKENIZE_CHUNK)
+        ]
+        executor = ThreadPoolExecutor(max_workers=1)
+        try:
+            with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
+                tokenized = executor.map(lambda chunk: self.tokenization.tokenize(*chunk), chunks)
+                parts = [
+                    self.embed_tokens(*ids_prefix, batch_size, max_tokens, progress=progress)
+                    for ids_prefix in tokenized
+                ]
+        finally:
+            executor.shutdown(cancel_futures=True)
+        return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
     @torch.inference_mode()
     def embed_tokens(
@@ -155,10 +187,13 @@ class Encoder:
         batch_size: int = 32,
         max_tokens: int | None = None,
         show_progress_bar: bool | None = None,
+        progress: tqdm | None = None,
     ) -> torch.Tensor:
         """Embed token id rows (each at most ``max_length``; ``prefix``: instruction tokens not to pool).
 
-        Returns a float32 (rows, dim) tensor in input order, unnormalized.
+        Returns a float32 (rows, dim) tensor in input order, unnormalized. ``progress``: a bar to advance
+        by each batch's texts instead of a bar of its own. On a GPU, batches are queued without waiting for
+        results (one copy to the host at the end), so the next batch is prepared while this one runs.
         """
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -170,18 +205,20 @@ class Encoder:
         was_training = self.model.training
         self.model.eval()
         chunks = []
+        own = tqdm(total=len(ids), desc="Encoding", unit="text", disable=progress is not None or not show_progress_bar)
         try:
-            with self._invariance():
-                for idx in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
+            with self._invariance(), own:
+                for idx in batches:
                     rows = [ids[i] for i in idx]  # one length; +1 padding column: see equal_length_batches
                     batch = self.tokenization.collate(rows, [prefix[i] for i in idx], width=len(rows[0]) + 1)
-                    chunks.append(self.forward(batch).cpu())
+                    chunks.append(self.forward(batch))
+                    (progress or own).update(len(idx))
         finally:
             self.model.train(was_training)
         if not chunks:
             return torch.empty(0, self.dim)
         order = torch.from_numpy(np.concatenate(batches))
-        return torch.cat(chunks)[torch.argsort(order)]
+        return torch.cat(chunks).cpu()[torch.argsort(order)]
 
     def _invariance(self) -> contextlib.AbstractContextManager:
         """Blocked float32 CPU matmuls where they are needed (int8 products are exact; bf16 and GPUs: off)."""
