@@ -10,9 +10,10 @@ import torch
 from conftest import random_texts, tiny_encoder
 
 import lm2vec
+from lm2vec import loading
 from lm2vec.evaluation import cosine_rows
 from lm2vec.hardware import auto_precision
-from lm2vec.quantization import LINEAR, Int8Linear, first_block, quantize_int8, quantize_rows
+from lm2vec.quantization import LINEAR, Int8Linear, first_block, int8_cache_path, quantize_int8, quantize_rows
 
 TEXTS = random_texts(24, seed=3)
 
@@ -83,7 +84,8 @@ def test_int8_encoder_refuses_to_save(tmp_path: Path):
         enc.save(tmp_path / "q")
 
 
-def test_load_with_int8_and_auto(tiny_dir: Path):
+def test_load_with_int8_and_auto(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
     int8 = lm2vec.load(tiny_dir, dtype="int8")
     assert int8.precision == "int8" and int8.info()["dtype"] == "int8"
     reference = lm2vec.load(tiny_dir)
@@ -98,3 +100,27 @@ def test_load_with_int8_and_auto(tiny_dir: Path):
 def test_nothing_to_quantize():
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize_int8(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_int8_weights_are_cached_and_reload_bit_identical(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    first = lm2vec.load(tiny_dir, dtype="int8")
+    cached = int8_cache_path(loading.resolve(tiny_dir))
+    assert cached.is_file() and not list(cached.parent.glob("*.partial"))
+    again = lm2vec.load(tiny_dir, dtype="int8")  # built empty, weights from the cache
+    assert again.precision == "int8" and again.bidirectional
+    np.testing.assert_array_equal(again.encode(TEXTS), first.encode(TEXTS))
+    causal = lm2vec.load(tiny_dir, dtype="int8", bidirectional=False)  # the same cache; verify() proves causal
+    assert not causal.bidirectional and cosine_rows(causal.encode(TEXTS), first.encode(TEXTS)).min() < 0.999
+
+    cached.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="rebuilding the unreadable int8 cache"):
+        rebuilt = lm2vec.load(tiny_dir, dtype="int8")
+    np.testing.assert_array_equal(rebuilt.encode(TEXTS), first.encode(TEXTS))
+    assert cached.stat().st_size > 1000  # written again
+
+    weights = tiny_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # new mtime: the key changes, the stale cache is not used
+    assert int8_cache_path(loading.resolve(tiny_dir)) != cached

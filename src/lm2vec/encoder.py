@@ -25,7 +25,7 @@ from .inputs import Batch, Inputs, Tokenization, equal_length_batches, normalize
 from .invariance import BatchInvariant
 from .outputs import Precision, check_options, finish
 from .pooling import PoolingMode, parse_pooling, pool
-from .quantization import Int8Linear, quantize_int8
+from .quantization import Int8Linear, load_int8_model
 
 # Precisions ``load`` takes: these torch dtypes by name, plus "int8" (int8 linear layers over float32, see
 # :mod:`lm2vec.quantization`) and "auto" (the fastest precision this device runs well, see ``auto_precision``).
@@ -356,10 +356,10 @@ def load(
     saved = st_format.read(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
-    model_dtype = torch.float32 if quantize else parse_dtype(dtype)
-    model = loading.load_model(resolved, bidirectional, model_dtype, attn_implementation, trust_remote_code)
     if quantize:
-        quantize_int8(model)
+        model = load_int8_model(resolved, bidirectional, attn_implementation, trust_remote_code)
+    else:
+        model = loading.load_model(resolved, bidirectional, parse_dtype(dtype), attn_implementation, trust_remote_code)
     if device is not None:
         model.to(device)
     model.eval()

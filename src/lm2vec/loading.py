@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .attention import set_bidirectional, unsupported_reason
@@ -153,6 +160,20 @@ def default_attn_implementation(model_type: str) -> str:
     return "eager" if unsupported_reason(model_type, "sdpa") else "sdpa"
 
 
+def model_config(
+    source: Source, bidirectional: bool = True, attn_implementation: str | None = None, trust_remote_code: bool = False
+) -> PretrainedConfig:
+    """The model's config with its attention implementation and mode set, ready to build the model from."""
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the config of {source.path}: {err}") from err
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{config.model_type} is an encoder-decoder model; lm2vec needs a decoder-only LLM")
+    config._attn_implementation = attn_implementation or default_attn_implementation(config.model_type)
+    return set_bidirectional(config, bidirectional)
+
+
 def load_model(
     source: Source,
     bidirectional: bool = True,
@@ -162,21 +183,13 @@ def load_model(
     model_class: type = AutoModel,
 ) -> PreTrainedModel:
     """Load the model with the attention mode set *before* it is built. Weights: safetensors only."""
-    try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot read the config of {source.path}: {err}") from err
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelLoadError(f"{config.model_type} is an encoder-decoder model; lm2vec needs a decoder-only LLM")
-    impl = attn_implementation or default_attn_implementation(config.model_type)
-    config._attn_implementation = impl
-    set_bidirectional(config, bidirectional)
+    config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
     try:
         return model_class.from_pretrained(
             source.path,
             config=config,
             dtype=dtype,
-            attn_implementation=impl,
+            attn_implementation=config._attn_implementation,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
