@@ -124,3 +124,12 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
     weights = tiny_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # new mtime: the key changes, the stale cache is not used
     assert int8_cache_path(loading.resolve(tiny_dir)) != cached
+
+
+def test_int8_loads_where_the_cache_cannot_be_written(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("LM2VEC_CACHE", str(blocked / "cache"))
+    with pytest.warns(UserWarning, match="int8 weights not cached"):
+        encoder = lm2vec.load(tiny_dir, dtype="int8")
+    assert encoder.precision == "int8" and encoder.encode(TEXTS).shape == (len(TEXTS), encoder.dim)

@@ -165,13 +165,15 @@ def _load_cached(
 
 def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write to a temporary file, then rename: a crash never leaves half a cache. Tied weights: no cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+        os.close(fd)
         save_file({name: t.contiguous() for name, t in state.items()}, tmp)
         os.replace(tmp, path)
-    except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a full disk: the model still loads
+    except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a read-only or full disk: still loads
         warnings.warn(f"int8 weights not cached: {err}", stacklevel=3)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
