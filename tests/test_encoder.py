@@ -138,6 +138,21 @@ def test_max_tokens_changes_batching_not_embeddings():
         enc.encode(TEXTS, max_tokens=0)
 
 
+def test_cpu_batches_are_bounded_by_tokens_by_default(monkeypatch: pytest.MonkeyPatch):
+    enc = tiny_encoder()
+    texts = [" ".join(f"w{4 + (i + j) % 50}" for j in range(10)) for i in range(8)]  # 8 texts of 10 tokens
+    unbounded = enc.encode(texts, batch_size=8, max_tokens=10**9)
+    monkeypatch.setattr(lm2vec.encoder, "CPU_MAX_TOKENS", 20)
+    rows = []
+    hook = enc.model.register_forward_hook(
+        lambda module, args, kwargs, out: rows.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    bounded = enc.encode(texts, batch_size=8)
+    hook.remove()
+    assert rows == [2, 2, 2, 2]
+    np.testing.assert_array_equal(bounded, unbounded)
+
+
 def test_chunked_tokenization_gives_the_same_embeddings(monkeypatch: pytest.MonkeyPatch):
     """A corpus larger than one tokenization chunk is tokenized chunk by chunk on a thread; nothing changes."""
     enc = tiny_encoder()
