@@ -217,11 +217,14 @@ def run(args: argparse.Namespace) -> None:
             w.process.wait()
         embeddings = {mode: np.load(Path(tmp) / f"{mode}.npy") for mode in modes}
 
+    from lm2vec.encoder import CPU_MAX_TOKENS  # here: the reference's workers run this file without lm2vec
+
     lm2vec_setup = next((s for m, s in setup.items() if m != "reference"), None)
     flops = lm2vec_setup["flops"] if lm2vec_setup else None
     tokens = lm2vec_setup["tokens"] if lm2vec_setup else setup["reference"]["tokens"]
     print(
-        f"{len(texts)} {args.texts} texts ({tokens / len(texts):.1f} tokens each), batch {args.batch_size}, "
+        f"{len(texts)} {args.texts} texts ({tokens / len(texts):.1f} tokens each), batch {args.batch_size} "
+        f"(lm2vec: and at most {CPU_MAX_TOKENS} tokens, its CPU default), "
         f"{args.threads} threads, max length {args.max_length}; warm-up on one batch, then {args.repeats} timed "
         f"runs per mode, alternating"
     )
