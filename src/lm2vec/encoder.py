@@ -171,16 +171,21 @@ class Encoder:
             (instructions[i : i + TOKENIZE_CHUNK], texts[i : i + TOKENIZE_CHUNK])
             for i in range(0, len(texts), TOKENIZE_CHUNK)
         ]
-        executor = ThreadPoolExecutor(max_workers=1)
+
+        def tokenize(chunk: tuple[list[str], list[str]]) -> tuple[list[list[int]], list[int]]:
+            return self.tokenization.tokenize(*chunk)
+
+        executor = ThreadPoolExecutor(max_workers=1) if len(chunks) > 1 else None  # one chunk: nothing to overlap
         try:
+            tokenized = executor.map(tokenize, chunks) if executor else map(tokenize, chunks)
             with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
-                tokenized = executor.map(lambda chunk: self.tokenization.tokenize(*chunk), chunks)
                 parts = [
-                    self.embed_tokens(*ids_prefix, batch_size, max_tokens, progress=progress)
-                    for ids_prefix in tokenized
+                    self.embed_tokens(ids, prefix, batch_size, max_tokens, progress=progress)
+                    for ids, prefix in tokenized
                 ]
         finally:
-            executor.shutdown(cancel_futures=True)
+            if executor:
+                executor.shutdown(cancel_futures=True)
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
     @torch.inference_mode()
