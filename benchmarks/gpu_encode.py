@@ -23,7 +23,7 @@ import torch
 
 import lm2vec
 from lm2vec.attention import position_ids_for
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import cosine_rows, load_sts
 from lm2vec.pooling import PoolingMode, pool
 

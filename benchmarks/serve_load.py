@@ -25,7 +25,7 @@ from pathlib import Path
 
 from openai import APIError, AsyncOpenAI
 
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import load_sts
 from lm2vec.hardware import describe_cpu
 

@@ -180,7 +180,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from lm2vec.data import data_dir
+    from lm2vec.datafiles import data_dir
     from lm2vec.evaluation import cosine_rows
     from lm2vec.hardware import cpu_info, describe_cpu
 

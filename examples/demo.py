@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lm2vec
 from lm2vec import PoolingMode
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import evaluate_sts
 from lm2vec.hardware import cpu_info, describe_cpu
 from lm2vec.training import convert

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, VOCAB, tiny_config, tiny_model
+from tests.support import ARCHITECTURES, VOCAB, tiny_config, tiny_model
 
 import lm2vec
 from lm2vec.attention import UNSUPPORTED, first_token_moves, set_bidirectional, verify_attention

@@ -8,15 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import random_texts
+from tests.support import random_texts
+from tests.support import run_cli as run
 
 import lm2vec
 
-SCRIPT = Path(sys.executable).with_name("lm2vec")
-
-
-def run(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def test_encode_text_file_matches_the_library(tiny_dir, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_texts, tiny_encoder, tiny_tokenizer
+from tests.support import random_texts, tiny_encoder, tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 from sentence_transformers import SentenceTransformer
 

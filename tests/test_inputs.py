@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_tokenizer
+from tests.support import tiny_tokenizer
 
 from lm2vec.inputs import Tokenization, equal_length_batches, normalize
 

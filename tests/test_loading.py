@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_tokenizer
+from tests.support import tiny_tokenizer
 
 import lm2vec
 from lm2vec.loading import ModelLoadError, fix_special_tokens, resolve

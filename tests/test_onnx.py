@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_texts, tiny_encoder
+from tests.support import random_texts, tiny_encoder
 
 from lm2vec.cli import main
 from lm2vec.onnx_backend import export_onnx, onnx_encoder

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_texts, tiny_encoder
+from tests.support import random_texts, tiny_encoder
 
 import lm2vec
 from lm2vec import loading

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
-from conftest import random_texts, tiny_encoder
+from tests.support import random_texts, tiny_encoder
 from openai import OpenAI
 
 import lm2vec

@@ -1,8 +1,10 @@
 """lm2vec: any decoder-only LLM as a verified bidirectional text encoder (the LLM2Vec recipe)."""
 
+from importlib.metadata import version
+
 from .attention import AttentionError, set_bidirectional, verify_attention
-from .encoder import Encoder, load
-from .loading import BUILTIN_MODEL, ModelLoadError
+from .encoder import Encoder
+from .loading import BUILTIN_MODEL, ModelLoadError, load
 from .pooling import PoolingMode
 
 __all__ = [
@@ -15,4 +17,4 @@ __all__ = [
     "set_bidirectional",
     "verify_attention",
 ]
-__version__ = "0.1.0"
+__version__ = version("lm2vec")  # one source: pyproject.toml

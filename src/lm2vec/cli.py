@@ -13,13 +13,13 @@ import numpy as np
 import transformers
 
 import lm2vec
-from lm2vec.data import read_jsonl, read_lines
+from lm2vec.cache import cache_dir
+from lm2vec.datafiles import read_jsonl, read_lines
 from lm2vec.inputs import Item
-from lm2vec.loading import cache_dir
+from lm2vec.loading.dtype import CHOICES as DTYPES
 from lm2vec.pooling import PoolingMode
 
 BUILTIN_ALIASES = ("default", "builtin")
-PRECISIONS = ["float32", "bfloat16", "int8", "auto"]
 USAGE_ERRORS = (ValueError, TypeError, OSError, lm2vec.ModelLoadError, lm2vec.AttentionError)
 
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-name", help="a named prompt saved with the model, e.g. query")
     encode.add_argument("--batch-size", type=int, default=32)
     encode.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
-    encode.add_argument("--dtype", choices=PRECISIONS, help="default: float32; auto: this machine's fastest")
+    encode.add_argument("--dtype", choices=DTYPES, help="default: float32; auto: this machine's fastest")
     encode.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     encode.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="onnx: ONNX Runtime (CPU)")
     encode.add_argument("--field", default="text", help="the text field of .jsonl lines (default: text)")
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", type=Path, default=cache_dir() / "embeddings", help="embedding cache folder")
     evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--dtype", choices=PRECISIONS, help="default: float32; int8: int8 linear layers (CPU)")
+    evaluate.add_argument("--dtype", choices=DTYPES, help="default: float32; int8: int8 linear layers (CPU)")
     evaluate.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's setting")
     evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
     evaluate.set_defaults(run=cmd_evaluate)
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--name", help="the model name clients send (default: the model's folder name)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: LM2VEC_API_KEY, else none)")
-    serve.add_argument("--dtype", choices=PRECISIONS, help="default: float32")
+    serve.add_argument("--dtype", choices=DTYPES, help="default: float32")
     serve.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
     serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request (default: %(default)s)")
     serve.add_argument("--max-chars", type=int, default=100_000, help="characters per text (default: %(default)s)")
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--workers", type=int, default=2, help="encoder workers (default: 2)")
     corpus.add_argument("--threads-per-worker", type=int, default=1)
     corpus.add_argument("--batch-size", type=int, default=32)
-    corpus.add_argument("--dtype", choices=PRECISIONS, help="default: float32")
+    corpus.add_argument("--dtype", choices=DTYPES, help="default: float32")
     corpus.add_argument("--address", help="a Ray cluster (ray://host:10001 or auto); default: a local instance")
     corpus.set_defaults(run=cmd_embed_corpus)
 

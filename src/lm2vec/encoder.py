@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,17 +17,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from . import loading, st_format
+from . import st_format
 from .attention import position_ids_for, verify_attention
-from .hardware import auto_precision, native_bf16
 from .inputs import Batch, Inputs, Tokenization, equal_length_batches, normalize
 from .invariance import BatchInvariant
-from .outputs import Precision, check_options, finish
+from .outputs import Precision, check_output_options, postprocess
 from .pooling import PoolingMode, parse_pooling, pool
-from .quantization import Int8Linear, load_int8_model
+from .quantization import Int8Linear
 
-# Precisions ``load`` takes: these torch dtypes by name, plus "int8" (int8 linear layers over float32, see
-# :mod:`lm2vec.quantization`) and "auto" (the fastest precision this device runs well, see ``auto_precision``).
 if TYPE_CHECKING:
     from peft import PeftModel
 
@@ -37,23 +33,14 @@ if TYPE_CHECKING:
 CPU_MAX_TOKENS = 2048
 TOKENIZE_CHUNK = 16384  # texts tokenized at a time by encode(), the next chunk while the model embeds this one
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
 
 class Encoder:
     """Turns texts into embeddings with a decoder-only LLM.
 
-    Build one with :func:`lm2vec.load`. ``prompts`` maps names (``"query"``, ``"document"``, task names)
-    to instructions, as in sentence-transformers. With ``batch_invariant`` (the default), float32 CPU
-    encoding gives each text the same embedding bit for bit whatever it is batched with (see
-    :mod:`lm2vec.invariance`); turn it off for ~25% faster fp32 encoding.
+    Build one with :func:`lm2vec.load`, or around a model you hold: ``Encoder(model, tokenizer)``. ``prompts``
+    maps names (``"query"``, ``"document"``, task names) to instructions, as in sentence-transformers. With
+    ``batch_invariant`` (the default), float32 CPU encoding gives each text the same embedding bit for bit
+    whatever it is batched with (see :mod:`lm2vec.invariance`); turn it off for ~25% faster fp32 encoding.
     """
 
     def __init__(
@@ -94,16 +81,41 @@ class Encoder:
         """Prove the attention mode on this model (raises :class:`lm2vec.AttentionError`)."""
         verify_attention(self.model, self.bidirectional, vocab_size=len(self.tokenizer))
 
+    def with_model(self, model: PreTrainedModel, **changes) -> Encoder:
+        """An encoder with this one's settings (tokenizer, pooling, prompts, ...) around another model.
+
+        Training stages use it for the model they train, ONNX for its graph; ``changes`` override settings
+        by their ``__init__`` names, e.g. ``batch_invariant=False``.
+        """
+        return Encoder(model, **(self.settings() | changes))
+
+    def settings(self) -> dict[str, object]:
+        """The ``__init__`` arguments besides the model: what :meth:`with_model` carries over."""
+        return {
+            "tokenizer": self.tokenizer,
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+            "prompts": self.prompts,
+            "default_prompt_name": self.default_prompt_name,
+            "bidirectional": self.bidirectional,
+            "batch_invariant": self.batch_invariant,
+        }
+
     # -- encoding ----------------------------------------------------------------------------------
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last layer's state of every token, (batch, seq, hidden); positions follow the real tokens, so
+        either padding side gives the same states. Differentiable: pooling, MNTP and word probing start here."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
+        )
+        return out.last_hidden_state
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Embed one tokenized batch (no normalization); differentiable, used by training too."""
         batch = batch.to(self.device)
-        out = self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids_for(batch.attention_mask),
-        )
-        return pool(out.last_hidden_state, batch.attention_mask, batch.pool_mask, self.pooling)
+        hidden = self.token_states(batch.input_ids, batch.attention_mask)
+        return pool(hidden, batch.attention_mask, batch.pool_mask, self.pooling)
 
     def resolve_instruction(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str | None:
         if prompt is not None and instruction is not None:
@@ -142,11 +154,11 @@ class Encoder:
         thousands of tokens per pass). ``truncate_dim`` and
         ``precision`` (int8, uint8, binary, ubinary) shrink the output as sentence-transformers does.
         """
-        check_options(self.dim, truncate_dim, precision)
+        check_output_options(self.dim, truncate_dim, precision)
         default = self.resolve_instruction(prompt_name, prompt, instruction)
         instructions, texts, single = normalize(sentences, default)
         embeddings = self._embed_texts(instructions, texts, batch_size, max_tokens, show_progress_bar)
-        embeddings = finish(embeddings, truncate_dim, normalize_embeddings, precision)
+        embeddings = postprocess(embeddings, truncate_dim, normalize_embeddings, precision)
         if single:
             embeddings = embeddings[0]
         if isinstance(embeddings, np.ndarray) or not convert_to_tensor and convert_to_numpy:
@@ -253,7 +265,7 @@ class Encoder:
         weights and the adapter are saved side by side, and transformers/sentence-transformers apply the
         adapter when loading.
         """
-        if self.precision == "int8":
+        if self.dtype == "int8":
             raise ValueError("int8 encoders are quantized when loaded: save the float model, load it with dtype='int8'")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -271,7 +283,7 @@ class Encoder:
         return path
 
     @property
-    def precision(self) -> str:
+    def dtype(self) -> str:
         """ "int8" for a quantized model, else the weights' dtype ("float32", "bfloat16", ...)."""
         if any(isinstance(module, Int8Linear) for module in self.model.modules()):
             return "int8"
@@ -287,7 +299,7 @@ class Encoder:
             "pooling": self.pooling.value,
             "dimension": self.dim,
             "max_length": self.max_length,
-            "dtype": self.precision,
+            "dtype": self.dtype,
             "prompts": self.prompts,
         }
 
@@ -309,81 +321,3 @@ def _without_adapters(model: PeftModel, merge: bool) -> PreTrainedModel:
     """A plain copy of the model, LoRA merged in or left out, leaving the trainable original untouched."""
     clone = copy.deepcopy(model)
     return clone.merge_and_unload() if merge else clone.unload()
-
-
-def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
-    """512 tokens, or fewer where the model has fewer positions."""
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    return min(cap, positions) if positions else cap
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join([*DTYPES, 'int8', 'auto'])}")
-    return DTYPES[dtype]
-
-
-def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.device | None) -> str | torch.dtype | None:
-    """Turn "auto" into this device's best precision; warn where bf16 would be emulated on this CPU."""
-    on_cpu = torch.device(device or "cpu").type == "cpu"
-    if dtype == "auto":
-        return auto_precision(on_cpu)
-    if on_cpu and dtype in ("bfloat16", "bf16", torch.bfloat16) and not native_bf16():
-        warnings.warn(
-            "this CPU has no native bf16 (AMX or AVX512-BF16): bf16 will be slower than float32", stacklevel=3
-        )
-    return dtype
-
-
-def load(
-    source: str | os.PathLike | None = None,
-    *,
-    pooling: str | PoolingMode | None = None,
-    bidirectional: bool | None = None,
-    dtype: str | torch.dtype | None = None,
-    max_length: int | None = None,
-    prompts: dict[str, str] | None = None,
-    default_prompt_name: str | None = None,
-    attn_implementation: str | None = None,
-    device: str | torch.device | None = None,
-    trust_remote_code: bool = False,
-    verify: bool = True,
-) -> Encoder:
-    """Load a decoder-only LLM as an encoder and prove its attention mode.
-
-    ``source``: a local Hugging Face or sentence-transformers directory, a hub id, a ``.gguf`` file,
-    or None / ``"smollm2-135m-instruct"`` for the built-in SmolLM2-135M-Instruct. Settings not given
-    come from a saved lm2vec/sentence-transformers directory, else: mean pooling, bidirectional,
-    float32, 512 tokens. ``dtype``: "float32", "bfloat16", "float16", "int8" (CPU; int8 linear layers)
-    or "auto" (the device's fastest precision).
-    """
-    dtype = resolve_precision(dtype, device)
-    quantize = dtype == "int8"
-    resolved = loading.resolve(source)
-    saved = st_format.read(Path(resolved.path)) if resolved.local else None
-    if bidirectional is None:
-        bidirectional = saved.bidirectional if saved else True
-    if quantize:
-        model = load_int8_model(resolved, bidirectional, attn_implementation, trust_remote_code)
-    else:
-        model = loading.load_model(resolved, bidirectional, parse_dtype(dtype), attn_implementation, trust_remote_code)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    tokenizer = loading.load_tokenizer(resolved, trust_remote_code)
-    encoder = Encoder(
-        model,
-        tokenizer,
-        pooling=pooling or (saved.pooling if saved else PoolingMode.MEAN),
-        max_length=max_length or (saved.max_length if saved else default_max_length(model)),
-        prompts=prompts if prompts is not None else (saved.prompts if saved else None),
-        default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
-        bidirectional=bidirectional,
-    )
-    if verify:
-        encoder.verify()
-    return encoder

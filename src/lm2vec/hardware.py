@@ -61,10 +61,3 @@ def bf16_speedup(size: tuple[int, int, int] = (256, 576, 1536), repeats: int = 5
         return min(times)
 
     return best(torch.float32) / best(torch.bfloat16)
-
-
-def auto_precision(on_cpu: bool) -> str:
-    """What ``dtype="auto"`` picks: bf16 on GPUs, and on CPUs where bf16 products measure faster than fp32."""
-    if not on_cpu:
-        return "bfloat16"
-    return "bfloat16" if native_bf16() and bf16_speedup() > 1.2 else "float32"

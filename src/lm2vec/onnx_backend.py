@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .cache import atomic_write, cache_dir, fingerprint
 from .encoder import Encoder
 from .inputs import Batch
-from .loading import cache_dir
 
 INPUTS = ("input_ids", "attention_mask", "pool_mask")
 OUTPUT = "sentence_embedding"
@@ -37,56 +36,33 @@ class _EncoderGraph(nn.Module):
 
 
 def export_onnx(encoder: Encoder, path: str | os.PathLike) -> Path:
-    """Write the encoder's graph to ``path`` (written to a temporary file, then renamed: never half a file)."""
-    if encoder.precision != "float32":
-        raise ValueError(f"export a float32 encoder (this one is {encoder.precision}); ONNX Runtime can quantize it")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the encoder's graph to ``path`` (whole or not at all: see :func:`lm2vec.cache.atomic_write`)."""
+    if encoder.dtype != "float32":
+        raise ValueError(f"export a float32 encoder (this one is {encoder.dtype}); ONNX Runtime can quantize it")
     example = encoder.tokenization([""] * 2, ["an example text to trace", "another"])
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     shapes = {name: {0: batch, 1: length} for name in INPUTS}
     graph = _EncoderGraph(encoder).eval()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.partial")
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                graph,
-                (example.input_ids, example.attention_mask, example.pool_mask),
-                input_names=list(INPUTS),
-                output_names=[OUTPUT],
-                dynamic_shapes=shapes,
-                dynamo=True,
-                verbose=False,
-            )
-            program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            (example.input_ids, example.attention_mask, example.pool_mask),
+            input_names=list(INPUTS),
+            output_names=[OUTPUT],
+            dynamic_shapes=shapes,
+            dynamo=True,
+            verbose=False,
+        )
+    return atomic_write(Path(path), lambda tmp: program.save(tmp, external_data=False))
 
 
 class OnnxEncoder(Encoder):
-    """An encoder whose forward pass runs in ONNX Runtime (CPU by default)."""
+    """An encoder whose forward pass runs in ONNX Runtime (CPU by default); build one with :func:`onnx_encoder`."""
 
-    def __init__(self, encoder: Encoder, path: str | os.PathLike, providers: list[str] | None = None):
-        import onnxruntime
-
-        super().__init__(
-            encoder.model,
-            encoder.tokenizer,
-            encoder.pooling,
-            encoder.max_length,
-            encoder.prompts,
-            encoder.default_prompt_name,
-            encoder.bidirectional,
-            batch_invariant=False,
-        )
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.path = Path(path)
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    def __init__(self, *args, session, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.session = session
 
     def forward(self, batch: Batch) -> torch.Tensor:
         feeds = {name: getattr(batch, name).numpy() for name in INPUTS}
@@ -96,13 +72,17 @@ class OnnxEncoder(Encoder):
         return contextlib.nullcontext()
 
 
-def onnx_encoder(encoder: Encoder, path: str | os.PathLike | None = None) -> OnnxEncoder:
+def onnx_encoder(
+    encoder: Encoder, path: str | os.PathLike | None = None, providers: list[str] | None = None
+) -> OnnxEncoder:
     """``encoder`` on ONNX Runtime; exported once to ``path`` (default: the cache, keyed by the weights)."""
-    if path is None:
-        from .evaluation.cache import fingerprint
+    import onnxruntime
 
-        path = cache_dir() / "onnx" / f"{fingerprint(encoder)}.onnx"
-    path = Path(path)
+    path = Path(path) if path is not None else cache_dir() / "onnx" / f"{fingerprint(encoder)}.onnx"
     if not path.is_file():
         export_onnx(encoder, path)
-    return OnnxEncoder(encoder, path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    settings = encoder.settings() | {"batch_invariant": False}  # ONNX Runtime picks its own kernels
+    return OnnxEncoder(encoder.model, session=session, **settings)

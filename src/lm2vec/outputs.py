@@ -17,7 +17,7 @@ Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
 PRECISIONS: tuple[str, ...] = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
-def check_options(dim: int, truncate_dim: int | None, precision: str) -> None:
+def check_output_options(dim: int, truncate_dim: int | None, precision: str) -> None:
     """Fail before any model work on options that cannot apply."""
     if truncate_dim is not None and (not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= dim):
         raise ValueError(f"truncate_dim must be an integer from 1 to the model's dimension {dim}, got {truncate_dim!r}")
@@ -25,7 +25,7 @@ def check_options(dim: int, truncate_dim: int | None, precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
 
-def finish(
+def postprocess(
     embeddings: torch.Tensor,
     truncate_dim: int | None = None,
     normalize: bool = False,

@@ -4,29 +4,17 @@ Each ``nn.Linear`` becomes an :class:`Int8Linear`: weights quantized once per ou
 quantized per token (row) at run time, the product done in integers by ``torch._int_mm`` (VNNI / AMX-int8
 kernels on CPU) and scaled back to float. Per-token scales matter twice over: LLMs' massive activations
 sit in a few tokens, so one per-tensor scale (PyTorch's ``quantize_dynamic``) would crush every other
-token's precision; and integer products are exact, so a text's embedding is bit-identical in any batch.
+token's resolution; and integer products are exact, so a text's embedding is bit-identical in any batch.
 
-:func:`load_int8_model` caches a local model's quantized weights as safetensors, so later loads read a third
-of the float bytes and never hold the float model in memory.
+:func:`lm2vec.loading.model.load_int8_model` caches a local model's quantized weights as safetensors, so later
+loads read a third of the float bytes and never hold the float model in memory.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-import warnings
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
-
-from . import loading
 
 LINEAR = (nn.Linear, Conv1D)  # GPT-2-style models use Conv1D, a linear layer with its weight transposed
 
@@ -111,67 +99,3 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None) -> nn.M
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Int8Linear(getattr(parent, child), shared))
     return model
-
-
-def load_int8_model(
-    source: loading.Source,
-    bidirectional: bool = True,
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-) -> PreTrainedModel:
-    """The model with int8 linear layers (:func:`quantize_int8`'s defaults).
-
-    A local model is quantized once and its quantized weights cached as safetensors (keyed by the model's
-    files); later loads build the model empty and take those weights, so the float model is never in memory
-    (peak memory below the float model's, and a faster load). An unreadable cache is rebuilt.
-    """
-    cached = int8_cache_path(source)
-    if cached is not None and cached.is_file():
-        try:
-            return _load_cached(source, cached, bidirectional, attn_implementation, trust_remote_code)
-        except (SafetensorError, RuntimeError, OSError) as err:
-            warnings.warn(f"rebuilding the unreadable int8 cache {cached}: {err}", stacklevel=2)
-    model = loading.load_model(source, bidirectional, torch.float32, attn_implementation, trust_remote_code)
-    quantize_int8(model)
-    if cached is not None:
-        _save_atomically(model.state_dict(), cached)
-    return model
-
-
-def int8_cache_path(source: loading.Source) -> Path | None:
-    """Where a local model's int8 weights are cached (None for hub ids: they are quantized at each load)."""
-    if not source.local:
-        return None
-    files = sorted(p for p in Path(source.path).iterdir() if p.suffix in (".safetensors", ".json"))
-    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    digest = hashlib.sha256(json.dumps([SCHEME, str(Path(source.path).resolve()), stamp]).encode()).hexdigest()
-    return loading.cache_dir() / "int8" / f"{Path(source.path).name}-{digest[:16]}.safetensors"
-
-
-def _load_cached(
-    source: loading.Source, path: Path, bidirectional: bool, attn_implementation: str | None, trust_remote_code: bool
-) -> PreTrainedModel:
-    from accelerate import init_empty_weights
-
-    config = loading.model_config(source, bidirectional, attn_implementation, trust_remote_code)
-    with init_empty_weights(include_buffers=False):  # weights on the meta device; computed buffers are real
-        model = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    quantize_int8(model)
-    model.load_state_dict(load_file(path), strict=True, assign=True)  # strict: a missing weight raises
-    return model
-
-
-def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves half a cache. Tied weights: no cache."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-        os.close(fd)
-        save_file({name: t.contiguous() for name, t in state.items()}, tmp)
-        os.replace(tmp, path)
-    except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a read-only or full disk: still loads
-        warnings.warn(f"int8 weights not cached: {err}", stacklevel=3)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from .encoder import Encoder
-from .outputs import PRECISIONS, finish
+from .outputs import PRECISIONS, postprocess
 
 
 @dataclass
@@ -219,7 +219,7 @@ def create_app(encoder: Encoder, settings: ServerSettings) -> FastAPI:
             raise APIError(422, f"dimensions must be at most {encoder.dim}, got {request.dimensions}", "dimensions")
         ids, prefix = tokenize(encoder, request, settings)
         rows = await batcher(
-            ids, prefix, lambda v: np.asarray(finish(v, request.dimensions, settings.normalize, request.precision))
+            ids, prefix, lambda v: np.asarray(postprocess(v, request.dimensions, settings.normalize, request.precision))
         )
         data = [
             {"object": "embedding", "index": i, "embedding": encode_row(row, request.encoding_format)}

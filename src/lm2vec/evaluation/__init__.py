@@ -1,11 +1,11 @@
-"""Evaluation with MTEB's metrics on local datasets (``lm2vec.data.data_dir()``) or through ``mteb``.
+"""Evaluation with MTEB's metrics on local datasets (``lm2vec.datafiles.data_dir()``) or through ``mteb``.
 
 ``run_tasks`` runs registered tasks through the embedding cache; each ``evaluate_*`` function scores one task
 type; ``mteb_adapter.MTEBEncoder`` plugs an encoder into the real ``mteb`` package (imported only there).
 """
 
 from .base import Instructions, TaskResult, TextEncoder
-from .cache import CachedEncoder, fingerprint
+from .cache import CachedEncoder
 from .classification import evaluate_classification
 from .clustering import evaluate_clustering
 from .pair_classification import evaluate_pair_classification
@@ -33,7 +33,6 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_sts",
     "evaluate_word_probing",
-    "fingerprint",
     "load_instructions",
     "load_results",
     "load_sts",

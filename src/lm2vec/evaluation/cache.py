@@ -7,40 +7,14 @@ one chunk.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sqlite3
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from ..cache import cache_key, fingerprint
 from ..encoder import Encoder
-
-
-def fingerprint(encoder: Encoder, extra: object = None) -> str:
-    """A checksum of what the encoder computes: its settings, tokenizer, ``extra`` (JSON) and every weight.
-
-    Each weight enters as its sum and norm (float64, 10 digits) on its own device: one pass, no copy to
-    the CPU, stable when the thread count changes the order of additions, and different for every
-    training stage of one model without the user naming them.
-    """
-    info = encoder.info()
-    settings = {key: info[key] for key in ("architecture", "attention", "pooling", "max_length", "dtype")}
-    tokenizer = [type(encoder.tokenizer).__name__, len(encoder.tokenizer)]
-    digest = hashlib.sha256(json.dumps([settings, tokenizer, extra], sort_keys=True).encode())
-    with torch.no_grad():
-        for name, weight in encoder.model.state_dict().items():  # parameters and saved buffers (int8 weights)
-            weight = weight if weight.is_floating_point() else weight.double()
-            total = weight.sum(dtype=torch.float64).item()
-            norm = torch.linalg.vector_norm(weight, dtype=torch.float64).item()
-            digest.update(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}".encode())
-    return digest.hexdigest()[:20]
-
-
-def _key(instruction: str | None, text: str) -> str:
-    return hashlib.sha256(f"{instruction or ''}\x00{text}".encode()).hexdigest()
 
 
 class CachedEncoder:
@@ -80,7 +54,7 @@ class CachedEncoder:
         show_progress_bar: bool | None = None,
     ) -> np.ndarray:
         """Embeddings of ``sentences`` (raw, not normalized), shape (n, dim)."""
-        keys = [_key(instruction, text) for text in sentences]
+        keys = [cache_key(instruction or "", text) for text in sentences]
         found = self._lookup(list(dict.fromkeys(keys)))
         missing = list({key: text for key, text in zip(keys, sentences, strict=True) if key not in found}.items())
         with tqdm(

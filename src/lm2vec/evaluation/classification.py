@@ -21,7 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from ..data import data_dir, read_jsonl
+from ..datafiles import data_dir, read_jsonl
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 
 Label = str | int

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
-from ..data import data_dir, read_jsonl
+from ..datafiles import data_dir, read_jsonl
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 
 

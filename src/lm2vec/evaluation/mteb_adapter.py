@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..cache import fingerprint
 from ..encoder import Encoder
-from .cache import fingerprint
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -140,5 +140,5 @@ def _source_name(encoder: Encoder) -> str:
 
 
 def revision(encoder: Encoder, prompts: dict[str, str]) -> str:
-    """A short checksum of the settings, the prompts and every weight (see :func:`~.cache.fingerprint`)."""
+    """A short checksum of the settings, the prompts and every weight (see :func:`lm2vec.cache.fingerprint`)."""
     return fingerprint(encoder, prompts)[:12]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from ..data import data_dir, read_jsonl
+from ..datafiles import data_dir, read_jsonl
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 from .sts import cosine_rows
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import _numbered_lines, data_dir, read_jsonl
+from ..datafiles import data_dir, numbered_lines, read_jsonl
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 from .retrieval import average_precision_at_k, rank_run, reciprocal_rank_at_k, unit_rows
 
@@ -47,7 +47,7 @@ def load_reranking(name: str, split: str = "test", data: str | os.PathLike | Non
         raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
     records = read_jsonl(path, {"query": str, "positive": list, "negative": list})
     samples = []
-    for (number, _), record in zip(_numbered_lines(path), records, strict=True):
+    for (number, _), record in zip(numbered_lines(path), records, strict=True):
         for side in ("positive", "negative"):
             if not all(isinstance(text, str) for text in record[side]):
                 raise ValueError(f"{path}:{number}: field {side!r} must be a list of strings")

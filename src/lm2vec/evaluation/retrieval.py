@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import _numbered_lines, data_dir, read_jsonl
+from ..datafiles import data_dir, numbered_lines, read_jsonl
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 
 TOP_K = 100  # the deepest cutoff reported (recall@100)
@@ -39,7 +39,7 @@ class RetrievalData:
 
 def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     """Read a BEIR qrels TSV (header ``query-id corpus-id score``); a repeated pair keeps its last grade, as in MTEB."""
-    lines = _numbered_lines(path)
+    lines = numbered_lines(path)
     number, header = next(lines)
     if header.split("\t") != QRELS_HEADER:
         raise ValueError(

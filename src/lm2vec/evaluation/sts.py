@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from ..data import data_dir, read_jsonl
+from ..datafiles import data_dir, read_jsonl
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 
 

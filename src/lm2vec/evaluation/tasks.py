@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..data import data_dir
+from ..datafiles import data_dir
 from ..encoder import Encoder
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
 from .cache import CachedEncoder

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import position_ids_for
-from ..data import data_dir
+from ..datafiles import data_dir
 from .base import TaskResult
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def evaluate_word_probing(
 ) -> list[TaskResult]:
     """Linear probes for the CoNLL-2003 tag sets in ``tags``, trained on train words, scored on test words.
 
-    Reads ``word/conll2003/{train,test}.conll`` under ``data_dir_path`` (default :func:`lm2vec.data.data_dir`).
+    Reads ``word/conll2003/{train,test}.conll`` under ``data_dir_path`` (default :func:`lm2vec.datafiles.data_dir`).
     Each sentence is embedded once and its features serve every tag set. The ``max_*_sentences`` options draw
     seeded samples for CPU budgets (default: all 14,041 / 3,453). ``seconds`` splits the embedding time evenly
     over the results, so they add up to the whole run.

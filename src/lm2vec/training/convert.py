@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..encoder import Encoder, load
+from ..encoder import Encoder
 from ..evaluation.sts import evaluate_sts
+from ..loading import load
 from ..pooling import PoolingMode
 from .config import Recipe, load_recipe
 from .data import resolve

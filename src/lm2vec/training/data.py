@@ -1,6 +1,6 @@
 """Training data: local files (or names under the shared data folder) and hub datasets, read once, checked.
 
-Errors name the file and line (``lm2vec.data``); a spec that is neither a file nor a plausible hub id
+Errors name the file and line (``lm2vec.datafiles``); a spec that is neither a file nor a plausible hub id
 is refused before anything is trained.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ..data import data_dir, read_jsonl, read_lines
+from ..datafiles import data_dir, read_jsonl, read_lines
 
 
 @dataclass(frozen=True)

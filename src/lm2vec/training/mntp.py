@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .. import loading
 from ..attention import verify_attention
-from ..encoder import Encoder, default_max_length
+from ..encoder import Encoder
+from ..loading.model import default_max_length, load_model, load_tokenizer
+from ..loading.source import resolve_source
 from . import data
 from .config import MNTPConfig
 from .models import IGNORE, MNTPModel, add_lora
@@ -84,10 +85,10 @@ def train_mntp(
     callbacks: list | None = None,
 ) -> Encoder:
     """Train MNTP on ``source`` (any :func:`lm2vec.load` source); return the bidirectional encoder, LoRA merged."""
-    resolved = loading.resolve(source)
-    tokenizer = loading.load_tokenizer(resolved, trust_remote_code)
+    resolved = resolve_source(source)
+    tokenizer = load_tokenizer(resolved, trust_remote_code)
     chunks = data.chunks(tokenizer, config.data, config.max_length, data_root)  # bad data fails before loading
-    lm = loading.load_model(resolved, True, torch.float32, None, trust_remote_code, model_class=AutoModelForCausalLM)
+    lm = load_model(resolved, True, torch.float32, None, trust_remote_code, model_class=AutoModelForCausalLM)
     verify_attention(lm.base_model, True, vocab_size=len(tokenizer))
     mask_id = mask_token_id(tokenizer, lm, config.mask_token)
     model = MNTPModel(add_lora(lm, config))

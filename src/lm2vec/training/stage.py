@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..encoder import Encoder, load
+from ..cache import atomic_write
+from ..encoder import Encoder
 from ..evaluation.sts import STSPairs, load_sts
+from ..loading import load
 from .config import StageConfig
-from .trainer import COMPLETE, StageTrainer, atomic_write, last_checkpoint
+from .trainer import COMPLETE, StageTrainer, last_checkpoint
 
 ENCODER_DIR = "encoder"
 

@@ -16,6 +16,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..cache import atomic_write
 from ..encoder import Encoder
 from ..evaluation.sts import STSPairs, score_pairs
 from ..hardware import native_bf16
@@ -148,12 +149,6 @@ def check_finite(loss: torch.Tensor, step: int, output_dir: str | os.PathLike) -
             f"the loss is {loss.item()} at step {step}; training stopped before updating the weights; {where} "
             "(lower the learning rate, or check the data)"
         )
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:

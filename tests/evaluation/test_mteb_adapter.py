@@ -19,9 +19,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, needs_data, tiny_encoder
+from tests.support import WORDS, needs_data, tiny_encoder
 
-from lm2vec.data import data_dir, read_jsonl
+from lm2vec.datafiles import data_dir, read_jsonl
 from lm2vec.evaluation import correlations, cosine_rows, load_sts
 from lm2vec.evaluation.mteb_adapter import MTEBEncoder
 

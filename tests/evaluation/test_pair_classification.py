@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TableEncoder, needs_data, word_encoder, write_jsonl
+from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.pair_classification import (
     best_accuracy,

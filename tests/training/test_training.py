@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_texts, tiny_encoder, tiny_tokenizer, write_jsonl
+from tests.support import random_texts, tiny_encoder, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
-from tiny_models import tiny_config
+from tests.support import tiny_config
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import lm2vec

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm2vec.data import data_dir, read_jsonl, read_lines
+from lm2vec.datafiles import data_dir, read_jsonl, read_lines
 
 
 def write(tmp_path: Path, text: str, name: str = "rows.jsonl") -> Path:

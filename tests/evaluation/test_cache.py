@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_texts, tiny_encoder
+from tests.support import random_texts, tiny_encoder
 
 from lm2vec import PoolingMode
 from lm2vec.evaluation.cache import CachedEncoder, fingerprint

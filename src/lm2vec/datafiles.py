@@ -23,7 +23,16 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def _numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+def data_file(root: str | os.PathLike | None, *parts: str) -> Path:
+    """``root/parts...`` (``root`` None: :func:`data_dir`), which must exist: else one error that says how to point at
+    the datasets."""
+    path = Path(root if root is not None else data_dir()).joinpath(*parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
+    return path
+
+
+def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) of the non-blank lines; FileNotFoundError/ValueError name the file."""
     path = Path(path)
     if not path.is_file():
@@ -43,7 +52,7 @@ def _numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """The non-blank lines of a UTF-8 text file, one text per line."""
-    return [line for _, line in _numbered_lines(path)]
+    return [line for _, line in numbered_lines(path)]
 
 
 def read_jsonl(
@@ -57,7 +66,7 @@ def read_jsonl(
     types = dict(required_fields) if isinstance(required_fields, Mapping) else dict.fromkeys(required_fields)
     checks = types | dict(optional_fields or {})
     records = []
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         try:
             record = json.loads(line)

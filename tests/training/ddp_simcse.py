@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): cross-device negatives.
+"""Run by tests/training/test_ddp.py as ``-m tests.training.ddp_simcse`` under ``torchrun --nproc_per_node 2`` (gloo, CPU): cross-device negatives.
 
 Each rank writes what it saw to ``OUT/rank-N.json``.
 """
@@ -14,12 +14,11 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import random_texts, tiny_encoder  # noqa: E402
+from tests.support import random_texts, tiny_encoder
 
-from lm2vec.training import SimCSEConfig, train_simcse  # noqa: E402
-from lm2vec.training.losses import info_nce, similarities  # noqa: E402
+from lm2vec.training import SimCSEConfig, train_simcse
+from lm2vec.training.losses import info_nce, similarities
 
 BATCH = 4
 

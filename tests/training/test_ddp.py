@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parent / "ddp_simcse.py"
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests.* import from here
+SCRIPT = "tests.training.ddp_simcse"
 
 
 def free_port() -> int:
@@ -22,8 +23,8 @@ def free_port() -> int:
 def test_cross_device_negatives_under_torchrun(tmp_path: Path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(free_port()), str(SCRIPT), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command += ["--master_port", str(free_port()), "-m", SCRIPT, str(tmp_path)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     for rank, report in enumerate(ranks):

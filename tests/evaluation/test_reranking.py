@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from conftest import BagOfWords, random_texts, tiny_encoder
+from tests.support import BagOfWords, random_texts, tiny_encoder
 from sklearn.metrics import average_precision_score
 
 from lm2vec.evaluation.base import Instructions

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from conftest import BagOfWords, needs_data, tiny_encoder
+from tests.support import BagOfWords, needs_data, tiny_encoder
 
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.retrieval import (
     average_precision_at_k,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import needs_data, tiny_encoder, tiny_tokenizer
+from tests.support import needs_data, tiny_encoder, tiny_tokenizer
 from threadpoolctl import threadpool_limits
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import lm2vec
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation.word_probing import (
     embed_words,
     evaluate_word_probing,

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import needs_data, word_encoder
+from tests.support import needs_data, word_encoder
 
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import correlations, cosine_rows, evaluate_sts, load_sts
 
 STSB_DEV = data_dir() / "sts" / "stsb" / "dev.jsonl"

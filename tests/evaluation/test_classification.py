@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TableEncoder, needs_data, word_encoder, write_jsonl
+from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.classification import (
     classification_scores,

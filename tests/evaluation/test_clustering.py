@@ -8,11 +8,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import TableEncoder, needs_data, word_encoder, write_jsonl
+from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
-from lm2vec.data import data_dir
+from lm2vec.datafiles import data_dir
 from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.clustering import (
     bootstrap_v_measures,

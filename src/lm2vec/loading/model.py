@@ -1,0 +1,131 @@
+"""Build the tokenizer and the model from a :class:`~.source.Source`: attention mode set before the model exists,
+safetensors weights only, in float or with int8 linear layers (their weights cached as safetensors).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from ..attention import set_bidirectional, unsupported_reason
+from ..cache import atomic_write, cache_dir, cache_key, file_stamps
+from ..quantization import SCHEME, quantize_int8
+from .source import ModelLoadError, Source
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {source.path}: {err}") from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer of {source.name} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "right"  # truncation must keep the instruction at the start
+    return tokenizer
+
+
+def default_attn_implementation(model_type: str) -> str:
+    """SDPA unless the architecture ignores the bidirectional switch under it."""
+    return "eager" if unsupported_reason(model_type, "sdpa") else "sdpa"
+
+
+def model_config(
+    source: Source, bidirectional: bool = True, attn_implementation: str | None = None, trust_remote_code: bool = False
+) -> PretrainedConfig:
+    """The model's config with its attention implementation and mode set, ready to build the model from."""
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the config of {source.path}: {err}") from err
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{config.model_type} is an encoder-decoder model; lm2vec needs a decoder-only LLM")
+    config._attn_implementation = attn_implementation or default_attn_implementation(config.model_type)
+    return set_bidirectional(config, bidirectional)
+
+
+def load_model(
+    source: Source,
+    bidirectional: bool = True,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    model_class: type = AutoModel,
+) -> PreTrainedModel:
+    """Load the model with the attention mode set *before* it is built. Weights: safetensors only."""
+    config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
+    try:
+        return model_class.from_pretrained(
+            source.path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=config._attn_implementation,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err
+
+
+def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
+    """512 tokens, or fewer where the model has fewer positions."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return min(cap, positions) if positions else cap
+
+
+def load_int8_model(
+    source: Source,
+    bidirectional: bool = True,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The model with int8 linear layers (:func:`~lm2vec.quantization.quantize_int8`'s defaults).
+
+    A local model is quantized once and its quantized weights cached as safetensors (keyed by the model's
+    files); later loads build the model empty and take those weights, so the float model is never in memory
+    (peak memory below the float model's, and a faster load). An unreadable cache is rebuilt.
+    """
+    cached = int8_cache_path(source)
+    if cached is not None and cached.is_file():
+        try:
+            return _load_int8_cached(source, cached, bidirectional, attn_implementation, trust_remote_code)
+        except (SafetensorError, RuntimeError, OSError) as err:
+            warnings.warn(f"rebuilding the unreadable int8 cache {cached}: {err}", stacklevel=2)
+    model = load_model(source, bidirectional, torch.float32, attn_implementation, trust_remote_code)
+    quantize_int8(model)
+    if cached is not None:
+        state = {name: t.contiguous() for name, t in model.state_dict().items()}
+        try:
+            atomic_write(cached, lambda tmp: save_file(state, tmp))
+        except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a read-only or full disk: still loads
+            warnings.warn(f"int8 weights not cached: {err}", stacklevel=2)
+    return model
+
+
+def int8_cache_path(source: Source) -> Path | None:
+    """Where a local model's int8 weights are cached (None for hub ids: they are quantized at each load)."""
+    if not source.local:
+        return None
+    folder = Path(source.path)
+    key = cache_key(SCHEME, str(folder.resolve()), file_stamps(folder, (".safetensors", ".json")))
+    return cache_dir() / "int8" / f"{folder.name}-{key[:16]}.safetensors"
+
+
+def _load_int8_cached(
+    source: Source, path: Path, bidirectional: bool, attn_implementation: str | None, trust_remote_code: bool
+) -> PreTrainedModel:
+    from accelerate import init_empty_weights
+
+    config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # weights on the meta device; computed buffers are real
+        model = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    quantize_int8(model)
+    model.load_state_dict(load_file(path), strict=True, assign=True)  # strict: a missing weight raises
+    return model

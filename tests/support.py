@@ -1,0 +1,174 @@
+"""Test support: tiny random decoders built from transformers config classes (hidden 64, 2 layers), tokenizers
+over their vocabulary, small encoders and data helpers. Imported as ``tests.support``; fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+import lm2vec
+
+VOCAB = 128
+
+# model_type -> extra config kwargs beyond the common tiny sizes.
+ARCHITECTURES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": 4},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4},
+    "qwen2": {},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    },
+    "qwen3": {},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 4},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 4},
+    "phi3": {},
+    "olmo2": {},
+    "granite": {},
+    "starcoder2": {"sliding_window": 4},
+    "stablelm": {},
+    "gpt_neox": {},
+    "cohere": {},
+    "phi": {},
+    "olmo": {},
+    "glm": {"head_dim": 16},
+    "smollm3": {},
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
+}
+
+
+def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(ARCHITECTURES[model_type])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config).eval()
+
+
+WORDS = [f"w{i}" for i in range(4, VOCAB)]
+
+
+def tiny_tokenizer(padding_side: str = "right", bos: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: 'w4 w17 w9' -> [4, 17, 9] (BOS 1 first if asked)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {w: i for i, w in enumerate(WORDS, start=4)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side=padding_side,
+    )
+
+
+def tiny_encoder(
+    model_type: str = "llama", pooling: str = "mean", padding_side: str = "right", bos: bool = False, **kw
+) -> lm2vec.Encoder:
+    config = tiny_config(model_type, pad_token_id=3, attn_implementation=kw.pop("attn_implementation", "sdpa"))
+    lm2vec.set_bidirectional(config, kw.get("bidirectional", True))
+    tokenizer = tiny_tokenizer(padding_side, bos)
+    return lm2vec.Encoder(tiny_model(config), tokenizer, pooling=pooling, max_length=64, **kw)
+
+
+def word_encoder(sentences: list[str]) -> lm2vec.Encoder:
+    """A tiny random bidirectional model with a real (lower-cased word-level) tokenizer over ``sentences``."""
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w.lower() for s in sentences for w, _ in pre.pre_tokenize_str(s)})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {w: i for i, w in enumerate(words, start=4)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    config = lm2vec.set_bidirectional(tiny_config("llama", vocab_size=len(vocab), pad_token_id=3))
+    return lm2vec.Encoder(tiny_model(config), tokenizer, max_length=64)
+
+
+def needs_data(*paths: str) -> pytest.MarkDecorator:
+    """Skip unless these files exist under the shared data folder (``LM2VEC_DATA``), naming the first missing."""
+    from lm2vec.datafiles import data_dir
+
+    missing = [data_dir() / p for p in paths if not (data_dir() / p).is_file()]
+    reason = f"{missing[0]} not found: set LM2VEC_DATA to the shared data folder" if missing else ""
+    return pytest.mark.skipif(bool(missing), reason=reason)
+
+
+def random_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+class TableEncoder:
+    """Looks texts up in a table of vectors and records each call."""
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table, self.calls = table, []
+
+    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
+        self.calls.append((list(sentences), instruction))
+        return np.array([self.table[s] for s in sentences], dtype=np.float32)
+
+
+class BagOfWords:
+    """A stand-in encoder: counts of the tiny vocabulary's words, so equal texts embed equally; records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], str | None]] = []
+        self.column = {word: i for i, word in enumerate(WORDS)}
+
+    def encode(self, sentences, *, instruction=None, batch_size=32, show_progress_bar=None) -> np.ndarray:
+        self.calls.append((list(sentences), instruction))
+        vectors = np.zeros((len(sentences), len(WORDS)), dtype=np.float32)
+        for row, sentence in enumerate(sentences):
+            for word in sentence.split():
+                vectors[row, self.column[word]] += 1
+        return vectors
+
+
+CLI = Path(sys.executable).with_name("lm2vec")
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    """The installed ``lm2vec`` console script, run as a user would."""
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
