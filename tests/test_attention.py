@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.support import ARCHITECTURES, VOCAB, tiny_config, tiny_model
 
 import lm2vec
 from lm2vec.attention import UNSUPPORTED, first_token_moves, set_bidirectional, verify_attention
+from tests.support import ARCHITECTURES, VOCAB, tiny_config, tiny_model
 
 IMPLEMENTATIONS = ("eager", "sdpa")
 # What transformers itself does not offer (not an lm2vec limitation).

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-from tests.support import random_texts
-from tests.support import run_cli as run
 
 import lm2vec
-
+from tests.support import random_texts
+from tests.support import run_cli as run
 
 
 def test_encode_text_file_matches_the_library(tiny_dir, tmp_path):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support import needs_data
 
 import lm2vec
 from lm2vec.datafiles import data_dir
+from tests.support import needs_data
 
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.support import random_texts, tiny_encoder, tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 from sentence_transformers import SentenceTransformer
 
 import lm2vec
+from tests.support import random_texts, tiny_encoder, tiny_tokenizer
 
 TEXTS = random_texts(20, seed=1)
 

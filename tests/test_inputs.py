@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.support import tiny_tokenizer
 
 from lm2vec.inputs import Tokenization, equal_length_batches, normalize
+from tests.support import tiny_tokenizer
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support import tiny_tokenizer
 
 import lm2vec
-from lm2vec.loading import ModelLoadError, fix_special_tokens, resolve
+from lm2vec.loading import ModelLoadError
+from lm2vec.loading.source import fix_special_tokens, resolve_source
+from tests.support import tiny_tokenizer
 
 
 def test_load_saved_directory_verifies(tiny_dir: Path):
@@ -26,7 +27,7 @@ def test_missing_sources(missing: str):
 
 
 def test_hub_ids_are_left_to_from_pretrained():
-    source = resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
+    source = resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert source.path == "HuggingFaceTB/SmolLM2-135M-Instruct" and not source.local
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support import random_texts, tiny_encoder
 
 from lm2vec.cli import main
 from lm2vec.onnx_backend import export_onnx, onnx_encoder
 from lm2vec.quantization import quantize_int8
+from tests.support import random_texts, tiny_encoder
 
 TEXTS = random_texts(30, seed=7, max_words=40)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
-from tests.support import random_texts, tiny_encoder
 from openai import OpenAI
 
 import lm2vec
 from lm2vec.server import ServerSettings, create_app
+from tests.support import random_texts, tiny_encoder
 
 TEXTS = random_texts(12, seed=5)
 

@@ -13,7 +13,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModelForCausalLM
 
 import lm2vec
-from lm2vec.loading import resolve
+from lm2vec.loading.source import resolve_source
 
 DATA = Path(os.environ.get("LM2VEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 STSB_TEST = DATA / "sts" / "stsb" / "test.jsonl"
@@ -37,7 +37,7 @@ def test_gguf_special_tokens(smollm2: lm2vec.Encoder):
 
 def test_lm_head_is_tied_and_the_model_still_talks():
     """The GGUF has no output.weight: an untied head would be random and answer nonsense."""
-    path = resolve(None).path
+    path = resolve_source(None).path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     tok = lm2vec.load(verify=False).tokenizer

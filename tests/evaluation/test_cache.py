@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.support import random_texts, tiny_encoder
 
 from lm2vec import PoolingMode
-from lm2vec.evaluation.cache import CachedEncoder, fingerprint
+from lm2vec.cache import fingerprint
+from lm2vec.evaluation.cache import CachedEncoder
+from tests.support import random_texts, tiny_encoder
 
 TEXTS = random_texts(40, seed=3)
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -21,6 +20,7 @@ from lm2vec.evaluation.classification import (
     load_classification,
     undersample,
 )
+from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 
 BANKING77 = data_dir() / "classification" / "banking77"
 needs_banking77 = needs_data("classification/banking77/train.jsonl", "classification/banking77/test.jsonl")

@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
@@ -20,6 +19,7 @@ from lm2vec.evaluation.clustering import (
     evaluate_clustering,
     load_clustering,
 )
+from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 
 NEWSGROUPS = data_dir() / "clustering" / "twentynewsgroups" / "test.jsonl"
 needs_newsgroups = needs_data("clustering/twentynewsgroups/test.jsonl")

@@ -19,11 +19,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from tests.support import WORDS, needs_data, tiny_encoder
 
 from lm2vec.datafiles import data_dir, read_jsonl
 from lm2vec.evaluation import correlations, cosine_rows, load_sts
 from lm2vec.evaluation.mteb_adapter import MTEBEncoder
+from tests.support import WORDS, needs_data, tiny_encoder
 
 STSB_TEST = data_dir() / "sts" / "stsb" / "test.jsonl"
 SCIFACT = data_dir() / "retrieval" / "scifact"

@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 from lm2vec.datafiles import data_dir
@@ -19,6 +18,7 @@ from lm2vec.evaluation.pair_classification import (
     load_pair_classification,
     pair_classification_scores,
 )
+from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
 
 SNLI = data_dir() / "pair_classification" / "snli" / "test.jsonl"
 needs_snli = needs_data("pair_classification/snli/test.jsonl")

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from tests.support import BagOfWords, random_texts, tiny_encoder
 from sklearn.metrics import average_precision_score
 
 from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.reranking import evaluate_reranking, load_reranking, reranking_metrics
+from tests.support import BagOfWords, random_texts, tiny_encoder
 
 
 def write_reranking(folder: Path, lines: list[str]) -> Path:

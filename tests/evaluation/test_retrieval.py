@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from tests.support import BagOfWords, needs_data, tiny_encoder
 
 from lm2vec.datafiles import data_dir
 from lm2vec.evaluation.base import Instructions
@@ -26,6 +25,7 @@ from lm2vec.evaluation.retrieval import (
     retrieval_scores,
     search,
 )
+from tests.support import BagOfWords, needs_data, tiny_encoder
 
 SCIFACT = data_dir() / "retrieval" / "scifact"
 needs_scifact = needs_data("retrieval/scifact/qrels/test.tsv")

@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from tests.support import needs_data, word_encoder
 
 from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import correlations, cosine_rows, evaluate_sts, load_sts
+from tests.support import needs_data, word_encoder
 
 STSB_DEV = data_dir() / "sts" / "stsb" / "dev.jsonl"
 needs_stsb = needs_data("sts/stsb/dev.jsonl")

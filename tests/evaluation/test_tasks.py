@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.support import needs_data, word_encoder
-from tests.support import run_cli as run
 
 from lm2vec import Encoder
 from lm2vec.datafiles import data_dir, read_jsonl
 from lm2vec.evaluation.base import Instructions
 from lm2vec.evaluation.report import load_results
 from lm2vec.evaluation.tasks import DEFAULT_TASKS, TASKS, get_task, load_instructions, run_tasks
+from tests.support import needs_data, word_encoder
+from tests.support import run_cli as run
 
 needs_shared = needs_data("sts/stsb/test.jsonl", "sts/stsb/dev.jsonl", "pair_classification/snli/test.jsonl")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.support import needs_data, tiny_encoder, tiny_tokenizer
 from threadpoolctl import threadpool_limits
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -21,6 +20,7 @@ from lm2vec.evaluation.word_probing import (
     read_conll,
     tokenize_words,
 )
+from tests.support import needs_data, tiny_encoder, tiny_tokenizer
 
 CONLL = data_dir() / "word" / "conll2003"
 needs_conll = needs_data("word/conll2003/train.conll")
@@ -203,7 +203,7 @@ def test_evaluate_rejects_unknown_tags():
 
 def smollm2_tokenizer() -> PreTrainedTokenizerFast:
     try:
-        return AutoTokenizer.from_pretrained(lm2vec.loading.resolve(None).path)
+        return AutoTokenizer.from_pretrained(lm2vec.loading.resolve_source(None).path)
     except lm2vec.ModelLoadError as err:
         pytest.skip(f"built-in model unavailable: {err}")
 

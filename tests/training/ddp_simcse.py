@@ -1,4 +1,5 @@
-"""Run by tests/training/test_ddp.py as ``-m tests.training.ddp_simcse`` under ``torchrun --nproc_per_node 2`` (gloo, CPU): cross-device negatives.
+"""Run by tests/training/test_ddp.py as ``-m tests.training.ddp_simcse`` under ``torchrun --nproc_per_node 2``
+(gloo, CPU): cross-device negatives.
 
 Each rank writes what it saw to ``OUT/rank-N.json``.
 """
@@ -14,11 +15,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-
-from tests.support import random_texts, tiny_encoder
-
 from lm2vec.training import SimCSEConfig, train_simcse
 from lm2vec.training.losses import info_nce, similarities
+from tests.support import random_texts, tiny_encoder
 
 BATCH = 4
 

@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.support import random_texts, tiny_encoder, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
-from tests.support import tiny_config
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import lm2vec
@@ -31,6 +29,7 @@ from lm2vec.training import (
 from lm2vec.training.losses import info_nce
 from lm2vec.training.mntp import MaskingCollator
 from lm2vec.training.models import IGNORE, EmbeddingModel, add_lora, mntp_loss
+from tests.support import random_texts, tiny_config, tiny_encoder, tiny_tokenizer, write_jsonl
 
 FAST = dict(save_steps=2, logging_steps=1, max_length=24, bf16=False)
 
