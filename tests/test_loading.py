@@ -96,3 +96,40 @@ def test_max_length_follows_a_short_model(tiny_dir: Path):
     assert enc.max_length == 64  # the saved setting
     long_text = " ".join(["w5"] * 500)
     assert np.isfinite(enc.encode(long_text)).all()
+
+
+def _edit_json(path: Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}, "max"),
+        ({"pooling_mode_mean_tokens": False, "pooling_mode_mean_sqrt_len_tokens": True}, "mean_sqrt_len_tokens"),
+        ({"pooling_mode_cls_token": True}, "cls \\+ mean"),  # two modes: sentence-transformers concatenates them
+        ({"pooling_mode": "max"}, "max"),
+    ],
+)
+def test_pooling_lm2vec_cannot_reproduce_is_refused_by_name(tiny_dir: Path, keys: dict, named: str):
+    assert lm2vec.load(tiny_dir).pooling.value == "mean"  # the saved directory loads as it is
+    _edit_json(tiny_dir / "1_Pooling" / "config.json", lambda config: config | keys)
+    with pytest.raises(ModelLoadError, match=f"pooling mode {named} cannot be reproduced"):
+        lm2vec.load(tiny_dir)
+
+
+def test_modules_lm2vec_cannot_reproduce_are_refused_by_name(tiny_dir: Path):
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    normalize = {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}
+    _edit_json(tiny_dir / "modules.json", lambda modules: [*modules, dense, normalize])
+    with pytest.raises(
+        ModelLoadError, match="sentence_transformers.models.Dense, sentence_transformers.models.Normalize"
+    ):
+        lm2vec.load(tiny_dir)
+
+
+def test_sentence_transformers_pooling_names_are_read(tiny_dir: Path):
+    """The newer single ``pooling_mode`` key selects the same modes as the legacy boolean keys."""
+    legacy = {key: False for key in json.loads((tiny_dir / "1_Pooling" / "config.json").read_text()) if "mode" in key}
+    _edit_json(tiny_dir / "1_Pooling" / "config.json", lambda config: config | legacy | {"pooling_mode": "lasttoken"})
+    assert lm2vec.load(tiny_dir).pooling.value == "last_token"

@@ -20,15 +20,6 @@ class PoolingMode(StrEnum):
     FIRST_TOKEN = "first_token"
 
 
-# Our names -> sentence-transformers' ``1_Pooling/config.json`` keys.
-ST_POOLING_KEYS: dict[PoolingMode, str] = {
-    PoolingMode.MEAN: "pooling_mode_mean_tokens",
-    PoolingMode.WEIGHTED_MEAN: "pooling_mode_weightedmean_tokens",
-    PoolingMode.LAST_TOKEN: "pooling_mode_lasttoken",
-    PoolingMode.FIRST_TOKEN: "pooling_mode_cls_token",
-}
-
-
 def parse_pooling(mode: str | PoolingMode) -> PoolingMode:
     try:
         return PoolingMode(mode)

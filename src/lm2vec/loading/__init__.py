@@ -3,7 +3,7 @@
 The steps, each in its own module: :mod:`.source` turns the name into a local directory or hub id (converting
 GGUF files once), :mod:`.dtype` decides the weight dtype (``"auto"``: the device's fastest), :mod:`.model`
 builds the tokenizer and the model (attention mode set before it is built; int8 weights cached), and
-:mod:`lm2vec.st_format` reads the settings a saved encoder directory carries.
+:mod:`.saved` reads the settings a saved encoder directory carries.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .. import st_format
 from ..encoder import Encoder
 from ..pooling import PoolingMode
 from .dtype import Dtype, resolve_dtype, torch_dtype
 from .model import default_max_length, load_int8_model, load_model, load_tokenizer
+from .saved import read_saved_settings
 from .source import BUILTIN_MODEL, ModelLoadError, Source, resolve_source
 
 __all__ = ["BUILTIN_MODEL", "ModelLoadError", "Source", "load", "resolve_source"]
@@ -47,7 +47,7 @@ def load(
     """
     dtype = resolve_dtype(dtype, device)
     resolved = resolve_source(source)
-    saved = st_format.read(Path(resolved.path)) if resolved.local else None
+    saved = read_saved_settings(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
     if dtype == "int8":

@@ -1,0 +1,69 @@
+"""Read back the settings a saved sentence-transformers directory carries (pooling, max length, prompts, attention).
+
+A directory whose modules or pooling lm2vec cannot reproduce (Dense, Normalize, max or mean-sqrt-len pooling,
+several pooling modes concatenated) is refused by name: loading it anyway would give other vectors than
+sentence-transformers gives.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from pathlib import Path
+
+from ..pooling import PoolingMode
+from ..st_format import MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings
+from .source import ModelLoadError
+
+
+def read_saved_settings(path: Path) -> STSettings | None:
+    """Settings of a saved sentence-transformers directory, or None for a plain Hugging Face directory."""
+    if not (path / "modules.json").is_file():
+        return None
+    modules = _load(path / "modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelLoadError(f"{path / 'modules.json'}: expected a list of module objects")
+    foreign = [str(m.get("type")) for m in modules if str(m.get("type")).rsplit(".", 1)[-1] not in MODULES]
+    if foreign:
+        raise ModelLoadError(
+            f"{path} has sentence-transformers module(s) lm2vec cannot reproduce: {', '.join(foreign)} "
+            f"(lm2vec runs {' + '.join(MODULES)} only)"
+        )
+    pooling_dirs = [m.get("path") or POOLING_DIR for m in modules if str(m.get("type")).endswith("Pooling")]
+    pooling_file = path / (pooling_dirs[0] if pooling_dirs else POOLING_DIR) / "config.json"
+    bert_file = path / "sentence_bert_config.json"
+    max_length = (_load(bert_file) if bert_file.is_file() else {}).get("max_seq_length") or 512
+    st_file = path / "config_sentence_transformers.json"
+    st_config = _load(st_file) if st_file.is_file() else {}
+    hf_config = _load(path / "config.json") if (path / "config.json").is_file() else {}
+    return STSettings(
+        bidirectional=hf_config.get("is_causal") is not True,
+        pooling=_pooling_mode(_load(pooling_file) if pooling_file.is_file() else {}, pooling_file),
+        max_length=int(max_length),
+        prompts=dict(st_config.get("prompts") or {}),
+        default_prompt_name=st_config.get("default_prompt_name"),
+    )
+
+
+def _pooling_mode(config: dict, where: Path) -> PoolingMode:
+    """The one pooling mode a Pooling config selects: ``pooling_mode`` if present (it overrides the legacy boolean
+    keys, as in sentence-transformers), else the legacy keys; none: mean."""
+    declared = config.get("pooling_mode")
+    if declared is not None:
+        names = [declared] if isinstance(declared, str) else list(declared)
+    else:
+        names = [name for key, name in ST_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    ours = {name: mode for mode, name in ST_POOLING_NAMES.items()}
+    if len(names) > 1 or names[0] not in ours:
+        raise ModelLoadError(
+            f"{where}: pooling mode {' + '.join(map(str, names))} cannot be reproduced by lm2vec "
+            f"(it pools with one of: {', '.join(ours)})"
+        )
+    return ours[names[0]]
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
