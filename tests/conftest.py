@@ -20,3 +20,10 @@ def smollm2() -> lm2vec.Encoder:
 def tiny_dir(tmp_path: Path) -> Path:
     """A saved tiny encoder directory (sentence-transformers layout)."""
     return tiny_encoder().save(tmp_path / "tiny")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the real SmolLM2 is marked ``slow``: ``pytest -m "not slow"`` runs the rest in minutes."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
