@@ -100,9 +100,9 @@ def test_evaluate_on_a_handmade_dataset(tmp_path):
     assert len(encoder.calls[0][0]) == len(set(encoder.calls[0][0])) and set(encoder.calls[0][0]) == union | test_texts
     assert len(union) <= 40 < len(train_texts)  # ten experiments of 4 cannot cover the train split
 
-    # max_test: a seeded sample of the test set, all of which (and nothing else from it) is embedded.
+    # max_samples: a seeded sample of the test set, all of which (and nothing else from it) is embedded.
     sampled_encoder = TableEncoder(encoder.table)
-    sampled = evaluate_classification(sampled_encoder, tmp_path, name="toy", max_test=5, n_experiments=2, seed=3)
+    sampled = evaluate_classification(sampled_encoder, tmp_path, name="toy", max_samples=5, n_experiments=2, seed=3)
     assert sampled.samples == {"train": 16, "test": 5, "experiments": 2}
     test_rows = [f"test {i}" for i in range(10)] + ["shared", "odd one", "shared"]
     kept = {test_rows[i] for i in np.random.default_rng(3).choice(13, size=5, replace=False)}
@@ -132,7 +132,7 @@ def test_evaluate_banking77_end_to_end(monkeypatch):
         return embeddings
 
     monkeypatch.setattr(encoder, "encode", recording_encode)
-    result = evaluate_classification(encoder, samples_per_label=2, n_experiments=2, max_test=60, batch_size=64)
+    result = evaluate_classification(encoder, samples_per_label=2, n_experiments=2, max_samples=60, batch_size=64)
 
     experiments = undersample(data.train_labels, 2, 2, seed=42)
     test = np.sort(np.random.default_rng(42).choice(len(data.test_texts), size=60, replace=False))

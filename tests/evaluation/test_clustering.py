@@ -82,7 +82,7 @@ def test_evaluate_matches_mteb_bootstrap(tmp_path):
     encoder = TableEncoder(table)
     instructions = Instructions("Identify the topic", "ignored")
     result = evaluate_clustering(
-        encoder, tmp_path, instructions, name="toy", max_documents=150, n_runs=4, documents_per_run=100, seed=11
+        encoder, tmp_path, instructions, name="toy", max_samples=150, n_runs=4, documents_per_run=100, seed=11
     )
 
     generator = random.Random(11)
@@ -125,7 +125,7 @@ def test_evaluate_twentynewsgroups_end_to_end(monkeypatch):
         return embeddings
 
     monkeypatch.setattr(encoder, "encode", recording_encode)
-    result = evaluate_clustering(encoder, max_documents=300, n_runs=3, documents_per_run=300, batch_size=64)
+    result = evaluate_clustering(encoder, max_samples=300, n_runs=3, documents_per_run=300, batch_size=64)
 
     generator = random.Random(42)
     chosen = generator.sample(range(len(data.texts)), k=300)

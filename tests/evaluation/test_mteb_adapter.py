@@ -92,7 +92,7 @@ def local_sts_task(mteb: ModuleType):
         min_score, max_score = 0, 5
 
         def load_data(self, num_proc: int | None = None, **kwargs) -> None:
-            pairs = load_sts("stsb", "test", limit=PAIRS)
+            pairs = load_sts("stsb", "test", max_samples=PAIRS)
             columns = {
                 "sentence1": [tiny_words(s) for s in pairs.sentence1],
                 "sentence2": [tiny_words(s) for s in pairs.sentence2],
@@ -122,7 +122,7 @@ def test_mteb_sts_score_equals_lm2vec_sts_and_results_are_written(mteb, tmp_path
 
     [task_result] = result.task_results
     mteb_spearman = task_result.get_score()
-    pairs = load_sts("stsb", "test", limit=PAIRS)
+    pairs = load_sts("stsb", "test", max_samples=PAIRS)
     side1 = encoder.encode([tiny_words(s) for s in pairs.sentence1], instruction="w6 ", batch_size=16)
     side2 = encoder.encode([tiny_words(s) for s in pairs.sentence2], instruction="w6 ", batch_size=16)
     similarities = cosine_rows(side1, side2)

@@ -107,11 +107,11 @@ def test_evaluate_on_handmade_pairs(tmp_path):
     assert result.scores["cosine_f1"] == pytest.approx(100 * f1)
     assert result.samples == {"pairs": 6, "positives": 3}
 
-    sampled = evaluate_pair_classification(TableEncoder(table), tmp_path, name="toy", max_pairs=4, seed=3)
+    sampled = evaluate_pair_classification(TableEncoder(table), tmp_path, name="toy", max_samples=4, seed=3)
     assert sampled.samples["pairs"] == 4
     assert (
         sampled.scores
-        == evaluate_pair_classification(TableEncoder(table), tmp_path, name="toy", max_pairs=4, seed=3).scores
+        == evaluate_pair_classification(TableEncoder(table), tmp_path, name="toy", max_samples=4, seed=3).scores
     )
 
 
@@ -143,7 +143,7 @@ def test_evaluate_snli_end_to_end(monkeypatch):
         return embeddings
 
     monkeypatch.setattr(encoder, "encode", recording_encode)
-    result = evaluate_pair_classification(encoder, max_pairs=150, batch_size=64)
+    result = evaluate_pair_classification(encoder, max_samples=150, batch_size=64)
 
     chosen = np.sort(np.random.default_rng(42).choice(len(data.labels), size=150, replace=False))
     s1, s2 = [data.sentence1[i] for i in chosen], [data.sentence2[i] for i in chosen]

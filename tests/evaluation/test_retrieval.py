@@ -231,20 +231,20 @@ def test_load_keeps_judged_queries_and_joins_titles(tmp_path):
 
 def test_sampling_keeps_every_judged_document_and_is_seeded(tmp_path):
     data, qrels = synthetic_beir(tmp_path)
-    sample = load_retrieval("toy", data=data, max_corpus=50, max_queries=10, seed=1)
+    sample = load_retrieval("toy", data=data, max_samples=50, max_queries=10, seed=1)
     assert len(sample.query_ids) == 10 and len(sample.corpus_ids) == 50
     judged = {d for q in sample.query_ids for d in qrels[q]}
     assert judged <= set(sample.corpus_ids)
     assert sample.qrels == {q: qrels[q] for q in sample.query_ids}
-    assert sample == load_retrieval("toy", data=data, max_corpus=50, max_queries=10, seed=1)
-    assert sample.corpus_ids != load_retrieval("toy", data=data, max_corpus=50, max_queries=10, seed=2).corpus_ids
-    small = load_retrieval("toy", data=data, max_corpus=5, max_queries=10, seed=1)
-    assert set(small.corpus_ids) == judged  # the judged documents outnumber max_corpus: all kept, no others
+    assert sample == load_retrieval("toy", data=data, max_samples=50, max_queries=10, seed=1)
+    assert sample.corpus_ids != load_retrieval("toy", data=data, max_samples=50, max_queries=10, seed=2).corpus_ids
+    small = load_retrieval("toy", data=data, max_samples=5, max_queries=10, seed=1)
+    assert set(small.corpus_ids) == judged  # the judged documents outnumber max_samples: all kept, no others
 
 
 @needs_scifact
 def test_sampling_scifact_keeps_every_judged_document():
-    sample = load_retrieval("scifact", max_corpus=200, max_queries=20)
+    sample = load_retrieval("scifact", max_samples=200, max_queries=20)
     assert len(sample.query_ids) == 20 and len(sample.corpus_ids) == 200
     assert {d for judged in sample.qrels.values() for d in judged} <= set(sample.corpus_ids)
 
@@ -290,7 +290,7 @@ def test_evaluate_retrieval_with_an_encoder_that_matches_exactly(tmp_path):
 
 @needs_scifact
 def test_evaluate_retrieval_on_a_scifact_sample_with_a_tiny_model():
-    result = evaluate_retrieval(tiny_encoder(), max_queries=20, max_corpus=200, chunk_size=64)
+    result = evaluate_retrieval(tiny_encoder(), max_queries=20, max_samples=200, chunk_size=64)
     assert result.task == "scifact" and result.main_score == result.scores["ndcg_at_10"]
     assert result.samples["queries"] == 20 and result.samples["documents"] == 200
     assert all(0 <= value <= 100 for value in result.scores.values())

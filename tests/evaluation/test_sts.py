@@ -79,7 +79,7 @@ def test_missing_split_says_how_to_point_at_the_data(tmp_path):
 
 @needs_stsb
 def test_evaluate_sts_end_to_end(monkeypatch):
-    pairs = load_sts("stsb", "dev", limit=40)
+    pairs = load_sts("stsb", "dev", max_samples=40)
     encoder = word_encoder(pairs.sentence1 + pairs.sentence2)
     encode = encoder.encode
     calls: list[list[str]] = []
@@ -89,7 +89,7 @@ def test_evaluate_sts_end_to_end(monkeypatch):
         return encode(sentences, **kwargs)
 
     monkeypatch.setattr(encoder, "encode", recording_encode)
-    result = evaluate_sts(encoder, split="dev", limit=40, batch_size=8)
+    result = evaluate_sts(encoder, split="dev", max_samples=40, batch_size=8)
 
     unique = set(pairs.sentence1 + pairs.sentence2)
     assert len(calls) == 1 and len(calls[0]) == len(unique) and set(calls[0]) == unique

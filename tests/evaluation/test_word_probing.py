@@ -177,7 +177,7 @@ def test_entity_f1_leaves_out_the_outside_tag():
 def test_evaluate_on_conll_with_a_tiny_model():
     # A probe this small gains nothing from BLAS/OpenMP threads, which thrash on a busy machine (40x slower).
     with threadpool_limits(1):
-        results = evaluate_word_probing(tiny_encoder(), data_dir(), max_train_sentences=200, max_test_sentences=100)
+        results = evaluate_word_probing(tiny_encoder(), data_dir(), max_train_samples=200, max_samples=100)
     assert [(r.task, r.type, r.main_metric) for r in results] == [
         ("conll2003-pos", "word_probing", "accuracy"),
         ("conll2003-chunk", "word_probing", "accuracy"),

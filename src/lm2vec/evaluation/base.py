@@ -1,15 +1,31 @@
-"""What every evaluation task shares: the encoder it calls, its instructions, and the result it returns."""
+"""What every evaluation task shares: the encoder it calls, its instructions, its samples and its result.
+
+The ``evaluate_*`` functions take the same options under the same names: ``data`` (the data directory, default
+:func:`lm2vec.datafiles.data_dir`), ``instructions``, ``batch_size``, ``seed`` and ``show_progress_bar``.
+``max_samples`` caps, for CPU budgets, the items a task is scored on: a seeded random sample (:func:`sample_indices`)
+of classification's test texts, pair classification's pairs, word probing's test sentences, and clustering's
+documents (drawn as MTEB draws them); retrieval's corpus (its judged documents plus random others); STS's pairs, the
+first N in file order, as training's dev scoring takes them. A task with a second population caps it by name:
+retrieval's ``max_queries``, word probing's ``max_train_samples``. None (the default) scores everything, as MTEB does.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
 
 class TextEncoder(Protocol):
-    """An :class:`lm2vec.Encoder`, or the embedding cache in front of one."""
+    """An :class:`lm2vec.Encoder`, the embedding cache in front of one, or a test double.
+
+    A tensor is allowed back because :meth:`lm2vec.Encoder.encode` can return one; :func:`embed` makes it numpy.
+    """
 
     def encode(
         self,
@@ -18,7 +34,45 @@ class TextEncoder(Protocol):
         instruction: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
-    ) -> np.ndarray: ...
+    ) -> np.ndarray | torch.Tensor: ...
+
+
+def embed(
+    encoder: TextEncoder,
+    texts: list[str],
+    instruction: str | None,
+    batch_size: int = 32,
+    show_progress_bar: bool | None = None,
+) -> np.ndarray:
+    """One encoder call on ``texts`` as they are, as a numpy array (rows in ``texts`` order)."""
+    return np.asarray(
+        encoder.encode(texts, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    )
+
+
+def embed_unique(
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    instruction: str | None,
+    batch_size: int = 32,
+    show_progress_bar: bool | None = None,
+) -> np.ndarray:
+    """Embeddings aligned with ``texts``, from one encoder call on each distinct text once, in first-seen order.
+
+    Tasks repeat texts (a sentence in several pairs, a candidate under several queries): this embeds each once.
+    """
+    unique = list(dict.fromkeys(texts))
+    row = {text: i for i, text in enumerate(unique)}
+    return embed(encoder, unique, instruction, batch_size, show_progress_bar)[[row[text] for text in texts]]
+
+
+def sample_indices(n: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """Ascending indices of a seeded random sample of ``max_samples`` of ``n`` items; all of them when uncapped."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"sample limits must be positive, got {max_samples}")
+    if max_samples is None or max_samples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
 
 
 @dataclass(frozen=True)

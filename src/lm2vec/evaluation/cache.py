@@ -7,6 +7,7 @@ one chunk.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from tqdm.auto import tqdm
 
 from ..cache import cache_key, fingerprint
 from ..encoder import Encoder
+from .base import embed
 
 
 class CachedEncoder:
     """Wraps an :class:`~lm2vec.Encoder`; ``encode`` returns cached rows and computes only the missing ones."""
 
-    def __init__(self, encoder: Encoder, directory: str | Path, chunk_size: int = 256):
+    def __init__(self, encoder: Encoder, directory: str | os.PathLike, chunk_size: int = 256):
         self.encoder = encoder
         self.chunk_size = chunk_size
         self.path = Path(directory) / f"{fingerprint(encoder)}.sqlite"
@@ -62,12 +64,8 @@ class CachedEncoder:
         ) as bar:
             for start in range(0, len(missing), self.chunk_size):
                 chunk = missing[start : start + self.chunk_size]
-                vectors = self.encoder.encode(
-                    [text for _, text in chunk],
-                    instruction=instruction,
-                    batch_size=batch_size,
-                    show_progress_bar=False,
-                ).astype(np.float32)
+                texts = [text for _, text in chunk]
+                vectors = embed(self.encoder, texts, instruction, batch_size, False).astype(np.float32)
                 with self.db:  # one transaction per chunk: committed, or not at all
                     self.db.executemany(
                         "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",

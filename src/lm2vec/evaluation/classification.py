@@ -14,15 +14,14 @@ import warnings
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from ..datafiles import data_dir, read_jsonl
-from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
+from ..datafiles import data_file, read_jsonl
+from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder, embed_unique, sample_indices
 
 Label = str | int
 
@@ -38,13 +37,11 @@ class ClassificationData:
 
 def load_classification(name: str = "banking77", data: str | os.PathLike | None = None) -> ClassificationData:
     """Read ``classification/NAME/{train,test}.jsonl`` (fields ``text``, ``label``) under the data directory."""
-    folder = Path(data if data is not None else data_dir()) / "classification" / name
     splits = {}
     for split in ("train", "test"):
-        path = folder / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
-        records = read_jsonl(path, {"text": str, "label": (str, int)})
+        records = read_jsonl(
+            data_file(data, "classification", name, f"{split}.jsonl"), {"text": str, "label": (str, int)}
+        )
         splits[split] = [r["text"] for r in records], [r["label"] for r in records]
     return ClassificationData(name, *splits["train"], *splits["test"])
 
@@ -106,13 +103,13 @@ def evaluate_classification(
     name: str = "banking77",
     samples_per_label: int = 8,
     n_experiments: int = 10,
-    max_test: int | None = None,
+    max_samples: int | None = None,
     show_progress_bar: bool | None = None,
 ) -> TaskResult:
     """Score ``encoder`` on ``classification/NAME`` with MTEB's protocol (main score: accuracy x100).
 
     Texts get ``instructions.query`` (only one side is embedded). Each distinct text among the experiments' train
-    sets and the test set is embedded once, in one call. ``max_test`` keeps a seeded random sample of that many
+    sets and the test set is embedded once, in one call. ``max_samples`` keeps a seeded random sample of that many
     test examples (not stratified) to fit a CPU budget; MTEB itself scores the whole test split.
     """
     if n_experiments < 1 or samples_per_label < 1:
@@ -122,27 +119,15 @@ def evaluate_classification(
     start = time.perf_counter()
     dataset = load_classification(name, data)
     experiments = undersample(dataset.train_labels, samples_per_label, n_experiments, seed)
-    test = np.arange(len(dataset.test_texts))
-    if max_test is not None and max_test < len(test):
-        test = np.sort(np.random.default_rng(seed).choice(len(test), size=max_test, replace=False))
+    test = sample_indices(len(dataset.test_texts), max_samples, seed)
     train_union = sorted(set().union(*experiments))
     texts = [dataset.train_texts[i] for i in train_union] + [dataset.test_texts[i] for i in test]
-    unique = list(dict.fromkeys(texts))
-    embeddings = np.asarray(
-        encoder.encode(
-            unique, instruction=instructions.query, batch_size=batch_size, show_progress_bar=show_progress_bar
-        )
-    )
-    row = {text: i for i, text in enumerate(unique)}
-
-    def embed(wanted: list[str]) -> np.ndarray:
-        return embeddings[[row[t] for t in wanted]]
-
-    test_embeddings = embed([dataset.test_texts[i] for i in test])
-    test_labels = [dataset.test_labels[i] for i in test]
+    embeddings = embed_unique(encoder, texts, instructions.query, batch_size, show_progress_bar)
+    train_row = {index: row for row, index in enumerate(train_union)}
+    test_embeddings, test_labels = embeddings[len(train_union) :], [dataset.test_labels[i] for i in test]
     runs = [
         classification_scores(
-            embed([dataset.train_texts[i] for i in chosen]),
+            embeddings[[train_row[i] for i in chosen]],
             [dataset.train_labels[i] for i in chosen],
             test_embeddings,
             test_labels,

@@ -13,14 +13,13 @@ import random
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
-from ..datafiles import data_dir, read_jsonl
-from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
+from ..datafiles import data_file, read_jsonl
+from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder, embed_unique
 
 
 @dataclass(frozen=True)
@@ -32,15 +31,15 @@ class ClusteringData:
 
 def load_clustering(name: str = "twentynewsgroups", data: str | os.PathLike | None = None) -> ClusteringData:
     """Read ``clustering/NAME/test.jsonl`` (fields ``text``, ``label``) under the data directory."""
-    path = Path(data if data is not None else data_dir()) / "clustering" / name / "test.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
-    records = read_jsonl(path, {"text": str, "label": (str, int)})
+    records = read_jsonl(data_file(data, "clustering", name, "test.jsonl"), {"text": str, "label": (str, int)})
     return ClusteringData(name, [r["text"] for r in records], [r["label"] for r in records])
 
 
+Labels = Sequence[Hashable] | np.ndarray  # one label per document
+
+
 def cluster_v_measure(
-    embeddings: np.ndarray, labels: Sequence[Hashable], n_clusters: int, seed: int = 42, kmeans_batch_size: int = 512
+    embeddings: np.ndarray, labels: Labels, n_clusters: int, seed: int = 42, kmeans_batch_size: int = 512
 ) -> float:
     """One run: k-means configured as MTEB configures it, V-measure of its clusters against ``labels`` (0-1)."""
     kmeans = MiniBatchKMeans(
@@ -51,7 +50,7 @@ def cluster_v_measure(
 
 def bootstrap_v_measures(
     embeddings: np.ndarray,
-    labels: Sequence[Hashable],
+    labels: Labels,
     rng: random.Random,
     *,
     n_runs: int = 10,
@@ -64,12 +63,12 @@ def bootstrap_v_measures(
     MTEB draws from the task's ``random.Random(seed)``, after it has sampled the documents to embed, so pass the
     same generator to reproduce its draws. k is the number of distinct labels among all ``labels``, not per draw.
     """
-    labels = np.asarray(labels)
-    n_clusters = np.unique(labels).size
+    label_array = np.asarray(labels)
+    n_clusters = np.unique(label_array).size
     scores = []
     for _ in range(n_runs):
-        drawn = rng.choices(range(len(labels)), k=documents_per_run)
-        scores.append(cluster_v_measure(embeddings[drawn], labels[drawn], n_clusters, seed, kmeans_batch_size))
+        drawn = rng.choices(range(len(label_array)), k=documents_per_run)
+        scores.append(cluster_v_measure(embeddings[drawn], label_array[drawn], n_clusters, seed, kmeans_batch_size))
     return scores
 
 
@@ -81,7 +80,7 @@ def evaluate_clustering(
     seed: int = 42,
     *,
     name: str = "twentynewsgroups",
-    max_documents: int | None = None,
+    max_samples: int | None = None,
     n_runs: int = 10,
     documents_per_run: int = 16_384,
     show_progress_bar: bool | None = None,
@@ -89,7 +88,7 @@ def evaluate_clustering(
     """Score ``encoder`` on ``clustering/NAME`` with MTEB's v2 protocol (main score: mean V-measure x100).
 
     Texts get ``instructions.query`` (only one side is embedded); each distinct text is embedded once.
-    ``max_documents`` embeds only a random sample of that many documents, drawn as MTEB draws its
+    ``max_samples`` embeds only a random sample of that many documents, drawn as MTEB draws its
     ``max_document_to_embed``. MTEB's default instead embeds 4% (2,381) of the 59,545 rows of its 20 Newsgroups set
     (5,242 distinct subjects, repeated); here the default is every document, as 4% of the local 7,532 would leave
     about 15 per group.
@@ -99,20 +98,14 @@ def evaluate_clustering(
     start = time.perf_counter()
     dataset = load_clustering(name, data)
     rng = random.Random(seed)
-    chosen = range(len(dataset.texts))
-    if max_documents is not None and max_documents < len(chosen):
-        chosen = rng.sample(chosen, k=max_documents)
+    chosen: Sequence[int] = range(len(dataset.texts))
+    if max_samples is not None and max_samples < len(chosen):
+        chosen = rng.sample(chosen, k=max_samples)
     texts = [dataset.texts[i] for i in chosen]
     labels = [dataset.labels[i] for i in chosen]
-    unique = list(dict.fromkeys(texts))
-    embeddings = np.asarray(
-        encoder.encode(
-            unique, instruction=instructions.query, batch_size=batch_size, show_progress_bar=show_progress_bar
-        )
-    )
-    row = {text: i for i, text in enumerate(unique)}
+    embeddings = embed_unique(encoder, texts, instructions.query, batch_size, show_progress_bar)
     scores = bootstrap_v_measures(
-        embeddings[[row[t] for t in texts]], labels, rng, n_runs=n_runs, documents_per_run=documents_per_run, seed=seed
+        embeddings, labels, rng, n_runs=n_runs, documents_per_run=documents_per_run, seed=seed
     )
     return TaskResult(
         task=name,

@@ -6,7 +6,7 @@ mteb is an optional extra (``lm2vec[eval]``), so it is imported only when the ad
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from ..encoder import Encoder
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
     from mteb.models import ModelMeta
-    from mteb.types import BatchedInput, PromptType
+    from mteb.types import Array, BatchedInput, PromptType
     from torch.utils.data import DataLoader
 
 
@@ -88,15 +88,15 @@ class MTEBEncoder:
             show_progress_bar=kwargs.get("show_progress_bar"),
             convert_to_tensor=True,
         )
-        return embeddings.float().numpy()
+        return torch.as_tensor(embeddings).float().numpy()  # a tensor: bf16 has no numpy dtype
 
-    def similarity(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
+    def similarity(self, embeddings1: Array, embeddings2: Array) -> torch.Tensor:
         """Cosine similarity of every row of ``embeddings1`` with every row of ``embeddings2``."""
         from mteb.similarity_functions import cos_sim
 
         return cos_sim(embeddings1, embeddings2)
 
-    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
+    def similarity_pairwise(self, embeddings1: Array, embeddings2: Array) -> Array:
         """Cosine similarity of each row of ``embeddings1`` with the same row of ``embeddings2``."""
         from mteb.similarity_functions import pairwise_cos_sim
 
@@ -110,6 +110,7 @@ def model_meta(encoder: Encoder, prompts: dict[str, str], name: str | None = Non
     already holds for the same name and revision, so two checkpoints of one model must not share one.
     """
     from mteb.models import ModelMeta
+    from mteb.models.model_meta import ScoringFunction
 
     info = encoder.info()
     return ModelMeta(
@@ -118,7 +119,7 @@ def model_meta(encoder: Encoder, prompts: dict[str, str], name: str | None = Non
         revision=revision(encoder, prompts),
         release_date=None,
         languages=None,
-        n_parameters=info["parameters"],
+        n_parameters=cast(int, info["parameters"]),  # info() types its values as object
         memory_usage_mb=None,
         max_tokens=encoder.max_length,
         embed_dim=encoder.dim,
@@ -127,7 +128,7 @@ def model_meta(encoder: Encoder, prompts: dict[str, str], name: str | None = Non
         public_training_code=None,
         public_training_data=None,
         framework=["PyTorch", "Transformers"],
-        similarity_fn_name="cosine",
+        similarity_fn_name=ScoringFunction.COSINE,
         use_instructions=bool(prompts),
         training_datasets=None,
     )

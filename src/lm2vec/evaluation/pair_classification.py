@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from ..datafiles import data_dir, read_jsonl
-from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
-from .sts import cosine_rows
+from ..datafiles import data_file, read_jsonl
+from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder, sample_indices
+from .sts import pair_cosines
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,7 @@ class PairClassificationData:
 
 def load_pair_classification(name: str = "snli", data: str | os.PathLike | None = None) -> PairClassificationData:
     """Read ``pair_classification/NAME/test.jsonl`` (``sentence1``, ``sentence2``, ``label`` 1 or 0)."""
-    path = Path(data if data is not None else data_dir()) / "pair_classification" / name / "test.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
+    path = data_file(data, "pair_classification", name, "test.jsonl")
     records = read_jsonl(path, {"sentence1": str, "sentence2": str, "label": int})
     for number, record in enumerate(records, start=1):
         if record["label"] not in (0, 1):
@@ -89,31 +86,21 @@ def evaluate_pair_classification(
     seed: int = 42,
     *,
     name: str = "snli",
-    max_pairs: int | None = None,
+    max_samples: int | None = None,
     show_progress_bar: bool | None = None,
 ) -> TaskResult:
     """Score ``encoder`` on ``pair_classification/NAME`` (main score: cosine average precision x100).
 
     The task is symmetric: both sentences get ``instructions.query`` (pass ``Instructions.symmetric(...)``), which
-    lets each distinct sentence be embedded once. ``max_pairs`` keeps a seeded random sample of that many pairs
+    lets each distinct sentence be embedded once. ``max_samples`` keeps a seeded random sample of that many pairs
     (in file order) to fit a CPU budget; MTEB scores every pair.
     """
     start = time.perf_counter()
     dataset = load_pair_classification(name, data)
-    chosen = np.arange(len(dataset.labels))
-    if max_pairs is not None and max_pairs < len(chosen):
-        chosen = np.sort(np.random.default_rng(seed).choice(len(chosen), size=max_pairs, replace=False))
-    sentence1 = [dataset.sentence1[i] for i in chosen]
-    sentence2 = [dataset.sentence2[i] for i in chosen]
+    chosen = sample_indices(len(dataset.labels), max_samples, seed)
+    sentence1, sentence2 = [dataset.sentence1[i] for i in chosen], [dataset.sentence2[i] for i in chosen]
     labels = dataset.labels[chosen]
-    unique = list(dict.fromkeys(sentence1 + sentence2))
-    embeddings = np.asarray(
-        encoder.encode(
-            unique, instruction=instructions.query, batch_size=batch_size, show_progress_bar=show_progress_bar
-        )
-    )
-    row = {sentence: i for i, sentence in enumerate(unique)}
-    similarities = cosine_rows(embeddings[[row[s] for s in sentence1]], embeddings[[row[s] for s in sentence2]])
+    similarities = pair_cosines(encoder, sentence1, sentence2, instructions.query, batch_size, show_progress_bar)
     scores = pair_classification_scores(similarities, labels)
     return TaskResult(
         task=name,

@@ -12,12 +12,11 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..datafiles import data_dir, numbered_lines, read_jsonl
-from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
+from ..datafiles import data_file, numbered_lines, read_jsonl
+from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder, embed_unique
 from .retrieval import average_precision_at_k, rank_run, reciprocal_rank_at_k, unit_rows
 
 MAP_CUTOFF = 1000  # MTEB keeps the top 1000 candidates and reports MAP@1000 as the main score
@@ -42,9 +41,7 @@ def load_reranking(name: str, split: str = "test", data: str | os.PathLike | Non
 
     Samples without a positive or without a negative are dropped, as MTEB drops them.
     """
-    path = Path(data if data is not None else data_dir()) / "reranking" / name / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
+    path = data_file(data, "reranking", name, f"{split}.jsonl")
     records = read_jsonl(path, {"query": str, "positive": list, "negative": list})
     samples = []
     for (number, _), record in zip(numbered_lines(path), records, strict=True):
@@ -88,22 +85,15 @@ def evaluate_reranking(
     """
     start = time.perf_counter()
     dataset = load_reranking(name, split, data)
-
-    def embed(texts: list[str], instruction: str | None) -> tuple[np.ndarray, dict[str, int]]:
-        unique = list(dict.fromkeys(texts))
-        vectors = encoder.encode(
-            unique, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar
-        )
-        return unit_rows(vectors), {text: i for i, text in enumerate(unique)}
-
-    queries, query_row = embed([s.query for s in dataset.samples], instructions.query)
-    candidates, candidate_row = embed(
-        [text for s in dataset.samples for text in s.positive + s.negative], instructions.document
+    queries = unit_rows(
+        embed_unique(encoder, [s.query for s in dataset.samples], instructions.query, batch_size, show_progress_bar)
     )
-    results = []
-    for sample in dataset.samples:
-        rows = [candidate_row[text] for text in sample.positive + sample.negative]
-        similarities = candidates[rows] @ queries[query_row[sample.query]]
+    texts = [text for s in dataset.samples for text in s.positive + s.negative]
+    candidates = unit_rows(embed_unique(encoder, texts, instructions.document, batch_size, show_progress_bar))
+    results, first = [], 0  # the sample's candidates are rows first..last of ``candidates``
+    for query, sample in zip(queries, dataset.samples, strict=True):
+        last = first + len(sample.positive) + len(sample.negative)
+        similarities, first = candidates[first:last] @ query, last
         if np.isnan(similarities).any():
             raise ValueError("NaN similarity: the encoder returned NaN embeddings")
         results.append(reranking_metrics(similarities, len(sample.positive)))

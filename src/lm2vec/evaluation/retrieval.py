@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..datafiles import data_dir, numbered_lines, read_jsonl
-from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
+from ..datafiles import data_file, numbered_lines, read_jsonl
+from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder, embed
 
 TOP_K = 100  # the deepest cutoff reported (recall@100)
 QRELS_HEADER = ["query-id", "corpus-id", "score"]
@@ -78,28 +78,24 @@ def load_retrieval(
     split: str = "test",
     data: str | os.PathLike | None = None,
     *,
-    max_corpus: int | None = None,
+    max_samples: int | None = None,
     max_queries: int | None = None,
     seed: int = 42,
 ) -> RetrievalData:
     """Read ``retrieval/NAME`` (BEIR layout) under the data directory, keeping the queries judged in ``split``.
 
-    For CPU budgets, ``max_queries`` keeps a seeded random sample of the judged queries, and ``max_corpus`` keeps
-    every document judged for the kept queries plus a seeded random sample of the others, up to ``max_corpus``
+    For CPU budgets, ``max_queries`` keeps a seeded random sample of the judged queries, and ``max_samples`` keeps
+    every document judged for the kept queries plus a seeded random sample of the others, up to ``max_samples``
     documents in all (more when the judged ones alone exceed it). Sampling the corpus makes the task easier than
     MTEB's, so such scores compare only with scores on the same sample.
     """
-    if (max_corpus is not None and max_corpus < 1) or (max_queries is not None and max_queries < 1):
-        raise ValueError(f"max_corpus and max_queries must be positive, got {max_corpus} and {max_queries}")
-    folder = Path(data if data is not None else data_dir()) / "retrieval" / name
+    if (max_samples is not None and max_samples < 1) or (max_queries is not None and max_queries < 1):
+        raise ValueError(f"max_samples and max_queries must be positive, got {max_samples} and {max_queries}")
     paths = {
-        "corpus": folder / "corpus.jsonl",
-        "queries": folder / "queries.jsonl",
-        "qrels": folder / "qrels" / f"{split}.tsv",
+        "corpus": data_file(data, "retrieval", name, "corpus.jsonl"),
+        "queries": data_file(data, "retrieval", name, "queries.jsonl"),
+        "qrels": data_file(data, "retrieval", name, "qrels", f"{split}.tsv"),
     }
-    for path in paths.values():
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
     corpus = read_jsonl(paths["corpus"], {"_id": str, "text": str}, {"title": (str, type(None))})
     queries = read_jsonl(paths["queries"], {"_id": str, "text": str})
     corpus_ids, query_ids = _unique_ids(corpus, paths["corpus"]), _unique_ids(queries, paths["queries"])
@@ -114,12 +110,12 @@ def load_retrieval(
     kept_queries = [i for i, qid in enumerate(query_ids) if qid in qrels]
     if max_queries is not None and max_queries < len(kept_queries):
         kept_queries = sorted(rng.choice(kept_queries, size=max_queries, replace=False).tolist())
-    kept_docs = range(len(corpus))
-    if max_corpus is not None and max_corpus < len(corpus):
+    kept_docs: Sequence[int] = range(len(corpus))
+    if max_samples is not None and max_samples < len(corpus):
         judged_ids = {doc for i in kept_queries for doc in qrels[query_ids[i]]}
         judged = [i for i, doc in enumerate(corpus_ids) if doc in judged_ids]
         others = [i for i, doc in enumerate(corpus_ids) if doc not in judged_ids]
-        extra = rng.choice(others, size=max(0, max_corpus - len(judged)), replace=False).tolist()
+        extra = rng.choice(others, size=max(0, max_samples - len(judged)), replace=False).tolist()
         kept_docs = sorted(judged + extra)
     return RetrievalData(
         name,
@@ -293,7 +289,7 @@ def evaluate_retrieval(
     *,
     name: str = "scifact",
     split: str = "test",
-    max_corpus: int | None = None,
+    max_samples: int | None = None,
     max_queries: int | None = None,
     seed: int = 42,
     ignore_identical_ids: bool = False,
@@ -301,24 +297,22 @@ def evaluate_retrieval(
     """Score ``encoder`` on ``retrieval/NAME`` as MTEB does (main score: nDCG@10 x100).
 
     Queries get ``instructions.query``, documents ``instructions.document``. Documents are embedded and searched
-    ``chunk_size`` at a time, so memory holds one chunk of document embeddings, never the whole corpus's.
-    ``max_corpus``/``max_queries``/``seed`` subsample as :func:`load_retrieval` describes; ``ignore_identical_ids``
+    ``chunk_size`` at a time, so memory holds one chunk of document embeddings, never the whole corpus's. Texts are
+    embedded as they are, not deduplicated as in other tasks: each query and document is its own entry (its id).
+    ``max_samples``/``max_queries``/``seed`` subsample as :func:`load_retrieval` describes; ``ignore_identical_ids``
     is MTEB's per-task flag (off for SciFact).
     """
     start = time.perf_counter()
-    dataset = load_retrieval(name, split, data, max_corpus=max_corpus, max_queries=max_queries, seed=seed)
-
-    def embed(texts: list[str], instruction: str | None) -> np.ndarray:
-        return np.asarray(
-            encoder.encode(texts, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        )
+    dataset = load_retrieval(name, split, data, max_samples=max_samples, max_queries=max_queries, seed=seed)
 
     def corpus_chunks() -> Iterator[np.ndarray]:
         for i in range(0, len(dataset.documents), chunk_size):
-            yield embed(dataset.documents[i : i + chunk_size], instructions.document)
+            yield embed(
+                encoder, dataset.documents[i : i + chunk_size], instructions.document, batch_size, show_progress_bar
+            )
 
     indices, _ = search(
-        embed(dataset.queries, instructions.query),
+        embed(encoder, dataset.queries, instructions.query, batch_size, show_progress_bar),
         corpus_chunks(),
         dataset.corpus_ids,
         query_ids=dataset.query_ids if ignore_identical_ids else None,

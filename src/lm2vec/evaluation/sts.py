@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from ..datafiles import data_dir, read_jsonl
-from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
+from ..datafiles import data_file, read_jsonl
+from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder, embed_unique
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,11 @@ class STSPairs:
 
 
 def load_sts(
-    name: str = "stsb", split: str = "test", data: str | os.PathLike | None = None, limit: int | None = None
+    name: str = "stsb", split: str = "test", data: str | os.PathLike | None = None, max_samples: int | None = None
 ) -> STSPairs:
-    """Read ``sts/NAME/SPLIT.jsonl`` under the data directory (the first ``limit`` pairs if given)."""
-    path = Path(data if data is not None else data_dir()) / "sts" / name / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (set LM2VEC_DATA or pass data= to point at the datasets)")
+    """Read ``sts/NAME/SPLIT.jsonl`` under the data directory (the first ``max_samples`` pairs if given)."""
     fields = {"sentence1": str, "sentence2": str, "score": (int, float)}
-    records = read_jsonl(path, fields)[:limit]
+    records = read_jsonl(data_file(data, "sts", name, f"{split}.jsonl"), fields)[:max_samples]
     return STSPairs(
         [r["sentence1"] for r in records],
         [r["sentence2"] for r in records],
@@ -55,6 +51,19 @@ def correlations(similarities: np.ndarray, scores: np.ndarray) -> tuple[float, f
     return 100 * float(spearmanr(similarities, scores).statistic), 100 * float(pearsonr(similarities, scores).statistic)
 
 
+def pair_cosines(
+    encoder: TextEncoder,
+    sentence1: list[str],
+    sentence2: list[str],
+    instruction: str | None = None,
+    batch_size: int = 32,
+    show_progress_bar: bool | None = None,
+) -> np.ndarray:
+    """Cosine similarity of each pair (``sentence1[i]``, ``sentence2[i]``), each distinct sentence embedded once."""
+    embeddings = embed_unique(encoder, sentence1 + sentence2, instruction, batch_size, show_progress_bar)
+    return cosine_rows(embeddings[: len(sentence1)], embeddings[len(sentence1) :])
+
+
 def score_pairs(
     encoder: TextEncoder,
     pairs: STSPairs,
@@ -63,14 +72,7 @@ def score_pairs(
     show_progress_bar: bool | None = None,
 ) -> tuple[float, float]:
     """(Spearman x100, Pearson x100) of the encoder's cosine similarities; each distinct sentence embedded once."""
-    unique = list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))
-    embeddings = np.asarray(
-        encoder.encode(unique, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar)
-    )
-    row = {sentence: i for i, sentence in enumerate(unique)}
-    similarities = cosine_rows(
-        embeddings[[row[s] for s in pairs.sentence1]], embeddings[[row[s] for s in pairs.sentence2]]
-    )
+    similarities = pair_cosines(encoder, pairs.sentence1, pairs.sentence2, instruction, batch_size, show_progress_bar)
     return correlations(similarities, pairs.scores)
 
 
@@ -80,7 +82,7 @@ def evaluate_sts(
     name: str = "stsb",
     data: str | os.PathLike | None = None,
     batch_size: int = 32,
-    limit: int | None = None,
+    max_samples: int | None = None,
     show_progress_bar: bool | None = None,
     instructions: Instructions = NO_INSTRUCTIONS,
 ) -> TaskResult:
@@ -89,7 +91,7 @@ def evaluate_sts(
     STS is symmetric: both sentences get ``instructions.query``.
     """
     start = time.perf_counter()
-    pairs = load_sts(name, split, data, limit)
+    pairs = load_sts(name, split, data, max_samples)
     spearman, pearson = score_pairs(encoder, pairs, batch_size, instructions.query, show_progress_bar)
     return TaskResult(
         task=name if split == "test" else f"{name}-{split}",

@@ -38,7 +38,7 @@ class RunContext:
     batch_size: int
     show_progress_bar: bool | None
 
-    def cap(self, n: int) -> int | None:
+    def max_samples(self, n: int) -> int | None:
         """A CPU-budget sample size, or None (everything) for full runs."""
         return None if self.full else n
 
@@ -77,7 +77,7 @@ TASKS: dict[str, Task] = {
             "retrieval",
             "SciFact, 300 test claims; CPU budget: judged documents + random others, 500 in all (nDCG@10)",
             lambda ctx, ins: [
-                evaluate_retrieval(ctx.embedder, **_common(ctx, ins), name="scifact", max_corpus=ctx.cap(500))
+                evaluate_retrieval(ctx.embedder, **_common(ctx, ins), name="scifact", max_samples=ctx.max_samples(500))
             ],
         ),
         Task(
@@ -85,7 +85,9 @@ TASKS: dict[str, Task] = {
             "classification",
             "Banking77, 77 intents, 10 experiments x 8 examples per label; CPU budget: 1,000 test texts (accuracy)",
             lambda ctx, ins: [
-                evaluate_classification(ctx.embedder, **_common(ctx, ins), name="banking77", max_test=ctx.cap(1000))
+                evaluate_classification(
+                    ctx.embedder, **_common(ctx, ins), name="banking77", max_samples=ctx.max_samples(1000)
+                )
             ],
         ),
         Task(
@@ -94,7 +96,7 @@ TASKS: dict[str, Task] = {
             "20 Newsgroups subject lines, 20 groups; CPU budget: 2,000 documents (V-measure)",
             lambda ctx, ins: [
                 evaluate_clustering(
-                    ctx.embedder, **_common(ctx, ins), name="twentynewsgroups", max_documents=ctx.cap(2000)
+                    ctx.embedder, **_common(ctx, ins), name="twentynewsgroups", max_samples=ctx.max_samples(2000)
                 )
             ],
         ),
@@ -103,7 +105,9 @@ TASKS: dict[str, Task] = {
             "pair_classification",
             "SNLI test, entailment vs contradiction; CPU budget: 1,000 pairs (average precision of cosine)",
             lambda ctx, ins: [
-                evaluate_pair_classification(ctx.embedder, **_common(ctx, ins), name="snli", max_pairs=ctx.cap(1000))
+                evaluate_pair_classification(
+                    ctx.embedder, **_common(ctx, ins), name="snli", max_samples=ctx.max_samples(1000)
+                )
             ],
         ),
         Task(
@@ -113,8 +117,8 @@ TASKS: dict[str, Task] = {
             lambda ctx, _: evaluate_word_probing(
                 ctx.encoder,
                 ctx.data,
-                max_train_sentences=ctx.cap(1000),
-                max_test_sentences=ctx.cap(500),
+                max_train_samples=ctx.max_samples(1000),
+                max_samples=ctx.max_samples(500),
                 batch_size=ctx.batch_size,
                 show_progress_bar=ctx.show_progress_bar,
             ),

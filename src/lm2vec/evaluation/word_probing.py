@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
@@ -22,9 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ..attention import position_ids_for
-from ..datafiles import data_dir
-from .base import TaskResult
+from ..datafiles import data_file, numbered_lines
+from .base import TaskResult, sample_indices
 
 if TYPE_CHECKING:
     from ..encoder import Encoder
@@ -50,21 +48,16 @@ def read_conll(path: str | os.PathLike) -> list[Sentence]:
 
     A line with another number of columns raises ValueError naming the file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
     sentences: list[Sentence] = []
     rows: list[list[str]] = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    previous = 0
+    for number, line in numbered_lines(path):  # non-blank lines: a gap in the numbers is a blank line
         columns = line.split()
-        if not columns or columns[0] == "-DOCSTART-":
-            if rows:
-                sentences.append(Sentence(*map(tuple, zip(*rows, strict=True))))
-                rows = []
+        if rows and (number > previous + 1 or columns[0] == "-DOCSTART-"):
+            sentences.append(Sentence(*map(tuple, zip(*rows, strict=True))))
+            rows = []
+        previous = number
+        if columns[0] == "-DOCSTART-":
             continue
         if len(columns) != 4:
             raise ValueError(
@@ -213,12 +206,8 @@ def embed_words(
         for start in tqdm(range(0, len(order), batch_size), desc="Embedding words", disable=not show_progress_bar):
             idx = order[start : start + batch_size]
             batch = tokenize_words(encoder.tokenizer, [sentences[i] for i in idx], encoder.max_length)
-            mask = batch.attention_mask.to(encoder.device)
-            out = encoder.model(
-                input_ids=batch.input_ids.to(encoder.device), attention_mask=mask, position_ids=position_ids_for(mask)
-            )
             merged, found = merge_subwords(
-                out.last_hidden_state.float().cpu(),
+                encoder.token_states(batch.input_ids, batch.attention_mask).float().cpu(),
                 batch.attention_mask,
                 batch.token_words,
                 [counts[i] for i in idx],
@@ -267,45 +256,41 @@ def probe_scores(y_true: np.ndarray, y_pred: np.ndarray, outside: str | None = N
     return scores
 
 
-def _sample(sentences: list[Sentence], limit: int | None, seed: int) -> list[Sentence]:
-    """A seeded subset of ``limit`` sentences in file order, or all of them."""
-    if limit is None or limit >= len(sentences):
-        return sentences
-    if limit < 1:
-        raise ValueError(f"sentence limits must be positive, got {limit}")
-    chosen = np.random.default_rng(seed).choice(len(sentences), size=limit, replace=False)
-    return [sentences[i] for i in sorted(chosen)]
+def _sample(sentences: list[Sentence], max_samples: int | None, seed: int) -> list[Sentence]:
+    """A seeded subset of ``max_samples`` sentences in file order, or all of them."""
+    return [sentences[i] for i in sample_indices(len(sentences), max_samples, seed)]
 
 
 def evaluate_word_probing(
     encoder: Encoder,
-    data_dir_path: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
     tags: Sequence[str] = TAGS,
     merge: Merge = "first",
     shift: bool | None = None,
-    max_train_sentences: int | None = None,
-    max_test_sentences: int | None = None,
+    max_train_samples: int | None = None,
+    max_samples: int | None = None,
     batch_size: int = 32,
     seed: int = 42,
     show_progress_bar: bool | None = None,
 ) -> list[TaskResult]:
     """Linear probes for the CoNLL-2003 tag sets in ``tags``, trained on train words, scored on test words.
 
-    Reads ``word/conll2003/{train,test}.conll`` under ``data_dir_path`` (default :func:`lm2vec.datafiles.data_dir`).
-    Each sentence is embedded once and its features serve every tag set. The ``max_*_sentences`` options draw
-    seeded samples for CPU budgets (default: all 14,041 / 3,453). ``seconds`` splits the embedding time evenly
-    over the results, so they add up to the whole run.
+    Reads ``word/conll2003/{train,test}.conll`` under ``data`` (default :func:`lm2vec.datafiles.data_dir`). Each
+    sentence is embedded once and its features serve every tag set. ``max_train_samples`` and ``max_samples`` draw
+    seeded samples of the train and test sentences for CPU budgets (default: all 14,041 / 3,453). ``seconds``
+    splits the embedding time evenly over the results, so they add up to the whole run.
     """
     tags = (tags,) if isinstance(tags, str) else tuple(dict.fromkeys(tags))
     if not tags or any(tag not in TAGS for tag in tags):
         raise ValueError(f"tags must be some of {TAGS}, got {tags}")
-    folder = Path(data_dir_path if data_dir_path is not None else data_dir()) / "word" / "conll2003"
-    train = _sample(read_conll(folder / "train.conll"), max_train_sentences, seed)
-    test = _sample(read_conll(folder / "test.conll"), max_test_sentences, seed)
+    train = _sample(read_conll(data_file(data, "word", "conll2003", "train.conll")), max_train_samples, seed)
+    test = _sample(read_conll(data_file(data, "word", "conll2003", "test.conll")), max_samples, seed)
     started = time.perf_counter()
-    options = dict(merge=merge, shift=shift, batch_size=batch_size, show_progress_bar=show_progress_bar)
-    train_x, train_kept = embed_words(encoder, [s.words for s in train], **options)
-    test_x, test_kept = embed_words(encoder, [s.words for s in test], **options)
+
+    def features(sentences: list[Sentence]) -> tuple[np.ndarray, np.ndarray]:
+        return embed_words(encoder, [s.words for s in sentences], merge, shift, batch_size, show_progress_bar)
+
+    (train_x, train_kept), (test_x, test_kept) = features(train), features(test)
     embed_seconds = (time.perf_counter() - started) / len(tags)
     samples = {
         "train_sentences": len(train),
