@@ -29,6 +29,7 @@ ablation: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The reference llm2vec 0.2.3 in its own venv (about 4 minutes), for benchmarks/vs_reference.py.

@@ -32,7 +32,7 @@ class EmbedBatch:
             raise KeyError(f"no column {self.text_column!r} in the input (columns: {sorted(rows)})")
         texts = [str(text) for text in rows[self.text_column]]
         vectors = self.encoder.encode(texts, batch_size=self.batch_size, show_progress_bar=False)
-        return {**rows, "embedding": vectors.astype(np.float32)}
+        return {**rows, "embedding": np.asarray(vectors, dtype=np.float32)}
 
 
 def embed_corpus(

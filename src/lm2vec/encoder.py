@@ -9,7 +9,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class Encoder:
         """
         return Encoder(model, **(self.settings() | changes))
 
-    def settings(self) -> dict[str, object]:
+    def settings(self) -> dict[str, Any]:
         """The ``__init__`` arguments besides the model: what :meth:`with_model` carries over."""
         return {
             "tokenizer": self.tokenizer,
@@ -158,12 +158,12 @@ class Encoder:
         default = self.resolve_instruction(prompt_name, prompt, instruction)
         instructions, texts, single = normalize(sentences, default)
         embeddings = self._embed_texts(instructions, texts, batch_size, max_tokens, show_progress_bar)
-        embeddings = postprocess(embeddings, truncate_dim, normalize_embeddings, precision)
+        output = postprocess(embeddings, truncate_dim, normalize_embeddings, precision)
         if single:
-            embeddings = embeddings[0]
-        if isinstance(embeddings, np.ndarray) or not convert_to_tensor and convert_to_numpy:
-            return np.asarray(embeddings)
-        return embeddings
+            output = output[0]
+        if isinstance(output, np.ndarray) or not convert_to_tensor and convert_to_numpy:
+            return np.asarray(output)
+        return output
 
     def _embed_texts(
         self,
@@ -289,7 +289,7 @@ class Encoder:
             return "int8"
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
-    def info(self) -> dict[str, object]:
+    def info(self) -> dict[str, Any]:
         config = self.model.config
         return {
             "architecture": config.model_type,
@@ -310,7 +310,7 @@ def _save_adapter(model: PeftModel, path: Path) -> None:
     transformers finds the base weights in the directory itself; sentence-transformers reads the base
     config from ``base_model_name_or_path``, an absolute path (update it if the directory moves).
     """
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(str(path), safe_serialization=True)
     adapter_config = path / "adapter_config.json"
     config = json.loads(adapter_config.read_text())
     config["base_model_name_or_path"] = str(path.resolve())

@@ -6,6 +6,7 @@ import functools
 import platform
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -13,7 +14,12 @@ import torch
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni")
 
 
-def cpu_info() -> dict[str, object]:
+class CPUInfo(TypedDict):
+    model: str
+    flags: dict[str, bool]
+
+
+def cpu_info() -> CPUInfo:
     """CPU model name and whether each of :data:`CPU_FLAGS` is present (Linux ``/proc/cpuinfo``)."""
     model, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")

@@ -54,7 +54,9 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike) -> Path:
             dynamo=True,
             verbose=False,
         )
-    return atomic_write(Path(path), lambda tmp: program.save(tmp, external_data=False))
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    return atomic_write(Path(path), lambda tmp: program.save(str(tmp), external_data=False))
 
 
 class OnnxEncoder(Encoder):

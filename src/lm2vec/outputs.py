@@ -29,7 +29,7 @@ def postprocess(
     embeddings: torch.Tensor,
     truncate_dim: int | None = None,
     normalize: bool = False,
-    precision: str = "float32",
+    precision: Precision = "float32",
     ranges: np.ndarray | None = None,
 ) -> torch.Tensor | np.ndarray:
     """Truncate, normalize, quantize: float32 stays a tensor, other precisions come back as numpy arrays."""
@@ -43,4 +43,4 @@ def postprocess(
         raise ValueError(f"{precision} needs ranges (shape (2, dim)) or at least two embeddings to take them from")
     from sentence_transformers.util.quantization import quantize_embeddings  # imported when used: ~250 MB
 
-    return quantize_embeddings(embeddings.numpy(), precision, ranges=ranges)
+    return np.asarray(quantize_embeddings(embeddings.numpy(), precision, ranges=ranges))

@@ -39,13 +39,19 @@ class _LastInput:
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def quantize(self, x: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.key is None or self.key[0] is not x or self.key[1:] != (x.data_ptr(), x.shape):
-            self.key, self.value = (x, x.data_ptr(), x.shape), quantize_rows(x.reshape(-1, features))
-        return self.value
+        value = self.value
+        if value is None or self.key is None or self.key[0] is not x or self.key[1:] != (x.data_ptr(), x.shape):
+            self.key, value = (x, x.data_ptr(), x.shape), quantize_rows(x.reshape(-1, features))
+            self.value = value
+        return value
 
 
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` with int8 weights (per output channel) and per-token int8 activations."""
+
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput | None = None):
         super().__init__()
@@ -53,7 +59,8 @@ class Int8Linear(nn.Module):
         float_weight = linear.weight.detach()
         float_weight = float_weight.t() if isinstance(linear, Conv1D) else float_weight  # Conv1D: (in, out)
         weight, scale = quantize_rows(float_weight)
-        self.out_features, self.in_features = float_weight.shape
+        self.out_features: int = float_weight.shape[0]
+        self.in_features: int = float_weight.shape[1]
         self.register_buffer("weight_t", weight.t().contiguous())  # (in, out): _int_mm's layout
         self.register_buffer("weight_scale", scale.reshape(1, -1))
         bias = linear.bias.detach().float() if linear.bias is not None else None

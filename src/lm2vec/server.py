@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from .encoder import Encoder
-from .outputs import PRECISIONS, postprocess
+from .outputs import Precision, postprocess
 
 
 @dataclass
@@ -51,7 +51,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: str | None = None
     prompt_name: StrictStr | None = None  # lm2vec: a named instruction saved with the model
-    precision: Literal[PRECISIONS] = "float32"  # lm2vec: int8, uint8, binary, ubinary as sentence-transformers
+    precision: Precision = "float32"  # lm2vec: int8, uint8, binary, ubinary as sentence-transformers
 
 
 class APIError(Exception):
@@ -165,7 +165,7 @@ async def _drain(receive) -> None:
             return
 
 
-def create_app(encoder: Encoder, settings: ServerSettings) -> FastAPI:
+def create_app(encoder: Encoder, settings: ServerSettings) -> BodyLimit:
     """The FastAPI app serving ``encoder``; run it with uvicorn (see :func:`serve`)."""
     batcher = DynamicBatcher(
         lambda ids, prefix: encoder.embed_tokens(ids, prefix, batch_size=settings.batch_size), settings.batch_texts

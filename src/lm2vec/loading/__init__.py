@@ -55,7 +55,7 @@ def load(
     else:
         model = load_model(resolved, bidirectional, torch_dtype(dtype), attn_implementation, trust_remote_code)
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with functools.wraps, which mypy misreads
     model.eval()
     encoder = Encoder(
         model,

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import set_bidirectional, unsupported_reason
@@ -57,7 +58,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
-    model_class: type = AutoModel,
+    model_class: type[_BaseAutoModelClass] = AutoModel,
 ) -> PreTrainedModel:
     """Load the model with the attention mode set *before* it is built. Weights: safetensors only."""
     config = model_config(source, bidirectional, attn_implementation, trust_remote_code)

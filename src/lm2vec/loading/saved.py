@@ -8,8 +8,8 @@ sentence-transformers gives.
 from __future__ import annotations
 
 import json
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from ..pooling import PoolingMode
 from ..st_format import MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings

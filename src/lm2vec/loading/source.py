@@ -105,7 +105,7 @@ def _convert(gguf: Path, out: Path) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     # The weights are dequantized floats now: drop the GGUF quantizer so they save as plain safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers declares no type for it
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
