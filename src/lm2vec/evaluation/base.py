@@ -2,11 +2,11 @@
 
 The ``evaluate_*`` functions take the same options under the same names: ``data`` (the data directory, default
 :func:`lm2vec.datafiles.data_dir`), ``instructions``, ``batch_size``, ``seed`` and ``show_progress_bar``.
-``max_samples`` caps, for CPU budgets, the items a task is scored on: a seeded random sample (:func:`sample_indices`)
-of classification's test texts, pair classification's pairs, word probing's test sentences, and clustering's
-documents (drawn as MTEB draws them); retrieval's corpus (its judged documents plus random others); STS's pairs, the
-first N in file order, as training's dev scoring takes them. A task with a second population caps it by name:
-retrieval's ``max_queries``, word probing's ``max_train_samples``. None (the default) scores everything, as MTEB does.
+``max_samples`` caps, for CPU budgets, the items a task is scored on with a seeded sample: classification's test
+texts, pair classification's pairs and word probing's test sentences (:func:`sample_indices`), clustering's documents
+(drawn as MTEB draws them), retrieval's corpus (the judged documents plus random others). STS keeps the first N pairs
+instead, as training's dev scoring takes them. A second population has a cap of its own: retrieval's ``max_queries``,
+word probing's ``max_train_samples``. None (the default) scores everything, as MTEB does.
 """
 
 from __future__ import annotations
