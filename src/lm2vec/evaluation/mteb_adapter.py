@@ -6,7 +6,7 @@ mteb is an optional extra (``lm2vec[eval]``), so it is imported only when the ad
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ def model_meta(encoder: Encoder, prompts: dict[str, str], name: str | None = Non
         revision=revision(encoder, prompts),
         release_date=None,
         languages=None,
-        n_parameters=cast(int, info["parameters"]),  # info() types its values as object
+        n_parameters=info["parameters"],
         memory_usage_mb=None,
         max_tokens=encoder.max_length,
         embed_dim=encoder.dim,
