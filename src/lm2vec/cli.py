@@ -18,6 +18,7 @@ from lm2vec.datafiles import read_jsonl, read_lines
 from lm2vec.inputs import Item
 from lm2vec.loading.dtype import CHOICES as DTYPES
 from lm2vec.pooling import PoolingMode
+from lm2vec.training.config import STAGES, builtin_recipes  # light: names and settings, not what trains them
 
 BUILTIN_ALIASES = ("default", "builtin")
 USAGE_ERRORS = (ValueError, TypeError, OSError, lm2vec.ModelLoadError, lm2vec.AttentionError)
@@ -149,14 +150,13 @@ def parse_settings(pairs: list[str]) -> dict[str, object]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lm2vec import training
+    from lm2vec.training.data import check_data
 
     settings = json.loads(Path(args.config).read_text()) if args.config else {}
     config = training.stage_config(args.stage, settings | parse_settings(args.set))  # checked before loading
-    train = {"mntp": training.train_mntp, "simcse": training.train_simcse, "supervised": training.train_supervised}
-    for spec in config.data:
-        training.data.resolve(spec, args.data)
+    check_data(config.data, args.data)
     try:
-        encoder = train[args.stage](
+        encoder = training.STAGES[args.stage].train(
             model_source(args.model), config, args.output, data_root=args.data, resume=args.resume
         )
     except training.NonFiniteLossError as err:
@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    train = commands.add_parser("train", help="run one training stage (mntp, simcse, supervised) on a model")
-    train.add_argument("stage", choices=["mntp", "simcse", "supervised"])
+    train = commands.add_parser("train", help=f"run one training stage ({', '.join(STAGES)}) on a model")
+    train.add_argument("stage", choices=list(STAGES))
     train.add_argument("model", help="'default', a model or encoder directory, a .gguf file or a hub id")
     train.add_argument("-o", "--output", required=True, help="folder for checkpoints, log.jsonl and encoder/")
     train.add_argument("--config", help="a JSON file of stage settings")
@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="run a recipe's stages in order, scoring STS-B after each")
     convert.add_argument("model", help="'default', a model directory, a .gguf file or a hub id")
-    convert.add_argument("--recipe", default="cpu", help="a packaged recipe (reference, small, cpu) or a JSON file")
+    recipes = ", ".join(builtin_recipes())
+    convert.add_argument("--recipe", default="cpu", help=f"a packaged recipe ({recipes}) or a JSON file")
     convert.add_argument("-o", "--output", required=True, help="folder for the stages, results.md and encoder/")
     convert.add_argument("--data", type=Path, help="the datasets folder (default: LM2VEC_DATA or ../shared/data)")
     convert.add_argument("--resume", action="store_true", help="reuse finished stages, continue the interrupted one")

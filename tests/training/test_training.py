@@ -27,8 +27,8 @@ from lm2vec.training import (
     train_supervised,
 )
 from lm2vec.training.losses import info_nce
-from lm2vec.training.mntp import MaskingCollator
-from lm2vec.training.models import IGNORE, EmbeddingModel, add_lora, mntp_loss
+from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
+from lm2vec.training.stage import embedding_stage, length_chunks
 from tests.support import random_texts, tiny_config, tiny_encoder, tiny_tokenizer, write_jsonl
 
 FAST = dict(save_steps=2, logging_steps=1, max_length=24, bf16=False)
@@ -107,7 +107,12 @@ def test_masking_collator(strategy: str):
 def test_mntp_trains_the_decoder_and_keeps_the_head_frozen(causal_lm_dir: Path, corpus: Path, tmp_path: Path):
     config = MNTPConfig(data=[str(corpus)], steps=4, batch_size=4, mask_token="eos", **dict(FAST, max_length=16))
     encoder = train_mntp(str(causal_lm_dir), config, tmp_path / "mntp")
-    assert encoder.bidirectional and isinstance(encoder.model, torch.nn.Module)
+    assert encoder.bidirectional and not hasattr(encoder.model, "lm_head")  # the decoder, without the LM head
+    ids = torch.tensor([[5, 9, 14, 33], [5, 9, 14, 40]])
+    with torch.no_grad():
+        states = encoder.token_states(ids, torch.ones_like(ids))
+    assert (states[0, 0] - states[1, 0]).abs().max() > 1e-4  # the first token sees the last one
+    encoder.verify()
     assert len(logged_losses(tmp_path / "mntp")) == 4
     saved = adapter(last_checkpoint(tmp_path / "mntp"))
     assert saved and all("lm_head" not in key and "embed" not in key for key in saved)
@@ -117,7 +122,7 @@ def test_mntp_trains_the_decoder_and_keeps_the_head_frozen(causal_lm_dir: Path, 
 # -- SimCSE -----------------------------------------------------------------------------------------
 def test_simcse_loss_ignores_padding():
     encoder = tiny_encoder()
-    model = EmbeddingModel(add_lora(encoder.model, SimCSEConfig()), encoder.pooling).eval()
+    model = embedding_stage(encoder, SimCSEConfig()).eval()
     tokenization = Tokenization(encoder.tokenizer, 64)
     texts = random_texts(6, seed=3, max_words=8)
     ids, prefix = tokenization.tokenize([""] * 6, texts)
@@ -202,8 +207,6 @@ def test_length_sorted_passes_and_gradcache_give_the_gradients_of_the_full_batch
 
 
 def test_length_chunks_trim_padding_and_keep_every_row():
-    from lm2vec.training.models import length_chunks
-
     encoder = tiny_encoder(padding_side="left")
     texts = random_texts(9, seed=8, max_words=15)
     batch = encoder.tokenization([""] * 9, texts)

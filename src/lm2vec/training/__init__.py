@@ -1,17 +1,56 @@
-"""Training: the LLM2Vec recipe on the Hugging Face Trainer (MNTP, SimCSE, supervised), and ``convert``."""
+"""Training: the LLM2Vec recipe on the Hugging Face Trainer (MNTP, SimCSE, supervised), and ``convert``.
 
-from .config import MNTPConfig, Recipe, SimCSEConfig, StageConfig, SupervisedConfig, load_recipe, stage_config
-from .convert import convert
-from .mntp import train_mntp
-from .simcse import train_simcse
-from .supervised import train_supervised
-from .trainer import NonFiniteLossError, last_checkpoint
+The stages and their settings (:mod:`.config`) import eagerly and lightly; what trains (peft, the Trainer) is
+imported on first use, so that the CLI can list the stages without paying for it.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from .config import (
+    STAGES,
+    MNTPConfig,
+    Recipe,
+    SimCSEConfig,
+    Stage,
+    StageConfig,
+    SupervisedConfig,
+    load_recipe,
+    stage_config,
+)
+
+if TYPE_CHECKING:
+    from .conversion import convert
+    from .mntp import train_mntp
+    from .simcse import train_simcse
+    from .supervised import train_supervised
+    from .trainer import NonFiniteLossError, last_checkpoint
+
+_LAZY = {  # name -> the module that defines it
+    "convert": "conversion",
+    "train_mntp": "mntp",
+    "train_simcse": "simcse",
+    "train_supervised": "supervised",
+    "NonFiniteLossError": "trainer",
+    "last_checkpoint": "trainer",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "STAGES",
     "MNTPConfig",
     "NonFiniteLossError",
     "Recipe",
     "SimCSEConfig",
+    "Stage",
     "StageConfig",
     "SupervisedConfig",
     "convert",

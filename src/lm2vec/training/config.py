@@ -1,16 +1,23 @@
-"""Stage settings (one dataclass per stage, peft-style) and recipes: the stages of a conversion, in order.
+"""The training stages (:data:`STAGES`), their settings (one dataclass per stage, peft-style) and recipes: the
+stages of a conversion, in order.
 
 A recipe is a small JSON file: ``{"description", "how_chosen", "stages": [{"stage": "mntp", ...}, ...]}``.
-Every key is checked against the stage's dataclass before anything is loaded or trained.
+Every key is checked against the stage's dataclass before anything is loaded or trained. This module is light
+(no torch, peft or Trainer): the CLI builds its parser from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
+from importlib import import_module, resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..encoder import Encoder
 
 
 @dataclass
@@ -102,14 +109,46 @@ class SupervisedConfig(StageConfig):
             raise ValueError("grad_cache needs mini_batch_size (the rows of each cached forward pass)")
 
 
-STAGES: dict[str, type[StageConfig]] = {"mntp": MNTPConfig, "simcse": SimCSEConfig, "supervised": SupervisedConfig}
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: its settings' dataclass and its train function, ``module:function`` under this package,
+    imported when the stage runs (reading a recipe or building the CLI needs neither peft nor the Trainer).
+
+    Every train function takes ``(model, config, output_dir, *, data_root=None, resume=False)`` and returns the
+    trained :class:`~lm2vec.Encoder`, also saved under ``output_dir/encoder``.
+    """
+
+    config: type[StageConfig]
+    function: str
+
+    def train_function(self) -> Callable[..., Encoder]:
+        module, _, name = self.function.partition(":")
+        return getattr(import_module(f"{__package__}.{module}"), name)
+
+    def train(
+        self,
+        model: Encoder | str | os.PathLike | None,
+        config: StageConfig,
+        output_dir: str | os.PathLike,
+        *,
+        data_root: str | os.PathLike | None = None,
+        resume: bool = False,
+    ) -> Encoder:
+        return self.train_function()(model, config, output_dir, data_root=data_root, resume=resume)
+
+
+STAGES: dict[str, Stage] = {  # in the order a recipe runs them
+    "mntp": Stage(MNTPConfig, "mntp:train_mntp"),
+    "simcse": Stage(SimCSEConfig, "simcse:train_simcse"),
+    "supervised": Stage(SupervisedConfig, "supervised:train_supervised"),
+}
 
 
 def stage_config(stage: str, settings: dict | None = None) -> StageConfig:
     """Build a stage's config, refusing unknown stages and keys with the list of known ones."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; the stages are: {', '.join(STAGES)}")
-    cls = STAGES[stage]
+    cls = STAGES[stage].config
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(settings or {}) - known)
     if unknown:

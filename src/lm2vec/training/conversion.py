@@ -19,14 +19,11 @@ from ..encoder import Encoder
 from ..evaluation.sts import evaluate_sts
 from ..loading import load
 from ..pooling import PoolingMode
-from .config import Recipe, load_recipe
-from .data import resolve
-from .mntp import train_mntp
-from .simcse import train_simcse
-from .stage import ENCODER_DIR, finished
-from .supervised import train_supervised
+from .config import STAGES, Recipe, StageConfig, load_recipe
+from .data import check_data
+from .stage import ENCODER_DIR, Source, saved_encoder
 
-TRAIN: dict[str, Callable] = {"mntp": train_mntp, "simcse": train_simcse, "supervised": train_supervised}
+CAUSAL_BASELINE = "causal, weighted mean (baseline)"
 
 
 @dataclass
@@ -42,26 +39,38 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
-def score(encoder: Encoder, data_root, splits=("dev", "test"), limit: int | None = None) -> dict[str, float]:
+def score(
+    encoder: Encoder, data_root: str | os.PathLike | None, splits=("dev", "test"), max_samples: int | None = None
+) -> dict[str, float]:
     """STS-B Spearman x100 (no instruction) on each split.
 
     Batch invariance is switched off meanwhile: ~25% faster, and its <3e-4 changes do not move a rank.
     """
     invariant, encoder.batch_invariant = encoder.batch_invariant, False
     try:
-        return {
-            split: evaluate_sts(encoder, split, data=data_root, limit=limit, batch_size=64).scores["spearman"]
+        results = {
+            split: evaluate_sts(encoder, split, data=data_root, max_samples=max_samples, batch_size=64)
             for split in splits
         }
     finally:
         encoder.batch_invariant = invariant
+    return {split: result.scores["spearman"] for split, result in results.items()}
 
 
-def check_data(recipe: Recipe, data_root) -> None:
-    """Every data file of every stage exists, before hours of training start."""
-    for _, config in recipe.stages:
-        for spec in config.data:
-            resolve(spec, data_root)
+class Results:
+    """The results table, one row per model: each row is logged and the table rewritten as it comes."""
+
+    def __init__(self, output_dir: Path, recipe: Recipe, data_root, evaluate: bool, log: Callable[[str], None]) -> None:
+        self.output_dir, self.recipe, self.data_root = output_dir, recipe, data_root
+        self.evaluate, self.log = evaluate, log
+        self.rows: list[Row] = []
+
+    def record(self, name: str, encoder: Encoder, start: float) -> None:
+        scores = score(encoder, self.data_root) if self.evaluate else {}
+        row = Row(name, scores.get("dev"), scores.get("test"), time.perf_counter() - start, peak_memory_gb())
+        self.rows.append(row)
+        self.log(f"{name}: STS-B dev {fmt(row.dev)}, test {fmt(row.test)} ({row.seconds:.0f} s)")
+        write_results(self.output_dir, self.recipe, self.rows)
 
 
 def convert(
@@ -82,49 +91,65 @@ def convert(
     model with weighted-mean pooling (MNTP, which exists to adapt to bidirectional attention, is skipped).
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    check_data(recipe, data_root)
+    for _, config in recipe.stages:
+        check_data(config.data, data_root)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-    rows: list[Row] = []
-
-    def record(name: str, encoder: Encoder, start: float) -> None:
-        scores = score(encoder, data_root) if evaluate else {}
-        rows.append(Row(name, scores.get("dev"), scores.get("test"), time.perf_counter() - start, peak_memory_gb()))
-        log(f"{name}: STS-B dev {fmt(rows[-1].dev)}, test {fmt(rows[-1].test)} ({rows[-1].seconds:.0f} s)")
-        write_results(output_dir, recipe, rows)
-
-    start = time.perf_counter()
-    current: Encoder | str | os.PathLike | None = source
-    if causal:
-        current = load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN)
-        if baselines and evaluate:
-            record("causal, weighted mean (baseline)", current, start)
-    elif baselines and evaluate:
-        baseline = load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN)
-        record("causal, weighted mean (baseline)", baseline, start)
-        start = time.perf_counter()
-        current = load(source)
-        record("bidirectional, untrained", current, start)
+    results = Results(output_dir, recipe, data_root, evaluate, log)
+    current = starting_point(source, causal, results if baselines and evaluate else None)
     chain = "causal (weighted mean)" if causal else "bidirectional"
     stages = [(s, c) for s, c in recipe.stages if not (causal and s == "mntp")]
     for i, (stage, config) in enumerate(stages, start=1):
         start = time.perf_counter()
         stage_dir = output_dir / f"{i}-{stage}"
-        done = finished(stage_dir) if resume else None
-        if done is not None:
-            log(f"stage {i} ({stage}): already finished in {stage_dir}, reusing it")
-            current = done
-        else:
-            log(f"stage {i} ({stage}): {config.steps} steps of {config.batch_size}, lr {config.learning_rate}")
-            if stage == "mntp" and isinstance(current, Encoder):
-                current = current.save(stage_dir / "input") if i > 1 else source
-            current = TRAIN[stage](current, config, stage_dir, data_root=data_root, resume=resume)
+        current = run_or_reuse(i, stage, config, current, source, stage_dir, data_root, resume, log)
         chain += f" + {stage}"
-        record(chain, current, start)
+        results.record(chain, current, start)
     final = current if isinstance(current, Encoder) else load(current)
     final.save(output_dir / ENCODER_DIR)
-    return final, rows
+    return final, results.rows
+
+
+def starting_point(source: str | os.PathLike | None, causal: bool, baselines: Results | None) -> Source:
+    """What the first stage trains: the source, or its causal encoder for the ablation; the untrained models are
+    scored into ``baselines`` if given.
+    """
+    start = time.perf_counter()
+    if causal:
+        current = load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN)
+        if baselines:
+            baselines.record(CAUSAL_BASELINE, current, start)
+        return current
+    if not baselines:
+        return source
+    baselines.record(CAUSAL_BASELINE, load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN), start)
+    start = time.perf_counter()
+    untrained = load(source)
+    baselines.record("bidirectional, untrained", untrained, start)
+    return untrained
+
+
+def run_or_reuse(
+    i: int,
+    stage: str,
+    config: StageConfig,
+    current: Source,
+    source: str | os.PathLike | None,
+    stage_dir: Path,
+    data_root: str | os.PathLike | None,
+    resume: bool,
+    log: Callable[[str], None],
+) -> Encoder:
+    """Stage ``i`` of the conversion on ``current``: trained, or the encoder it saved when resuming a finished one."""
+    done = saved_encoder(stage_dir) if resume else None
+    if done is not None:
+        log(f"stage {i} ({stage}): already finished in {stage_dir}, reusing it")
+        return done
+    log(f"stage {i} ({stage}): {config.steps} steps of {config.batch_size}, lr {config.learning_rate}")
+    if stage == "mntp" and isinstance(current, Encoder):  # MNTP loads the causal LM: from disk, or the source
+        current = current.save(stage_dir / "input") if i > 1 else source
+    return STAGES[stage].train(current, config, stage_dir, data_root=data_root, resume=resume)
 
 
 def fmt(value: float | None) -> str:

@@ -23,7 +23,7 @@ class Triplet:
     negative: str
 
 
-def resolve(spec: str, root: str | os.PathLike | None = None) -> Path | str:
+def resolve_data(spec: str, root: str | os.PathLike | None = None) -> Path | str:
     """A local file (as given, or under the data folder), else a hub dataset id ``org/name``."""
     path = Path(spec).expanduser()
     if path.is_file():
@@ -34,6 +34,12 @@ def resolve(spec: str, root: str | os.PathLike | None = None) -> Path | str:
     if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise FileNotFoundError(f"training data not found: {spec} (nor {under})")
     return spec  # a hub dataset id, e.g. "wikitext" or "princeton-nlp/datasets-for-simcse"
+
+
+def check_data(specs: list[str], root: str | os.PathLike | None = None) -> None:
+    """Every spec names an existing file or a plausible hub dataset: checked before hours of training start."""
+    for spec in specs:
+        resolve_data(spec, root)
 
 
 def _hub(spec: str):
@@ -49,7 +55,7 @@ def texts(specs: list[str], root: str | os.PathLike | None = None) -> list[str]:
         raise ValueError("no training data given")
     out: list[str] = []
     for spec in specs:
-        source = resolve(spec, root)
+        source = resolve_data(spec, root)
         if isinstance(source, Path):
             out.extend(read_jsonl_texts(source) if source.suffix == ".jsonl" else read_lines(source))
         else:
@@ -86,7 +92,7 @@ def triplets(specs: list[str], root: str | os.PathLike | None = None) -> list[Tr
     fields = {"query": str, "positive": str, "negative": str}
     out: list[Triplet] = []
     for spec in specs:
-        source = resolve(spec, root)
+        source = resolve_data(spec, root)
         if isinstance(source, Path):
             name = source.parent.name if source.stem == "train" else source.stem
             out.extend(Triplet(name, r["query"], r["positive"], r["negative"]) for r in read_jsonl(source, fields))

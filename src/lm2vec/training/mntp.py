@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoModelForCausalLM
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import verify_attention
@@ -19,14 +20,14 @@ from ..loading.model import default_max_length, load_model, load_tokenizer
 from ..loading.source import resolve_source
 from . import data
 from .config import MNTPConfig
-from .models import IGNORE, MNTPModel, add_lora
-from .stage import dev_pairs, finish, resume_point
-from .trainer import StageTrainer, training_arguments
+from .stage import add_lora, merge_lora, run_stage, save_stage_encoder, transformers_model
+from .trainer import StageModel, StageTrainer
 
 MASK_TOKEN = "<mask>"
+IGNORE = -100  # label of the positions MNTP does not score
 
 
-def mask_token_id(tokenizer: PreTrainedTokenizerBase, model, choice: str) -> int:
+def mask_token_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, choice: str) -> int:
     """The id that stands for a masked token: an existing token ("_" by default), EOS, or a new token."""
     if choice == "eos":
         return tokenizer.eos_token_id
@@ -35,10 +36,10 @@ def mask_token_id(tokenizer: PreTrainedTokenizerBase, model, choice: str) -> int
             tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
             model.resize_token_embeddings(len(tokenizer))
         return tokenizer.mask_token_id
-    ids = tokenizer.convert_tokens_to_ids([choice])
-    if ids[0] is None or ids[0] == tokenizer.unk_token_id:
+    token = tokenizer.convert_tokens_to_ids(choice)
+    if not isinstance(token, int) or token == tokenizer.unk_token_id:
         raise ValueError(f"mask_token {choice!r} is not a single token of this tokenizer; use 'eos' or 'new'")
-    return ids[0]
+    return token
 
 
 class MaskingCollator:
@@ -70,8 +71,34 @@ class MaskingCollator:
         return {"input_ids": inputs, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+class MNTPModel(StageModel):
+    """A (LoRA-wrapped) causal LM made bidirectional; forward returns the masked next token loss of the states
+    of its encoder view (the decoder without the LM head).
+    """
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder.token_states(input_ids, attention_mask)
+        return mntp_loss(hidden, labels, transformers_model(self.peft.get_base_model()))
+
+
+def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, lm: PreTrainedModel) -> torch.Tensor:
+    """Cross-entropy of the token masked at i, scored by the LM head on the output at i-1; masked positions only.
+
+    The LM head runs on the scored positions alone (a fifth of the tokens), not on the whole sequence.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE
+    logits = lm.get_output_embeddings()(hidden[:, :-1][scored]).float()
+    cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    if not scored.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets[scored])
+
+
 class MNTPTrainer(StageTrainer):
-    def stage_loss(self, model, inputs):
+    def stage_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs)
 
 
@@ -82,32 +109,34 @@ def train_mntp(
     data_root: str | os.PathLike | None = None,
     resume: bool = False,
     trust_remote_code: bool = False,
-    callbacks: list | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> Encoder:
     """Train MNTP on ``source`` (any :func:`lm2vec.load` source); return the bidirectional encoder, LoRA merged."""
     resolved = resolve_source(source)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     chunks = data.chunks(tokenizer, config.data, config.max_length, data_root)  # bad data fails before loading
     lm = load_model(resolved, True, torch.float32, None, trust_remote_code, model_class=AutoModelForCausalLM)
-    verify_attention(lm.base_model, True, vocab_size=len(tokenizer))
+    decoder = transformers_model(lm.base_model)
+    verify_attention(decoder, True, vocab_size=len(tokenizer))
     mask_id = mask_token_id(tokenizer, lm, config.mask_token)
-    model = MNTPModel(add_lora(lm, config))
+    peft = add_lora(lm, config)
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     collator = MaskingCollator(
         mask_id, len(tokenizer), config.mlm_probability, config.mask_strategy, tokenizer.all_special_ids
     )
-    encoder = Encoder(lm.base_model, tokenizer, max_length=default_max_length(lm), batch_invariant=False)
-    trainer = MNTPTrainer(
-        model=model,
-        args=training_arguments(config, output_dir),
-        train_dataset=[{"input_ids": c} for c in chunks],
-        data_collator=collator,
-        eval_dataset=dev_pairs(config, data_root),
-        encoder=encoder,
+    view = Encoder(decoder, tokenizer, max_length=default_max_length(lm), batch_invariant=False)
+    dataset = [{"input_ids": c} for c in chunks]
+    trainer = run_stage(
+        MNTPTrainer,
+        MNTPModel(peft, view),
+        config,
+        output_dir,
+        dataset,
+        collator,
+        data_root=data_root,
+        resume=resume,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=resume_point(output_dir, resume))
-    merged = model.peft.merge_and_unload()
-    result = Encoder(merged.base_model, tokenizer, max_length=default_max_length(merged))
-    return finish(result, output_dir, trainer)
+    trained = view.with_model(transformers_model(merge_lora(peft).base_model), batch_invariant=True)
+    return save_stage_encoder(trained, output_dir, trainer)

@@ -1,18 +1,211 @@
-"""What every stage does around its Trainer: where to resume from, and how the result is saved."""
+"""What every stage does around its Trainer: LoRA on the model, the module the Trainer trains (an encoder view
+of the LoRA-wrapped model), running and resuming the Trainer, merging the adapter and saving the result.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.pytorch_utils import Conv1D
 
 from ..cache import atomic_write
 from ..encoder import Encoder
 from ..evaluation.sts import STSPairs, load_sts
+from ..inputs import Batch, Tokenization
 from ..loading import load
-from .config import StageConfig
-from .trainer import COMPLETE, StageTrainer, last_checkpoint
+from .config import SimCSEConfig, StageConfig, SupervisedConfig
+from .trainer import COMPLETE, StageModel, StageTrainer, last_checkpoint, training_arguments
 
 ENCODER_DIR = "encoder"
+Source = Encoder | str | os.PathLike | None  # an encoder, or anything lm2vec.load takes
+
+
+# -- LoRA and attention dropout ---------------------------------------------------------------------
+def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
+    """A fresh LoRA adapter (trainable) on a frozen model; on the top ``lora_layers`` layers if set.
+
+    LoRA on the upper layers only also shortens the backward pass: autograd stops at the lowest adapter.
+    """
+    targets = config.lora_targets
+    if config.lora_layers is not None:  # name every chosen linear layer: architecture-agnostic
+        total = model.config.get_text_config().num_hidden_layers
+        keep = set(range(max(total - config.lora_layers, 0), total))
+        targets = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear | Conv1D)
+            and (index := _layer_index(name)) is not None
+            and index in keep
+            and (config.lora_targets == "all-linear" or name.rsplit(".", 1)[-1] in config.lora_targets)
+        ]
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def _layer_index(name: str) -> int | None:
+    """The decoder layer a module belongs to (the first number in its name), or None."""
+    match = re.search(r"(?:^|\.)(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def attention_dropout(model: PreTrainedModel) -> float:
+    return getattr(model.config.get_text_config(), "attention_dropout", 0.0) or 0.0
+
+
+def set_attention_dropout(model: PreTrainedModel, p: float) -> None:
+    """Attention dropout, architecture-agnostic: the config and every module that copied it at build time."""
+    model.config.get_text_config().attention_dropout = p
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p  # type: ignore[assignment]  # torch types attributes as Tensor | Module
+        dropout = getattr(module, "attn_dropout", None)
+        if isinstance(dropout, nn.Dropout):  # gpt2, gpt_neox-style
+            dropout.p = p
+
+
+# -- the module SimCSE and supervised train ---------------------------------------------------------
+class EmbeddingModel(StageModel):
+    """Pooled embeddings of the LoRA-wrapped bidirectional model, by the encoder's own forward pass."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward(Batch(input_ids, attention_mask, pool_mask))
+
+
+def length_chunks(batch: dict[str, torch.Tensor], size: int | None) -> list[tuple[torch.Tensor, dict]]:
+    """(row indices, sub-batch) pairs: rows sorted by length in chunks of ``size``, each chunk cut to its own
+    longest row. Padding is most of a contrastive batch of mixed lengths; this removes nearly all of it.
+    ``size`` None: the whole batch as it is.
+    """
+    rows = len(batch["attention_mask"])
+    size = size or rows
+    order = torch.argsort(batch["attention_mask"].sum(-1), descending=True, stable=True)
+    chunks = []
+    for start in range(0, rows, size):
+        index = order[start : start + size]
+        part = {key: value[index] for key, value in batch.items()}
+        columns = part["attention_mask"].bool().any(0)  # padding sits at one end: a contiguous range remains
+        chunks.append((index, {key: value[:, columns] for key, value in part.items()}))
+    return chunks
+
+
+def in_batch_order(vectors: list[torch.Tensor], chunks: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
+    """The chunks' embeddings, concatenated, back in the order of the batch's rows."""
+    return torch.cat(vectors)[torch.argsort(torch.cat([index for index, _ in chunks]))]
+
+
+def embed(model: nn.Module, batch: dict[str, torch.Tensor], size: int | None) -> torch.Tensor:
+    """Pooled embeddings of a padded batch, one forward pass per length-sorted chunk, in the batch's order."""
+    chunks = length_chunks(batch, size)
+    return in_batch_order([model(**part) for _, part in chunks], chunks)
+
+
+def embedding_stage(encoder: Encoder, config: StageConfig, dropout: float | None = None) -> EmbeddingModel:
+    """LoRA on the encoder's model, wrapped for training; its encoder view embeds the dev pairs too."""
+    if dropout is not None:
+        set_attention_dropout(encoder.model, dropout)
+    peft = add_lora(encoder.model, config)
+    if config.gradient_checkpointing:
+        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # a PeftModel forwards like the model it wraps (Encoder's annotation names PreTrainedModel only)
+    view = encoder.with_model(peft, max_length=config.max_length, batch_invariant=False)  # type: ignore[arg-type]
+    return EmbeddingModel(peft, view)
+
+
+def merged(encoder: Encoder, stage_model: StageModel, dropout: float) -> Encoder:
+    """The trained encoder: adapter merged into the weights, attention dropout back to ``dropout``."""
+    model = merge_lora(stage_model.peft)
+    set_attention_dropout(model, dropout)
+    return encoder.with_model(model)
+
+
+def merge_lora(peft: PeftModel) -> PreTrainedModel:
+    """The wrapped model with the adapter merged into its weights."""
+    return transformers_model(peft.merge_and_unload())
+
+
+def transformers_model(module: nn.Module) -> PreTrainedModel:
+    """``module`` as the transformers model it is (peft and transformers type their accessors as any module)."""
+    if not isinstance(module, PreTrainedModel):
+        raise TypeError(f"expected a transformers model, got a {type(module).__name__}")
+    return module
+
+
+def train_embeddings(
+    trainer_class: type[StageTrainer],
+    model: Source,
+    config: SimCSEConfig | SupervisedConfig,
+    output_dir: str | os.PathLike,
+    train_dataset: Sequence,
+    collator: Callable[[Tokenization], Callable],
+    *,
+    data_root: str | os.PathLike | None,
+    resume: bool,
+    callbacks: list[TrainerCallback] | None,
+    dropout: float | None = None,
+    batch_size: int | None = None,
+) -> tuple[Encoder, StageTrainer]:
+    """Train LoRA on an encoder for pooled embeddings (SimCSE, supervised), attention ``dropout`` meanwhile if
+    given; return the encoder with the adapter merged, and the Trainer.
+
+    ``collator`` builds the stage's collator from the tokenization it trains with.
+    """
+    encoder = as_encoder(model)
+    dropout_before = attention_dropout(encoder.model)
+    stage_model = embedding_stage(encoder, config, dropout)
+    trainer = run_stage(
+        trainer_class,
+        stage_model,
+        config,
+        output_dir,
+        train_dataset,
+        collator(stage_model.encoder.tokenization),
+        data_root=data_root,
+        resume=resume,
+        callbacks=callbacks,
+        batch_size=batch_size,
+    )
+    return merged(encoder, stage_model, dropout_before), trainer
+
+
+# -- running, resuming and saving -------------------------------------------------------------------
+def run_stage(
+    trainer_class: type[StageTrainer],
+    stage_model: StageModel,
+    config: StageConfig,
+    output_dir: str | os.PathLike,
+    train_dataset: Sequence,
+    data_collator: Callable,
+    *,
+    data_root: str | os.PathLike | None,
+    resume: bool,
+    callbacks: list[TrainerCallback] | None,
+    batch_size: int | None = None,
+) -> StageTrainer:
+    """Train ``stage_model`` with the stage's Trainer, from the last checkpoint when resuming."""
+    trainer = trainer_class(
+        model=stage_model,
+        args=training_arguments(config, output_dir, batch_size=batch_size),
+        train_dataset=train_dataset,
+        data_collator=data_collator,
+        eval_dataset=dev_pairs(config, data_root),
+        callbacks=callbacks,
+        config=config,
+    )
+    trainer.train(resume_from_checkpoint=resume_point(output_dir, resume))
+    return trainer
 
 
 def resume_point(output_dir: str | os.PathLike, resume: bool) -> str | None:
@@ -28,7 +221,7 @@ def resume_point(output_dir: str | os.PathLike, resume: bool) -> str | None:
     return None
 
 
-def finish(encoder: Encoder, output_dir: str | os.PathLike, trainer: StageTrainer) -> Encoder:
+def save_stage_encoder(encoder: Encoder, output_dir: str | os.PathLike, trainer: StageTrainer) -> Encoder:
     """Save the stage's encoder (adapter merged) under ``output_dir/encoder``, committed by a marker."""
     if trainer.args.should_save:
         path = encoder.save(Path(output_dir) / ENCODER_DIR)
@@ -37,7 +230,7 @@ def finish(encoder: Encoder, output_dir: str | os.PathLike, trainer: StageTraine
     return encoder
 
 
-def finished(output_dir: str | os.PathLike) -> Encoder | None:
+def saved_encoder(output_dir: str | os.PathLike) -> Encoder | None:
     """The encoder a completed stage saved, or None."""
     path = Path(output_dir) / ENCODER_DIR
     return load(path) if (path / COMPLETE).is_file() else None
@@ -48,5 +241,5 @@ def dev_pairs(config: StageConfig, data_root: str | os.PathLike | None) -> STSPa
     return load_sts("stsb", "dev", data_root, config.eval_pairs) if config.eval_steps else None
 
 
-def as_encoder(model: Encoder | str | os.PathLike | None) -> Encoder:
+def as_encoder(model: Source) -> Encoder:
     return model if isinstance(model, Encoder) else load(model)

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..cache import atomic_write
@@ -70,27 +71,46 @@ def training_arguments(
     )
 
 
-class StageTrainer(Trainer):
-    """Trainer over a stage module (``MNTPModel`` or ``EmbeddingModel``) that holds a PeftModel as ``.peft``.
-
-    ``eval_dataset`` is the STS-B dev pairs; ``encoder`` embeds them with the model being trained.
+class StageModel(nn.Module):
+    """What a stage's Trainer trains: the PeftModel, registered (its adapter is what is trained and saved), and
+    an encoder view of the model being trained, whose forward pass the stage's forward uses.
     """
 
-    def __init__(self, *args, encoder: Encoder | None = None, **kwargs):
+    def __init__(self, peft: PeftModel, encoder: Encoder):
+        super().__init__()
+        self.peft = peft
+        self.encoder = encoder  # not a module: its model is (inside) ``peft``
+
+
+class StageTrainer(Trainer):
+    """Trainer over a :class:`StageModel`; ``eval_dataset`` is the STS-B dev pairs, embedded by the stage
+    model's encoder view. ``config`` is the stage's settings.
+    """
+
+    def __init__(self, *args, config: StageConfig, **kwargs):
         super().__init__(*args, **kwargs)
-        self.encoder = encoder
+        self.config = config
         self.tokens_seen = 0
         self._last_log = (time.perf_counter(), 0)
-        self.add_callback(JsonlLog(Path(self.args.output_dir) / "log.jsonl"))
+        self.add_callback(JsonlLog(Path(self._get_output_dir(None)) / "log.jsonl"))
+
+    @property
+    def stage_model(self) -> StageModel:
+        if not isinstance(self.model, StageModel):
+            raise TypeError(f"a stage trains a StageModel, not a {type(self.model).__name__}")
+        return self.model
 
     # -- loss ----------------------------------------------------------------------------------
-    def stage_loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def stage_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stage's loss on a batch; ``model`` is the stage model as the Trainer wraps it (DDP)."""
         raise NotImplementedError
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None
+    ) -> torch.Tensor:
         self.tokens_seen += int(sum(v.sum() for k, v in inputs.items() if k.endswith("attention_mask")))
         loss = self.stage_loss(model, inputs)
-        check_finite(loss, self.state.global_step + 1, self.args.output_dir)
+        check_finite(loss, self.state.global_step + 1, self._get_output_dir(None))
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -102,10 +122,12 @@ class StageTrainer(Trainer):
 
     # -- evaluation: STS-B dev Spearman with the model as it is now ----------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        pairs: STSPairs = eval_dataset or self.eval_dataset
+        pairs = eval_dataset or self.eval_dataset
+        if not isinstance(pairs, STSPairs):
+            raise TypeError(f"a stage evaluates on STS pairs, not on {type(pairs).__name__}")
         start = time.perf_counter()
         with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            spearman, _ = score_pairs(self.encoder, pairs, batch_size=64)
+            spearman, _ = score_pairs(self.stage_model.encoder, pairs, batch_size=64)
         metrics = {
             f"{metric_key_prefix}_{METRIC}": spearman,
             f"{metric_key_prefix}_seconds": time.perf_counter() - start,
@@ -117,7 +139,7 @@ class StageTrainer(Trainer):
     # -- checkpoints: the adapter only, committed by a marker written last ---------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.args.should_save:
-            self.model.peft.save_pretrained(output_dir or self.args.output_dir, safe_serialization=True)
+            self.stage_model.peft.save_pretrained(output_dir or self._get_output_dir(None), safe_serialization=True)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -126,18 +148,19 @@ class StageTrainer(Trainer):
             atomic_write(folder / COMPLETE, json.dumps({"step": self.state.global_step}))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapter(self.model, resume_from_checkpoint)
+        load_adapter(self.stage_model.peft, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        load_adapter(self.model, self.state.best_model_checkpoint)
+        if self.state.best_model_checkpoint is not None:
+            load_adapter(self.stage_model.peft, self.state.best_model_checkpoint)
 
 
-def load_adapter(stage_model, checkpoint: str | os.PathLike) -> None:
-    """Put a checkpoint's adapter weights (safetensors) into the stage model's PeftModel."""
+def load_adapter(peft: PeftModel, checkpoint: str | os.PathLike) -> None:
+    """Put a checkpoint's adapter weights (safetensors) into a PeftModel."""
     path = Path(checkpoint) / ADAPTER
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no {ADAPTER}: not an lm2vec checkpoint")
-    set_peft_model_state_dict(stage_model.peft, load_file(path))
+    set_peft_model_state_dict(peft, load_file(path))
 
 
 def check_finite(loss: torch.Tensor, step: int, output_dir: str | os.PathLike) -> None:

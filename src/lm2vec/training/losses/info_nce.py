@@ -1,4 +1,15 @@
-"""Contrastive losses: InfoNCE over in-batch (and hard, and other devices') negatives."""
+"""InfoNCE: each query's positive against in-batch, hard and (under DDP) other devices' negatives.
+
+Computes: the cross-entropy of each query's positive among all candidates, on scaled cosine similarities
+(scale = 1 / temperature); the loss of SimCSE and of supervised LLM2Vec.
+
+Inputs: ``queries`` (n, dim); ``candidates`` (m, dim), m >= n: row i is query i's positive, rows past n are
+hard negatives. With ``gather_across_devices`` under DDP every rank's candidates are scored, and gradients
+flow back through the all-gather to the rank that computed each row.
+
+Reference: van den Oord et al. 2018 (CPC); Gao et al. 2021 (SimCSE); BehnamGhader et al. 2024 (LLM2Vec);
+sentence-transformers' MultipleNegativesRankingLoss.
+"""
 
 from __future__ import annotations
 

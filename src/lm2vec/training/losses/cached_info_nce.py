@@ -1,0 +1,93 @@
+"""InfoNCE with GradCache: a contrastive batch bounded by the loss's memory, not by the model's activations.
+
+Computes: :func:`~lm2vec.training.losses.info_nce.info_nce` of the model's embeddings of two batches, with the
+gradients of one graph for the whole batch, while holding the activations of one pass at a time:
+
+1. every pass (``mini_batch_size`` rows, length-sorted: :func:`~lm2vec.training.stage.length_chunks`) is
+   embedded without a graph, its RNG state saved;
+2. the loss and its gradient with respect to those embeddings are computed;
+3. the returned loss carries a backward hook: when the Trainer back-propagates it, each pass runs again with a
+   graph (RNG restored: the same dropout) and back-propagates the cached gradient times the incoming one.
+   Under DDP all passes but the last skip the gradient all-reduce (``no_sync``).
+
+Inputs: ``model`` maps a sub-batch (``input_ids``, ``attention_mask``, ``pool_mask``) to pooled embeddings;
+``queries`` and ``candidates`` are padded batches of such tensors (candidates: positives first, then hard
+negatives, as :func:`info_nce` takes them).
+
+Reference: Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup";
+sentence-transformers' CachedMultipleNegativesRankingLoss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..stage import in_batch_order, length_chunks
+from .info_nce import info_nce
+
+Batch = dict[str, torch.Tensor]
+
+
+class RandomState:
+    """The RNG state of a forward pass, so that its replay draws the same dropout masks."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if self.cuda else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+def cached_info_nce(
+    model: nn.Module,
+    queries: Batch,
+    candidates: Batch,
+    scale: float,
+    mini_batch_size: int,
+    gather_across_devices: bool = True,
+) -> torch.Tensor:
+    """InfoNCE of ``model``'s embeddings of both batches; back-propagating it trains ``model`` pass by pass."""
+    sides = [length_chunks(batch, mini_batch_size) for batch in (queries, candidates)]
+    passes = [part for chunks in sides for _, part in chunks]
+    states, cached = [], []
+    with torch.no_grad():  # step 1: embeddings without a graph
+        for part in passes:
+            states.append(RandomState())
+            cached.append(model(**part).detach().requires_grad_())
+    count = len(sides[0])
+    query_vectors = in_batch_order(cached[:count], sides[0])
+    candidate_vectors = in_batch_order(cached[count:], sides[1])
+    loss = info_nce(query_vectors, candidate_vectors, scale, gather_across_devices)
+    if not torch.is_grad_enabled():
+        return loss
+    gradients = torch.autograd.grad(loss, cached)  # step 2: with respect to the cached embeddings only
+    result = loss.detach().requires_grad_()
+    result.register_hook(partial(_replay, model, passes, states, gradients))
+    return result
+
+
+def _replay(
+    model: nn.Module,
+    passes: list[Batch],
+    states: list[RandomState],
+    gradients: tuple[torch.Tensor, ...],
+    grad_output: torch.Tensor,
+) -> None:
+    """Step 3: each pass again with a graph, back-propagating its cached gradient scaled by ``grad_output``."""
+    no_sync: Callable[[], contextlib.AbstractContextManager] = getattr(model, "no_sync", contextlib.nullcontext)
+    with torch.enable_grad():
+        for i, (part, state, gradient) in enumerate(zip(passes, states, gradients, strict=True)):
+            sync = contextlib.nullcontext() if i == len(passes) - 1 else no_sync()
+            with sync, state.restored():
+                (model(**part).float() * (gradient * grad_output)).sum().backward()

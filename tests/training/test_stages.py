@@ -1,0 +1,68 @@
+"""The stage registry (one list of stages for recipes, ``convert`` and the CLI; light to import) and the
+GradCache loss (the loss and gradients of the passes it caches, dropout included)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+
+import pytest
+import torch
+
+from lm2vec.cli import main
+from lm2vec.training import STAGES, SupervisedConfig, load_recipe, stage_config
+from lm2vec.training.losses import cached_info_nce, info_nce
+from lm2vec.training.stage import embed, embedding_stage
+from tests.support import random_texts, tiny_encoder
+
+
+def test_one_registry_names_each_stage_its_settings_and_its_train_function():
+    for name, stage in STAGES.items():
+        train = stage.train_function()
+        assert train.__name__ == f"train_{name}"
+        assert typing.get_type_hints(train)["config"] is stage.config
+        assert type(stage_config(name, {})) is stage.config
+    assert [stage for stage, _ in load_recipe("cpu").stages] == list(STAGES)
+
+
+def test_the_cli_offers_the_registered_stages(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        main(["train", "nope", "default", "-o", "out"])
+    assert "{" + ",".join(STAGES) + "} model" in capsys.readouterr().err  # the usage line lists the choices
+
+
+def test_listing_the_stages_imports_neither_peft_nor_the_trainer():
+    heavy = "('peft', 'transformers.trainer')"
+    code = f"import sys, lm2vec.cli, lm2vec.training; print([m for m in {heavy} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_cached_info_nce_has_the_loss_and_gradients_of_its_passes_run_with_a_graph():
+    encoder = tiny_encoder()
+    model = embedding_stage(encoder, SupervisedConfig(lora_dropout=0.3)).train()  # dropout: replays must match
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # zero at initialisation: make every adapter weight get a gradient
+                parameter.normal_(std=0.1)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    texts = random_texts(16, seed=9, max_words=10)
+    queries, documents = (vars(encoder.tokenization([""] * 8, half)) for half in (texts[:8], texts[8:]))
+
+    def run(loss_fn, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(seed)
+        loss = loss_fn()
+        (loss * 0.5).backward()  # the Trainer scales the loss too (gradient accumulation, fp16)
+        return loss.detach(), {name: p.grad.clone() for name, p in trained.items()}
+
+    plain = run(lambda: info_nce(embed(model, queries, 3), embed(model, documents, 3), 20.0))
+    cached = run(lambda: cached_info_nce(model, queries, documents, 20.0, 3))
+    torch.testing.assert_close(cached[0], plain[0])
+    for name in trained:
+        torch.testing.assert_close(cached[1][name], plain[1][name], rtol=1e-4, atol=1e-6)
+    other_masks = run(lambda: info_nce(embed(model, queries, 3), embed(model, documents, 3), 20.0), seed=2)
+    assert not torch.allclose(other_masks[0], plain[0])  # dropout is on: the replay did restore the masks
