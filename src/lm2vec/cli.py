@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def model_source(name: str) -> str | None:
     return None if name in BUILTIN_ALIASES else name
 
 
-def read_inputs(path: Path, field: str) -> list[Item]:
+def read_inputs(path: Path, field: str) -> Sequence[Item]:
     """Texts from a .jsonl file (``field``, plus an optional per-line ``instruction``) or one per line."""
     if path.suffix == ".jsonl":
         records = read_jsonl(path, {field: str}, optional_fields={"instruction": str})
@@ -109,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name in args.tasks:
         tasks.get_task(name)  # an unknown task fails before any model is loaded
     instructions = {} if args.no_instructions else tasks.load_instructions(args.instructions)
-    runs = {}
+    runs: report.Runs = {}
     for path in args.compare:
         runs |= report.load_results(path)
     for model in args.models:
