@@ -1,5 +1,5 @@
 """Run by tests/training/test_ddp.py as ``-m tests.training.ddp_simcse`` under ``torchrun --nproc_per_node 2``
-(gloo, CPU): cross-device negatives.
+(gloo, CPU): cross-device negatives, and the GradCache loss's passes under DDP.
 
 Each rank writes what it saw to ``OUT/rank-N.json``.
 """
@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from lm2vec.training import SimCSEConfig, train_simcse
+from lm2vec.training import SimCSEConfig, SupervisedConfig, train_simcse, train_supervised
 from lm2vec.training.losses import info_nce, similarities
-from tests.support import random_texts, tiny_encoder
+from tests.support import random_texts, tiny_encoder, write_jsonl
 
 BATCH = 4
 
@@ -50,6 +50,24 @@ def main(out: Path, corpus: Path) -> None:
     report |= seen.report
     # DDP keeps the ranks' weights equal although each rank saw other sentences
     report["weight_sum"] = sum(p.double().sum().item() for p in encoder.model.parameters())
+    # GradCache under DDP: every pass but the last skips the all-reduce; the ranks must still agree, and the
+    # weights must be those of the same passes run with a graph (same dropout masks, gradients summed)
+    trained = {}
+    for grad_cache in (True, False):
+        config = SupervisedConfig(
+            data=[str(out / "nli" / "train.jsonl")],
+            steps=2,
+            batch_size=BATCH,
+            learning_rate=1e-3,
+            save_steps=2,
+            bf16=False,
+            mini_batch_size=2,
+            grad_cache=grad_cache,
+        )
+        trained[grad_cache] = train_supervised(tiny_encoder(), config, out / f"grad_cache_{grad_cache}").model
+    report["grad_cache_weight_sum"] = sum(p.double().sum().item() for p in trained[True].parameters())
+    pairs = zip(trained[True].parameters(), trained[False].parameters(), strict=True)
+    report["grad_cache_vs_passes"] = max((a - b).abs().max().item() for a, b in pairs)
     report["world_size"] = int(os.environ["WORLD_SIZE"])
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
 
@@ -58,7 +76,10 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     corpus = out / "corpus.txt"
     if int(os.environ["RANK"]) == 0:
-        corpus.write_text("\n".join(random_texts(40, seed=5, max_words=8)))
+        texts = random_texts(40, seed=6, max_words=8)
+        rows = [{"query": t, "positive": t + " w5", "negative": texts[(i + 7) % 40]} for i, t in enumerate(texts)]
+        write_jsonl(out / "nli" / "train.jsonl", rows)
+        corpus.write_text("\n".join(random_texts(40, seed=5, max_words=8)))  # written last: the other rank waits on it
     else:
         import time
 

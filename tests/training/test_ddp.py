@@ -1,5 +1,5 @@
 """SimCSE under ``torchrun --nproc_per_node 2`` (gloo, CPU): the loss sees every rank's candidates, and
-gradients flow back through the all-gather to the rank that computed them."""
+gradients flow back through the all-gather to the rank that computed them; GradCache keeps the ranks in step."""
 
 from __future__ import annotations
 
@@ -34,5 +34,7 @@ def test_cross_device_negatives_under_torchrun(tmp_path: Path):
         assert report["labels"] == [rank * 4 + i for i in range(4)]  # positives sit in this rank's block
     assert ranks[1]["candidate_grad_norm"] > 0  # rank 0's loss reached rank 1's candidates
     assert abs(ranks[0]["weight_sum"] - ranks[1]["weight_sum"]) < 1e-6  # gradients were synchronised
+    assert abs(ranks[0]["grad_cache_weight_sum"] - ranks[1]["grad_cache_weight_sum"]) < 1e-6  # with GradCache too
+    assert all(report["grad_cache_vs_passes"] < 1e-4 for report in ranks)  # and the gradients of the passes
     assert (tmp_path / "train" / "encoder" / "modules.json").is_file()
     assert (tmp_path / "train" / "checkpoint-3" / "adapter_model.safetensors").is_file()
