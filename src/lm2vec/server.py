@@ -179,7 +179,13 @@ def create_app(encoder: Encoder, settings: ServerSettings) -> BodyLimit:
 
     app = FastAPI(title="lm2vec embeddings", lifespan=lifespan)
     app.state.batcher = batcher
-    created = int(time.time())
+    _add_errors_and_auth(app, settings)
+    _add_routes(app, encoder, settings, batcher)
+    return BodyLimit(app, settings.max_body_bytes)
+
+
+def _add_errors_and_auth(app: FastAPI, settings: ServerSettings) -> None:
+    """Every error in OpenAI's JSON shape; the API key checked before any route runs."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -200,6 +206,11 @@ def create_app(encoder: Encoder, settings: ServerSettings) -> BodyLimit:
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 return JSONResponse(error_body("missing or wrong API key", code="invalid_api_key"), status_code=401)
         return await call_next(request)
+
+
+def _add_routes(app: FastAPI, encoder: Encoder, settings: ServerSettings, batcher: DynamicBatcher) -> None:
+    """``/health``, ``/v1/models`` and ``/v1/embeddings``."""
+    created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict:
@@ -232,8 +243,6 @@ def create_app(encoder: Encoder, settings: ServerSettings) -> BodyLimit:
             "model": settings.model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-
-    return BodyLimit(app, settings.max_body_bytes)
 
 
 def tokenize(encoder: Encoder, request: EmbeddingRequest, settings: ServerSettings) -> tuple[list[list[int]], list]:
