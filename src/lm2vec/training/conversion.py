@@ -60,7 +60,14 @@ def score(
 class Results:
     """The results table, one row per model: each row is logged and the table rewritten as it comes."""
 
-    def __init__(self, output_dir: Path, recipe: Recipe, data_root, evaluate: bool, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        recipe: Recipe,
+        data_root: str | os.PathLike | None,
+        evaluate: bool,
+        log: Callable[[str], None],
+    ) -> None:
         self.output_dir, self.recipe, self.data_root = output_dir, recipe, data_root
         self.evaluate, self.log = evaluate, log
         self.rows: list[Row] = []
