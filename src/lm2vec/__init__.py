@@ -1,6 +1,6 @@
 """lm2vec: any decoder-only LLM as a verified bidirectional text encoder (the LLM2Vec recipe)."""
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from .attention import AttentionError, set_bidirectional, verify_attention
 from .encoder import Encoder
@@ -17,4 +17,7 @@ __all__ = [
     "set_bidirectional",
     "verify_attention",
 ]
-__version__ = version("lm2vec")  # one source: pyproject.toml
+try:
+    __version__ = version("lm2vec")  # one source: pyproject.toml, through the installed metadata
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0+unknown"
