@@ -139,6 +139,18 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def record_encode_calls(monkeypatch: pytest.MonkeyPatch, encoder: lm2vec.Encoder) -> list[tuple[list[str], np.ndarray]]:
+    """Record (texts, embeddings) of each ``encoder.encode`` call, which still runs for real."""
+    encode, calls = encoder.encode, []
+
+    def recording_encode(sentences, **kwargs):
+        calls.append((list(sentences), embeddings := encode(sentences, **kwargs)))
+        return embeddings
+
+    monkeypatch.setattr(encoder, "encode", recording_encode)
+    return calls
+
+
 class TableEncoder:
     """Looks texts up in a table of vectors and records each call."""
 

@@ -20,7 +20,7 @@ from lm2vec.evaluation.classification import (
     load_classification,
     undersample,
 )
-from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
+from tests.support import TableEncoder, needs_data, record_encode_calls, word_encoder, write_jsonl
 
 BANKING77 = data_dir() / "classification" / "banking77"
 needs_banking77 = needs_data("classification/banking77/train.jsonl", "classification/banking77/test.jsonl")
@@ -125,13 +125,7 @@ def test_loader_errors_name_the_file_and_line(tmp_path):
 def test_evaluate_banking77_end_to_end(monkeypatch):
     data = load_classification("banking77")
     encoder = word_encoder(data.train_texts + data.test_texts)
-    encode, calls = encoder.encode, []
-
-    def recording_encode(sentences, **kwargs):
-        calls.append((list(sentences), embeddings := encode(sentences, **kwargs)))
-        return embeddings
-
-    monkeypatch.setattr(encoder, "encode", recording_encode)
+    calls = record_encode_calls(monkeypatch, encoder)
     result = evaluate_classification(encoder, samples_per_label=2, n_experiments=2, max_samples=60, batch_size=64)
 
     experiments = undersample(data.train_labels, 2, 2, seed=42)

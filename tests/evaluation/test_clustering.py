@@ -19,7 +19,7 @@ from lm2vec.evaluation.clustering import (
     evaluate_clustering,
     load_clustering,
 )
-from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
+from tests.support import TableEncoder, needs_data, record_encode_calls, word_encoder, write_jsonl
 
 NEWSGROUPS = data_dir() / "clustering" / "twentynewsgroups" / "test.jsonl"
 needs_newsgroups = needs_data("clustering/twentynewsgroups/test.jsonl")
@@ -118,13 +118,7 @@ def test_loader_errors_name_the_file_and_line(tmp_path):
 def test_evaluate_twentynewsgroups_end_to_end(monkeypatch):
     data = load_clustering("twentynewsgroups")
     encoder = word_encoder(data.texts)
-    encode, calls = encoder.encode, []
-
-    def recording_encode(sentences, **kwargs):
-        calls.append((list(sentences), embeddings := encode(sentences, **kwargs)))
-        return embeddings
-
-    monkeypatch.setattr(encoder, "encode", recording_encode)
+    calls = record_encode_calls(monkeypatch, encoder)
     result = evaluate_clustering(encoder, max_samples=300, n_runs=3, documents_per_run=300, batch_size=64)
 
     generator = random.Random(42)

@@ -18,7 +18,7 @@ from lm2vec.evaluation.pair_classification import (
     load_pair_classification,
     pair_classification_scores,
 )
-from tests.support import TableEncoder, needs_data, word_encoder, write_jsonl
+from tests.support import TableEncoder, needs_data, record_encode_calls, word_encoder, write_jsonl
 
 SNLI = data_dir() / "pair_classification" / "snli" / "test.jsonl"
 needs_snli = needs_data("pair_classification/snli/test.jsonl")
@@ -136,13 +136,7 @@ def test_loader_errors_name_the_file_and_line(tmp_path):
 def test_evaluate_snli_end_to_end(monkeypatch):
     data = load_pair_classification("snli")
     encoder = word_encoder(data.sentence1 + data.sentence2)
-    encode, calls = encoder.encode, []
-
-    def recording_encode(sentences, **kwargs):
-        calls.append((list(sentences), embeddings := encode(sentences, **kwargs)))
-        return embeddings
-
-    monkeypatch.setattr(encoder, "encode", recording_encode)
+    calls = record_encode_calls(monkeypatch, encoder)
     result = evaluate_pair_classification(encoder, max_samples=150, batch_size=64)
 
     chosen = np.sort(np.random.default_rng(42).choice(len(data.labels), size=150, replace=False))
