@@ -13,7 +13,7 @@ from tests.support import tiny_encoder
 @pytest.fixture(scope="session")
 def smollm2() -> lm2vec.Encoder:
     """The built-in model, fp32, bidirectional, mean pooling (loaded once per test session)."""
-    return lm2vec.load()
+    return lm2vec.load(dtype="float32")
 
 
 @pytest.fixture

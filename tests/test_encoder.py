@@ -74,7 +74,7 @@ def test_save_reloads_identically_in_lm2vec_and_sentence_transformers(tmp_path: 
     before = enc.encode(TEXTS)
     before_query = enc.encode(TEXTS, prompt_name="query")
     path = enc.save(tmp_path / "enc")
-    reloaded = lm2vec.load(path)
+    reloaded = lm2vec.load(path, dtype="float32")
     assert reloaded.pooling == pooling and reloaded.prompts == {"query": "w5 w6 "} and reloaded.bidirectional
     np.testing.assert_allclose(reloaded.encode(TEXTS), before, atol=1e-5)
     np.testing.assert_allclose(st_encode(path, TEXTS), before, atol=1e-5)
@@ -84,7 +84,7 @@ def test_save_reloads_identically_in_lm2vec_and_sentence_transformers(tmp_path: 
 def test_causal_encoder_reloads_causal(tmp_path: Path):
     enc = tiny_encoder(bidirectional=False, pooling="weighted_mean")
     path = enc.save(tmp_path / "causal")
-    reloaded = lm2vec.load(path)
+    reloaded = lm2vec.load(path, dtype="float32")
     assert not reloaded.bidirectional
     np.testing.assert_allclose(reloaded.encode(TEXTS), enc.encode(TEXTS), atol=1e-5)
 
@@ -101,7 +101,7 @@ def test_lora_adapters_merged_or_kept(tmp_path: Path, merge: bool):
     assert not np.allclose(before, plain, atol=1e-4)  # the adapter does something
     path = enc.save(tmp_path / "lora", merge_adapters=merge)
     assert (path / "adapter_config.json").exists() != merge
-    np.testing.assert_allclose(lm2vec.load(path).encode(TEXTS), before, atol=1e-5)
+    np.testing.assert_allclose(lm2vec.load(path, dtype="float32").encode(TEXTS), before, atol=1e-5)
     np.testing.assert_allclose(st_encode(path, TEXTS), before, atol=1e-5)
 
 
@@ -124,7 +124,7 @@ def test_gemma3_flag_is_saved(tmp_path: Path):
     path = tiny_encoder("gemma3_text").save(tmp_path / "g3")
     config = json.loads((path / "config.json").read_text())
     assert config["use_bidirectional_attention"] is True and config["is_causal"] is False
-    assert lm2vec.load(path).bidirectional
+    assert lm2vec.load(path, dtype="float32").bidirectional
 
 
 def test_tokenizer_fixture_is_word_level():

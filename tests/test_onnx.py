@@ -9,7 +9,7 @@ import pytest
 
 from lm2vec.cli import main
 from lm2vec.onnx_backend import export_onnx, onnx_encoder
-from lm2vec.quantization import quantize_int8
+from lm2vec.quantization import lower_precision
 from tests.support import random_texts, tiny_encoder
 
 TEXTS = random_texts(30, seed=7, max_words=40)
@@ -29,7 +29,7 @@ def test_onnx_runtime_matches_pytorch(tmp_path: Path, pooling: str, padding_side
 
 def test_only_float32_exports(tmp_path: Path):
     encoder = tiny_encoder()
-    quantize_int8(encoder.model)
+    lower_precision(encoder.model, "int8")
     with pytest.raises(ValueError, match="export a float32 encoder"):
         export_onnx(encoder, tmp_path / "q.onnx")
 

@@ -1,7 +1,9 @@
-"""int8 inference: per-token int8 linear layers, exact integer products, and what loading with dtype="int8" does."""
+"""Lower precision: int8 and bf16 linear layers, exact integer products, the blocks kept in float32, and what
+loading with dtype="int8", "bfloat16" and "auto" does."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +11,23 @@ import pytest
 import torch
 
 import lm2vec
+from lm2vec.calibration import MIN_COSINE, calibration_texts, float_blocks
 from lm2vec.evaluation import cosine_rows
 from lm2vec.loading.model import int8_cache_path
 from lm2vec.loading.source import resolve_source
-from lm2vec.quantization import LINEAR, Int8Linear, first_block, quantize_int8, quantize_rows
+from lm2vec.quantization import (
+    LINEAR,
+    Bf16Linear,
+    Int8Linear,
+    blocks,
+    int_product,
+    lower_precision,
+    quantize_rows,
+)
 from tests.support import random_texts, tiny_encoder
 
 TEXTS = random_texts(24, seed=3)
+VARIANT = (True, "mean")  # bidirectional, mean pooling: what the int8 cache of a default load is keyed by
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 96), (5, 7, 3), (40, 576, 192)])
@@ -30,6 +42,25 @@ def test_int8_linear_is_close_to_the_float_layer(shape: tuple[int, int, int]):
     assert relative.max() < 0.05, relative
     if rows > 1:
         assert relative[1:].max() < 0.02
+
+
+def test_bf16_linear_is_close_to_the_float_layer_and_returns_float32():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(9, 64)
+    out = Bf16Linear(linear)(x)
+    assert out.dtype == torch.float32
+    relative = (out - linear(x)).norm(dim=-1) / linear(x).norm(dim=-1)
+    assert 0 < relative.max() < 0.02, relative
+
+
+def test_integer_products_are_exact_on_every_cpu():
+    torch.manual_seed(2)
+    q = torch.randint(-127, 128, (33, 1536), dtype=torch.int8)
+    w = torch.randint(-127, 128, (1536, 40), dtype=torch.int8)
+    exact = q.long() @ w.long()
+    assert torch.equal(int_product(q, w).long(), exact)
+    assert torch.equal(torch._int_mm(q, w).long(), exact)
 
 
 def test_quantize_rows_round_trips_within_half_a_step():
@@ -51,7 +82,7 @@ def test_rows_do_not_depend_on_the_batch():
 def test_quantized_encoder_batch_invariant_and_close_to_float():
     float_encoder = tiny_encoder()
     int8 = tiny_encoder()
-    quantize_int8(int8.model)
+    lower_precision(int8.model, "int8", keep=(0,))
     assert int8.dtype == "int8" and float_encoder.dtype == "float32"
     layers = int8.model.config.num_hidden_layers
     assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 7 * (layers - 1)
@@ -64,46 +95,85 @@ def test_quantized_encoder_batch_invariant_and_close_to_float():
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
-def test_every_linear_layer_or_the_first_block_whatever_the_architecture(model_type: str):
+def test_every_linear_layer_or_all_but_the_kept_blocks_whatever_the_architecture(model_type: str):
     encoder = tiny_encoder(model_type)
     model, texts = encoder.model, random_texts(6, seed=4)
     before = encoder.encode(texts)
     everything = sum(isinstance(m, LINEAR) for m in model.modules())
-    first = first_block(model)
-    assert first in ("h.0.", "layers.0.")
+    first = blocks(model)[0]
+    assert first in ("h.0.", "layers.0.") and len(blocks(model)) == model.config.num_hidden_layers
     in_first = sum(isinstance(m, LINEAR) for n, m in model.named_modules() if f"{n}.".startswith(first))
-    quantize_int8(model, skip=())
+    lower_precision(model, "bfloat16", keep=(0,))
+    assert sum(isinstance(m, Bf16Linear) for m in model.modules()) == everything - in_first and in_first > 0
+    assert encoder.dtype == "bfloat16" and encoder.float32_blocks() == [0]
+    model = tiny_encoder(model_type).model
+    lower_precision(model, "int8")
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == everything and in_first > 0
+    encoder = encoder.with_model(model)
     assert cosine_rows(encoder.encode(texts), before).min() > 0.98
 
 
-def test_int8_encoder_refuses_to_save(tmp_path: Path):
+@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+def test_lower_precision_encoder_refuses_to_save(tmp_path: Path, kind: str):
     enc = tiny_encoder()
-    quantize_int8(enc.model)
-    with pytest.raises(ValueError, match="int8 encoders are quantized when loaded"):
+    lower_precision(enc.model, kind)
+    with pytest.raises(ValueError, match=f"{kind} encoders are converted when loaded"):
         enc.save(tmp_path / "q")
 
 
-def test_load_with_int8_and_auto(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_load_in_lower_precision_keeps_what_calibration_says(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
-    int8 = lm2vec.load(tiny_dir, dtype="int8")
-    assert int8.dtype == "int8" and int8.info()["dtype"] == "int8"
-    reference = lm2vec.load(tiny_dir)
-    cosine = cosine_rows(int8.encode(TEXTS), reference.encode(TEXTS))
-    assert cosine.min() > 0.99
-    auto = lm2vec.load(tiny_dir, dtype="auto")
-    cpu_flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
-    assert auto.dtype in ("float32", "bfloat16")
-    if not {"amx_bf16", "avx512_bf16"} & set(cpu_flags):  # emulated bf16 is slower than fp32: never chosen
-        assert auto.dtype == "float32"
-    assert cosine_rows(auto.encode(TEXTS), reference.encode(TEXTS)).min() > 0.99
+    lower = lm2vec.load(tiny_dir, dtype=dtype)
+    reference = lm2vec.load(tiny_dir, dtype="float32")
+    keep = float_blocks(reference, dtype)
+    assert lower.dtype == dtype and lower.info()["dtype"] == dtype and lower.float32_blocks() == list(keep)
+    assert list(keep) != list(range(len(blocks(reference.model))))  # the tiny model tolerates some blocks
+    texts = calibration_texts()
+    assert cosine_rows(lower.encode(texts), reference.encode(texts)).min() >= MIN_COSINE
+    assert list((tmp_path / "cache" / "calibration").glob(f"{dtype}-*.json"))  # measured once per model
     with pytest.raises(ValueError, match="int8, auto"):
         lm2vec.load(tiny_dir, dtype="int4")
 
 
+def test_calibration_keeps_every_block_that_does_not_hold_the_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    encoder = tiny_encoder()
+    before = encoder.encode(TEXTS)
+    everything = list(range(len(blocks(encoder.model))))
+    assert list(float_blocks(encoder, "int8", min_cosine=1.0)) == everything  # int8 is never exact
+    assert list(float_blocks(encoder, "int8", min_cosine=-1.0)) == []
+    np.testing.assert_array_equal(encoder.encode(TEXTS), before)  # measuring left the float model as it was
+    assert encoder.dtype == "float32"
+
+
+def test_auto_picks_a_measured_path_and_stays_float32_grade(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    auto = lm2vec.load(tiny_dir)  # the default
+    assert not auto.batch_invariant and auto.info()["engine"] == "torch"
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    if not {"amx_bf16", "avx512_bf16"} & flags:  # emulated bf16 is far slower than fp32: never chosen
+        assert auto.dtype != "bfloat16"
+    if not {"amx_int8", "avx512_vnni", "avx_vnni"} & flags:  # so is int8 without dot-product instructions
+        assert auto.dtype != "int8"
+    speeds = json.loads(next((tmp_path / "cache" / "hardware").glob("linear-speeds-*.json")).read_text())["speeds"]
+    assert speeds["float32"] == 1.0 and set(speeds) == {"float32", "bfloat16", "int8"}
+    assert auto.dtype == "float32" or speeds[auto.dtype] >= 1.3
+    reference = lm2vec.load(tiny_dir, dtype="float32")
+    assert reference.batch_invariant
+    cosine = cosine_rows(auto.encode(TEXTS), reference.encode(TEXTS))
+    assert cosine.min() > 0.99 and cosine.mean() > 0.999
+
+
 def test_nothing_to_quantize():
     with pytest.raises(ValueError, match="no nn.Linear"):
-        quantize_int8(torch.nn.Sequential(torch.nn.ReLU()))
+        lower_precision(torch.nn.Sequential(torch.nn.ReLU()), "int8")
+    with pytest.raises(ValueError, match="unknown lower precision"):
+        lower_precision(tiny_encoder().model, "int4")
 
 
 def test_int8_weights_are_cached_and_reload_bit_identical(
@@ -111,13 +181,14 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
 ):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
     first = lm2vec.load(tiny_dir, dtype="int8")
-    cached = int8_cache_path(resolve_source(tiny_dir))
+    cached = int8_cache_path(resolve_source(tiny_dir), VARIANT)
     assert cached.is_file() and not list(cached.parent.glob("*.partial"))
     again = lm2vec.load(tiny_dir, dtype="int8")  # built empty, weights from the cache
     assert again.dtype == "int8" and again.bidirectional
     np.testing.assert_array_equal(again.encode(TEXTS), first.encode(TEXTS))
-    causal = lm2vec.load(tiny_dir, dtype="int8", bidirectional=False)  # the same cache; verify() proves causal
+    causal = lm2vec.load(tiny_dir, dtype="int8", bidirectional=False)  # its own calibration and cache
     assert not causal.bidirectional and cosine_rows(causal.encode(TEXTS), first.encode(TEXTS)).min() < 0.999
+    assert int8_cache_path(resolve_source(tiny_dir), (False, "mean")).is_file()
 
     cached.write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="rebuilding the unreadable int8 cache"):
@@ -127,7 +198,7 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
 
     weights = tiny_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # new mtime: the key changes, the stale cache is not used
-    assert int8_cache_path(resolve_source(tiny_dir)) != cached
+    assert int8_cache_path(resolve_source(tiny_dir), VARIANT) != cached
 
 
 def test_int8_loads_where_the_cache_cannot_be_written(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -16,8 +16,10 @@ import transformers
 import lm2vec
 from lm2vec.cache import cache_dir
 from lm2vec.datafiles import read_jsonl, read_lines
+from lm2vec.hardware import describe_cpu, linear_speeds
 from lm2vec.inputs import Item
 from lm2vec.loading.dtype import CHOICES as DTYPES
+from lm2vec.loading.dtype import DEFAULT as DEFAULT_DTYPE
 from lm2vec.pooling import PoolingMode
 from lm2vec.training.config import STAGES, builtin_recipes  # light: names and settings, not what trains them
 
@@ -38,12 +40,16 @@ def read_inputs(path: Path, field: str) -> Sequence[Item]:
     return read_lines(path)
 
 
+DTYPE_HELP = "default: auto, this machine's fastest path that stays float32-grade (see `lm2vec info`)"
+
+
 def load(args: argparse.Namespace, model: str | None = None) -> lm2vec.Encoder:
     return lm2vec.load(
         model_source(model or args.model),
         pooling=args.pooling,
         bidirectional=False if args.causal else None,
-        dtype=getattr(args, "dtype", None),
+        # ONNX Runtime exports the float32 model and runs its own kernels
+        dtype="float32" if getattr(args, "backend", "torch") == "onnx" else getattr(args, "dtype", DEFAULT_DTYPE),
         max_length=getattr(args, "max_length", None),
     )
 
@@ -78,7 +84,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     encoder = load(args)
-    info = encoder.info() | {"attention_verified": True}  # load() raises unless the mode was proven
+    measured = linear_speeds()
+    machine = {"cpu": describe_cpu(), "linear_speeds": measured}
+    info = encoder.info() | {"attention_verified": True, "machine": machine}  # load() raises unless proven
+    speeds = ", ".join(f"{name} {speed:.2f}x" for name, speed in measured.items())
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -90,7 +99,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         "pooling": info["pooling"],
         "dimension": info["dimension"],
         "max length": info["max_length"],
-        "dtype": info["dtype"],
+        "dtype": f"{info['dtype']}" + (" (auto)" if args.dtype == "auto" else ""),
+        "float32 blocks": info["float32_blocks"],
+        "engine": info["engine"],
+        "batch invariant": "bit-identical" if info["batch_invariant"] else "cosine > 0.99999",
+        "this machine": f"{describe_cpu()}; linear layers vs float32: {speeds}",
     }
     if info["prompts"]:
         rows["prompts"] = ", ".join(info["prompts"])
@@ -203,7 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_texts=1 if args.no_dynamic_batching else args.batch_texts,
         normalize=not args.no_normalize,
     )
-    print(f"lm2vec: serving {name!r} on http://{args.host}:{args.port}/v1/embeddings", file=sys.stderr)
+    runs = f"{encoder.dtype}{' (auto)' if args.dtype == 'auto' else ''}, {encoder.info()['engine']}"
+    print(f"lm2vec: serving {name!r} ({runs}) on http://{args.host}:{args.port}/v1/embeddings", file=sys.stderr)
     serve(encoder, settings, host=args.host, port=args.port)
     return 0
 
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's saved setting")
     model.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
+    model.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
 
     encode = commands.add_parser("encode", parents=[model], help="embed a text or .jsonl file into an .npy array")
     encode.add_argument("input", help="a text file (one text per line, blank lines skipped) or a .jsonl file")
@@ -246,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-name", help="a named prompt saved with the model, e.g. query")
     encode.add_argument("--batch-size", type=int, default=32)
     encode.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
-    encode.add_argument("--dtype", choices=DTYPES, help="default: float32; auto: this machine's fastest")
     encode.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     encode.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="onnx: ONNX Runtime (CPU)")
     encode.add_argument("--field", default="text", help="the text field of .jsonl lines (default: text)")
@@ -271,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", type=Path, default=cache_dir() / "embeddings", help="embedding cache folder")
     evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--dtype", choices=DTYPES, help="default: float32; int8: int8 linear layers (CPU)")
+    evaluate.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     evaluate.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's setting")
     evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
     evaluate.set_defaults(run=cmd_evaluate)
@@ -305,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--name", help="the model name clients send (default: the model's folder name)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: LM2VEC_API_KEY, else none)")
-    serve.add_argument("--dtype", choices=DTYPES, help="default: float32")
     serve.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
     serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request (default: %(default)s)")
     serve.add_argument("--max-chars", type=int, default=100_000, help="characters per text (default: %(default)s)")
@@ -322,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--workers", type=int, default=2, help="encoder workers (default: 2)")
     corpus.add_argument("--threads-per-worker", type=int, default=1)
     corpus.add_argument("--batch-size", type=int, default=32)
-    corpus.add_argument("--dtype", choices=DTYPES, help="default: float32")
+    corpus.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     corpus.add_argument("--address", help="a Ray cluster (ray://host:10001 or auto); default: a local instance")
     corpus.set_defaults(run=cmd_embed_corpus)
 

@@ -1,8 +1,15 @@
-"""Which CPU produced a figure: speed and bf16 behaviour differ a lot between the machines we run on."""
+"""What this CPU does fast: its instruction sets, and the measured speed of each linear-layer precision.
+
+Speed and bf16/int8 behaviour differ a lot between the machines we run on, and flags alone mislead: one Xeon
+that reports avx512_bf16 without AMX multiplies bf16 at half its fp32 rate, while AMX machines do ~6x. So the
+``dtype="auto"`` policy (:mod:`lm2vec.loading.dtype`) decides on :func:`linear_speeds`, measured once per
+machine and cached.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import platform
 import time
 from pathlib import Path
@@ -10,8 +17,12 @@ from typing import TypedDict
 
 import torch
 
+from .cache import atomic_write, cache_dir, cache_key
+
 # The instruction sets that decide bf16 and int8 speed on CPU (see RECIPE.md, section 6).
-CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni")
+CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
+SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
+SPEED_VERSION = 1  # bump when what linear_speeds() measures changes
 
 
 class CPUInfo(TypedDict):
@@ -19,6 +30,7 @@ class CPUInfo(TypedDict):
     flags: dict[str, bool]
 
 
+@functools.cache
 def cpu_info() -> CPUInfo:
     """CPU model name and whether each of :data:`CPU_FLAGS` is present (Linux ``/proc/cpuinfo``)."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -35,35 +47,63 @@ def cpu_info() -> CPUInfo:
 
 
 def native_bf16() -> bool:
-    """Does this CPU do bf16 matmuls in hardware? Without it, bf16 is emulated: slower than fp32."""
+    """Does this CPU do bf16 matmuls in hardware? Without it, bf16 is emulated: far slower than fp32."""
     flags = cpu_info()["flags"]
-    return bool(flags["amx_bf16"] or flags["avx512_bf16"])
+    return flags["amx_bf16"] or flags["avx512_bf16"]
+
+
+def fast_int8() -> bool:
+    """Does this CPU have int8 dot-product instructions (VNNI, AMX)? Without them ``torch._int_mm`` crawls."""
+    flags = cpu_info()["flags"]
+    return flags["amx_int8"] or flags["avx512_vnni"] or flags["avx_vnni"]
 
 
 def describe_cpu() -> str:
-    """One line, e.g. ``AMD EPYC (amx_bf16: no, avx512_bf16: yes, avx512_vnni: yes)``."""
+    """One line, e.g. ``AMD EPYC (amx_bf16: no, ..., avx512_vnni: yes), 2 threads``."""
     info = cpu_info()
     flags = ", ".join(f"{flag}: {'yes' if present else 'no'}" for flag, present in info["flags"].items())
-    return f"{info['model']} ({flags})"
+    return f"{info['model']} ({flags}), {torch.get_num_threads()} threads"
 
 
-@functools.cache
-def bf16_speedup(size: tuple[int, int, int] = (256, 576, 1536), repeats: int = 5) -> float:
-    """Measured once per process (~0.1 s): fp32 time / bf16 time of one model-sized matmul on this CPU.
+def linear_speeds() -> dict[str, float]:
+    """Throughput of a model-sized linear layer per precision, relative to float32 (float32 = 1.0).
 
-    Flags alone mislead: on one Xeon here that reports avx512_bf16 without AMX, bf16 products ran at half the
-    fp32 speed (0.17 against 0.33 TFLOP/s), while AMX machines run them ~6x faster.
+    Measured on the layers the encoder runs (``nn.Linear``, :class:`~lm2vec.quantization.Bf16Linear`,
+    :class:`~lm2vec.quantization.Int8Linear` with its per-token quantization), once per machine, torch version
+    and thread count (~1 s), and cached in ``<cache>/hardware/``.
     """
-    m, k, n = size
+    key = cache_key(SPEED_VERSION, cpu_info(), torch.__version__, torch.get_num_threads())
+    path = cache_dir() / "hardware" / f"linear-speeds-{key[:16]}.json"
+    try:
+        return json.loads(path.read_text())["speeds"]
+    except (OSError, ValueError, KeyError):
+        pass
+    speeds = _measure_linear_speeds()
+    record = {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(), "speeds": speeds}
+    try:
+        atomic_write(path, json.dumps(record, indent=2) + "\n")
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return speeds
 
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        torch.mm(a, b)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - start)
-        return min(times)
 
-    return best(torch.float32) / best(torch.bfloat16)
+def _measure_linear_speeds(repeats: int = 3) -> dict[str, float]:
+    from .quantization import Bf16Linear, Int8Linear  # quantization imports this module
+
+    tokens, inputs, outputs = SPEED_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(inputs, outputs, bias=False)
+    x = torch.randn(tokens, inputs, generator=generator)
+    layers = {"float32": linear, "bfloat16": Bf16Linear(linear), "int8": Int8Linear(linear)}
+    seconds = {}
+    with torch.inference_mode():
+        for name, layer in layers.items():
+            layer(x.clone())  # warm-up: kernels chosen, buffers allocated
+            times = []
+            for _ in range(repeats):
+                fresh = x.clone()  # a new tensor: Int8Linear quantizes it, as it would a new batch
+                start = time.perf_counter()
+                layer(fresh)
+                times.append(time.perf_counter() - start)
+            seconds[name] = min(times)
+    return {name: seconds["float32"] / value for name, value in seconds.items()}

@@ -73,6 +73,9 @@ class OnnxEncoder(Encoder):
     def _invariance(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def info(self) -> dict:
+        return super().info() | {"engine": "onnxruntime", "batch_invariant": False}
+
 
 def onnx_encoder(
     encoder: Encoder, path: str | os.PathLike | None = None, providers: list[str] | None = None

@@ -225,7 +225,7 @@ def test_trained_encoder_reloads_with_its_embeddings(corpus: Path, tmp_path: Pat
     untrained = tiny_encoder().encode(texts)
     assert np.abs(before - untrained).max() > 1e-3  # the merged adapter changed the model
     path = tmp_path / "out" / "encoder"
-    np.testing.assert_allclose(lm2vec.load(path).encode(texts), before, atol=1e-5)
+    np.testing.assert_allclose(lm2vec.load(path, dtype="float32").encode(texts), before, atol=1e-5)
     np.testing.assert_allclose(SentenceTransformer(str(path), device="cpu").encode(texts), before, atol=1e-4)
     assert not math.isclose(encoder.model.config.attention_dropout, 0.3)  # training dropout is not saved
 
@@ -305,7 +305,7 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
     ]
     texts = random_texts(6, seed=7)
     np.testing.assert_allclose(
-        lm2vec.load(tmp_path / "out" / "encoder").encode(texts), encoder.encode(texts), atol=1e-5
+        lm2vec.load(tmp_path / "out" / "encoder", dtype="float32").encode(texts), encoder.encode(texts), atol=1e-5
     )
     again, _ = convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
     assert sum("already finished" in line for line in lines) == 3

@@ -1,22 +1,25 @@
 """``load()``: from what the user names to a verified encoder.
 
 The steps, each in its own module: :mod:`.source` turns the name into a local directory or hub id (converting
-GGUF files once), :mod:`.dtype` decides the weight dtype (``"auto"``: the device's fastest), :mod:`.model`
-builds the tokenizer and the model (attention mode set before it is built; int8 weights cached), and
-:mod:`.saved` reads the settings a saved encoder directory carries.
+GGUF files once), :mod:`.dtype` decides the precision (``"auto"``: the device's fastest that stays float32-grade),
+:mod:`.model` builds the tokenizer and the model (attention mode set before it is built; int8 weights cached),
+:mod:`.saved` reads the settings a saved encoder directory carries, and :mod:`lm2vec.calibration` measures which
+blocks a bfloat16 or int8 model keeps in float32.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..encoder import Encoder
-from ..pooling import PoolingMode
-from .dtype import Dtype, resolve_dtype, torch_dtype
-from .model import default_max_length, load_int8_model, load_model, load_tokenizer
+from ..pooling import PoolingMode, parse_pooling
+from ..quantization import LOWER, blocks, lower_kind, lower_precision
+from .dtype import DEFAULT, Dtype, resolve_dtype, torch_dtype
+from .model import cache_int8_model, cached_int8_model, default_max_length, load_model, load_tokenizer
 from .saved import read_saved_settings
 from .source import BUILTIN_MODEL, ModelLoadError, Source, resolve_source
 
@@ -28,7 +31,7 @@ def load(
     *,
     pooling: str | PoolingMode | None = None,
     bidirectional: bool | None = None,
-    dtype: Dtype = None,
+    dtype: Dtype = DEFAULT,
     max_length: int | None = None,
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,
@@ -41,31 +44,51 @@ def load(
 
     ``source``: a local Hugging Face or sentence-transformers directory, a hub id, a ``.gguf`` file,
     or None / ``"smollm2-135m-instruct"`` for the built-in SmolLM2-135M-Instruct. Settings not given
-    come from a saved lm2vec/sentence-transformers directory, else: mean pooling, bidirectional,
-    float32, 512 tokens. ``dtype``: "float32", "bfloat16", "float16", "int8" (CPU; int8 linear layers)
-    or "auto" (the device's fastest dtype).
+    come from a saved lm2vec/sentence-transformers directory, else: mean pooling, bidirectional, 512 tokens.
+    ``dtype``: "auto" (default: the device's fastest path that stays float32-grade, see
+    :mod:`lm2vec.loading.dtype`), "float32" (bit-identical embeddings in any batch on CPU), "bfloat16" or
+    "int8" (linear layers in that precision in the blocks that tolerate it, measured once per model), "float16".
     """
-    dtype = resolve_dtype(dtype, device)
+    chosen = resolve_dtype(dtype, device)
     resolved = resolve_source(source)
     saved = read_saved_settings(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
-    if dtype == "int8":
-        model = load_int8_model(resolved, bidirectional, attn_implementation, trust_remote_code)
-    else:
-        model = load_model(resolved, bidirectional, torch_dtype(dtype), attn_implementation, trust_remote_code)
+    pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))
+    variant = (bidirectional, pooling.value)
+    model = None
+    if chosen == "int8":
+        model = cached_int8_model(resolved, variant, bidirectional, attn_implementation, trust_remote_code)
+    if model is None:
+        model = load_model(resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
     if device is not None:
         model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with functools.wraps, which mypy misreads
     model.eval()
     encoder = Encoder(
         model,
         load_tokenizer(resolved, trust_remote_code),
-        pooling=pooling or (saved.pooling if saved else PoolingMode.MEAN),
+        pooling=pooling,
         max_length=max_length or (saved.max_length if saved else default_max_length(model)),
         prompts=prompts if prompts is not None else (saved.prompts if saved else None),
         default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
         bidirectional=bidirectional,
+        batch_invariant=dtype not in (None, "auto"),  # the fast default: cosine >= 0.99999 in any batch
     )
+    if chosen in LOWER and lower_kind(model) is None:
+        _lower(encoder, resolved, variant, chosen)
     if verify:
         encoder.verify()
     return encoder
+
+
+def _lower(encoder: Encoder, source: Source, variant: object, kind: str) -> None:
+    """Put the blocks that tolerate it in ``kind``, measured on this model (cached); int8 weights cached too."""
+    from ..calibration import float_blocks
+
+    keep = float_blocks(encoder, kind)
+    if len(keep) == len(blocks(encoder.model)):
+        warnings.warn(f"no block of this model stays float32-grade in {kind}: running float32", stacklevel=3)
+        return
+    lower_precision(encoder.model, kind, keep)
+    if kind == "int8":
+        cache_int8_model(source, variant, encoder.model, keep)

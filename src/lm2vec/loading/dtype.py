@@ -1,4 +1,11 @@
-"""The weight dtype a model is loaded in: names, and the ``"auto"`` policy (the device's fastest dtype)."""
+"""The precision a model runs in: names, and the ``"auto"`` policy (the default: the device's fastest path whose
+embeddings stay float32-grade).
+
+"bfloat16" and "int8" put the linear layers of the blocks that tolerate it in that precision and keep the rest,
+the residual stream, norms and attention in float32 (:mod:`lm2vec.calibration` measures which blocks, per
+model), so every path "auto" may pick stays within cosine 0.99 of float32 on every text. "float16" (and torch
+dtypes) convert the whole model, as transformers does.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import warnings
 
 import torch
 
-from ..hardware import bf16_speedup, native_bf16
+from ..hardware import fast_int8, linear_speeds, native_bf16
 
 DTYPES = {
     "float32": torch.float32,
@@ -16,38 +23,49 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-# What ``load(dtype=...)`` takes besides torch dtypes and the names above: int8 linear layers over float32
-# (:mod:`lm2vec.quantization`), and "auto".
-CHOICES = ("float32", "bfloat16", "int8", "auto")
+# What ``load(dtype=...)`` takes besides torch dtypes and the names above.
+CHOICES = ("auto", "float32", "bfloat16", "int8", "float16")
+DEFAULT = "auto"
+# Leave float32 only for a path measured this much faster per linear layer: the blocks kept in float32, attention
+# and the elementwise work do not speed up, so a smaller edge is lost in the whole model.
+MIN_SPEEDUP = 1.3
 
 Dtype = str | torch.dtype | None
 
 
 def auto_dtype(on_cpu: bool) -> str:
-    """What ``dtype="auto"`` picks: bf16 on GPUs, and on CPUs where bf16 products measure faster than fp32."""
+    """What ``dtype="auto"`` picks: bf16 on GPUs; on CPUs the fastest of float32, bfloat16 and int8 linear layers
+    as measured on this machine (:func:`lm2vec.hardware.linear_speeds`, cached), float32 unless one is
+    :data:`MIN_SPEEDUP` times faster."""
     if not on_cpu:
         return "bfloat16"
-    return "bfloat16" if native_bf16() and bf16_speedup() > 1.2 else "float32"
+    speeds = linear_speeds()
+    best = max(speeds, key=speeds.__getitem__)
+    return best if speeds[best] >= MIN_SPEEDUP else "float32"
 
 
-def resolve_dtype(dtype: Dtype, device: str | torch.device | None) -> Dtype:
-    """Turn "auto" into this device's best dtype; warn where bf16 would be emulated on this CPU."""
+def resolve_dtype(dtype: Dtype, device: str | torch.device | None) -> str:
+    """Turn "auto" (and None) into this device's choice; canonical names otherwise; warn where a CPU would
+    emulate the precision asked for."""
     on_cpu = torch.device(device or "cpu").type == "cpu"
-    if dtype == "auto":
+    if dtype is None or dtype == "auto":
         return auto_dtype(on_cpu)
-    if on_cpu and dtype in ("bfloat16", "bf16", torch.bfloat16) and not native_bf16():
-        warnings.warn(
-            "this CPU has no native bf16 (AMX or AVX512-BF16): bf16 will be slower than float32", stacklevel=3
-        )
-    return dtype
-
-
-def torch_dtype(dtype: Dtype) -> torch.dtype:
-    """The torch dtype of a float dtype name (None: float32)."""
-    if dtype is None:
-        return torch.float32
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype != "int8" and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join([*DTYPES, 'int8', 'auto'])}")
-    return DTYPES[dtype]
+    name = "int8" if dtype == "int8" else str(DTYPES[dtype]).removeprefix("torch.")
+    if on_cpu and name == "bfloat16" and not native_bf16():
+        warnings.warn(
+            "this CPU has no native bf16 (AMX or AVX512-BF16): bf16 will be far slower than float32", stacklevel=3
+        )
+    if on_cpu and name == "int8" and not fast_int8():
+        warnings.warn(
+            "this CPU has no int8 dot-product instructions (VNNI, AMX): int8 will be slower than float32", stacklevel=3
+        )
+    return name
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype the weights are loaded in (a :func:`resolve_dtype` name): float32 but for "float16"."""
+    return torch.float16 if dtype == "float16" else torch.float32

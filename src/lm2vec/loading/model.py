@@ -1,14 +1,15 @@
 """Build the tokenizer and the model from a :class:`~.source.Source`: attention mode set before the model exists,
-safetensors weights only, in float or with int8 linear layers (their weights cached as safetensors).
+safetensors weights only; int8 models cached as safetensors.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
@@ -16,7 +17,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import set_bidirectional, unsupported_reason
 from ..cache import atomic_write, cache_dir, cache_key, file_stamps
-from ..quantization import SCHEME, quantize_int8
+from ..calibration import VERSION as CALIBRATION_VERSION
+from ..quantization import SCHEME, lower_precision
 from .source import ModelLoadError, Source
 
 
@@ -81,52 +83,58 @@ def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
     return min(cap, positions) if positions else cap
 
 
-def load_int8_model(
+def cached_int8_model(
     source: Source,
+    variant: object,
     bidirectional: bool = True,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
-) -> PreTrainedModel:
-    """The model with int8 linear layers (:func:`~lm2vec.quantization.quantize_int8`'s defaults).
+) -> PreTrainedModel | None:
+    """The int8 model from the cache written by :func:`cache_int8_model`, or None if there is none yet.
 
-    A local model is quantized once and its quantized weights cached as safetensors (keyed by the model's
-    files); later loads build the model empty and take those weights, so the float model is never in memory
-    (peak memory below the float model's, and a faster load). An unreadable cache is rebuilt.
+    The model is built empty and takes the cached int8 weights, so the float model is never in memory (peak
+    memory below the float model's, and a faster load). An unreadable cache warns and is rebuilt by the caller.
     """
-    cached = int8_cache_path(source)
-    if cached is not None and cached.is_file():
-        try:
-            return _load_int8_cached(source, cached, bidirectional, attn_implementation, trust_remote_code)
-        except (SafetensorError, RuntimeError, OSError) as err:
-            warnings.warn(f"rebuilding the unreadable int8 cache {cached}: {err}", stacklevel=2)
-    model = load_model(source, bidirectional, torch.float32, attn_implementation, trust_remote_code)
-    quantize_int8(model)
-    if cached is not None:
-        state = {name: t.contiguous() for name, t in model.state_dict().items()}
-        try:
-            atomic_write(cached, lambda tmp: save_file(state, tmp))
-        except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a read-only or full disk: still loads
-            warnings.warn(f"int8 weights not cached: {err}", stacklevel=2)
+    path = int8_cache_path(source, variant)
+    if path is None or not path.is_file():
+        return None
+    from accelerate import init_empty_weights
+
+    try:
+        with safe_open(str(path), "pt") as cached:
+            keep = tuple(json.loads((cached.metadata() or {})["float_blocks"]))
+        config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
+        with init_empty_weights(include_buffers=False):  # weights on the meta device; computed buffers are real
+            model = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        lower_precision(model, "int8", keep)
+        model.load_state_dict(load_file(path), strict=True, assign=True)  # strict: a missing weight raises
+    except (SafetensorError, RuntimeError, OSError, KeyError, ValueError) as err:
+        warnings.warn(f"rebuilding the unreadable int8 cache {path}: {err}", stacklevel=2)
+        return None
     return model
 
 
-def int8_cache_path(source: Source) -> Path | None:
-    """Where a local model's int8 weights are cached (None for hub ids: they are quantized at each load)."""
+def cache_int8_model(source: Source, variant: object, model: PreTrainedModel, keep: tuple[int, ...]) -> None:
+    """Cache a local model's int8 weights (``keep``: its float32 blocks, stored with them) for later loads."""
+    path = int8_cache_path(source, variant)
+    if path is None:
+        return
+    state = {name: t.contiguous() for name, t in model.state_dict().items()}
+    metadata = {"float_blocks": json.dumps(list(keep))}
+    try:
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a read-only or full disk: still loads
+        warnings.warn(f"int8 weights not cached: {err}", stacklevel=2)
+
+
+def int8_cache_path(source: Source, variant: object) -> Path | None:
+    """Where a local model's int8 weights are cached (None for hub ids: they are quantized at each load).
+
+    ``variant``: what else the calibrated float32 blocks depend on (attention mode, pooling).
+    """
     if not source.local:
         return None
     folder = Path(source.path)
-    key = cache_key(SCHEME, str(folder.resolve()), file_stamps(folder, (".safetensors", ".json")))
+    stamps = file_stamps(folder, (".safetensors", ".json"))
+    key = cache_key(SCHEME, CALIBRATION_VERSION, variant, str(folder.resolve()), stamps)
     return cache_dir() / "int8" / f"{folder.name}-{key[:16]}.safetensors"
-
-
-def _load_int8_cached(
-    source: Source, path: Path, bidirectional: bool, attn_implementation: str | None, trust_remote_code: bool
-) -> PreTrainedModel:
-    from accelerate import init_empty_weights
-
-    config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
-    with init_empty_weights(include_buffers=False):  # weights on the meta device; computed buffers are real
-        model = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    quantize_int8(model)
-    model.load_state_dict(load_file(path), strict=True, assign=True)  # strict: a missing weight raises
-    return model

@@ -21,7 +21,7 @@ from ..loading import load
 from ..pooling import PoolingMode
 from .config import STAGES, Recipe, StageConfig, load_recipe
 from .data import check_data
-from .stage import ENCODER_DIR, Source, saved_encoder
+from .stage import ENCODER_DIR, TRAINING_DTYPE, Source, saved_encoder
 
 CAUSAL_BASELINE = "causal, weighted mean (baseline)"
 
@@ -113,7 +113,7 @@ def convert(
         current = run_or_reuse(i, stage, config, current, source, stage_dir, data_root, resume, log)
         chain += f" + {stage}"
         results.record(chain, current, start)
-    final = current if isinstance(current, Encoder) else load(current)
+    final = current if isinstance(current, Encoder) else load(current, dtype=TRAINING_DTYPE)
     final.save(output_dir / ENCODER_DIR)
     return final, results.rows
 
@@ -124,15 +124,19 @@ def starting_point(source: str | os.PathLike | None, causal: bool, baselines: Re
     """
     start = time.perf_counter()
     if causal:
-        current = load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN)
+        current = load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN, dtype=TRAINING_DTYPE)
         if baselines:
             baselines.record(CAUSAL_BASELINE, current, start)
         return current
     if not baselines:
         return source
-    baselines.record(CAUSAL_BASELINE, load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN), start)
+    baselines.record(
+        CAUSAL_BASELINE,
+        load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN, dtype=TRAINING_DTYPE),
+        start,
+    )
     start = time.perf_counter()
-    untrained = load(source)
+    untrained = load(source, dtype=TRAINING_DTYPE)
     baselines.record("bidirectional, untrained", untrained, start)
     return untrained
 

@@ -23,6 +23,9 @@ from ..loading import load
 from .config import SimCSEConfig, StageConfig, SupervisedConfig
 from .trainer import COMPLETE, StageModel, StageTrainer, last_checkpoint, training_arguments
 
+# Training loads float32 weights (LoRA wraps nn.Linear; bf16 is autocast per stage), not the inference default.
+TRAINING_DTYPE = "float32"
+
 ENCODER_DIR = "encoder"
 Source = Encoder | str | os.PathLike | None  # an encoder, or anything lm2vec.load takes
 
@@ -233,7 +236,7 @@ def save_stage_encoder(encoder: Encoder, output_dir: str | os.PathLike, trainer:
 def saved_encoder(output_dir: str | os.PathLike) -> Encoder | None:
     """The encoder a completed stage saved, or None."""
     path = Path(output_dir) / ENCODER_DIR
-    return load(path) if (path / COMPLETE).is_file() else None
+    return load(path, dtype=TRAINING_DTYPE) if (path / COMPLETE).is_file() else None
 
 
 def dev_pairs(config: StageConfig, data_root: str | os.PathLike | None) -> STSPairs | None:
@@ -242,4 +245,4 @@ def dev_pairs(config: StageConfig, data_root: str | os.PathLike | None) -> STSPa
 
 
 def as_encoder(model: Source) -> Encoder:
-    return model if isinstance(model, Encoder) else load(model)
+    return model if isinstance(model, Encoder) else load(model, dtype=TRAINING_DTYPE)
