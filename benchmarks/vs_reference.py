@@ -1,16 +1,27 @@
-"""CPU encoding speed of the built-in model: the reference llm2vec against lm2vec in each precision, one run.
+"""CPU encoding speed and accuracy: the reference llm2vec against lm2vec's default, each precision and other
+inference engines, in one run on the same texts.
 
-Texts: the first 1000 unique STS-B test sentences (``--texts stsb``) or 1000 SciFact abstracts truncated at
-512 tokens (``--texts scifact``); batch 32, 2 threads, mean pooling, bidirectional. Every mode runs in its own
-worker process (so peak RSS is per mode): the reference ``llm2vec==0.2.3`` in its own venv (built by
-``make reference``, see ../shared/peers/official_llm2vec), lm2vec in this one. All workers load and warm up
-on one batch first; then the timed runs alternate between modes (reference, fp32, bf16, int8, reference, ...)
-so drift in the machine's speed hits all alike. In the same run the parent measures the matmul peak of
-each precision (2048^3 products on the same threads), and each mode's model FLOP/s is given as a fraction
-of its precision's peak. Model FLOPs: 2 x non-embedding parameters x real tokens, plus attention
-(4 x layers x hidden x length^2 per text).
+Texts: the first 1000 unique STS-B test sentences (``--texts stsb``) or SciFact abstracts truncated at 512 tokens
+(``--texts scifact --count 200``); batch 32, 2 threads, mean pooling, bidirectional. The model: the built-in
+SmolLM2 (untrained) or ``--model DIR`` (a trained encoder; the reference then loads the same weights). Every mode
+runs in its own worker process (so peak RSS is per mode): the reference ``llm2vec==0.2.3`` in its own venv
+(``make reference``, see ../shared/peers/official_llm2vec), lm2vec in this one. Modes:
 
-    python benchmarks/vs_reference.py [--texts stsb|scifact] [--repeats 3] [--modes reference,fp32,bf16,int8]
+- ``reference``; ``fp32`` (lm2vec float32: bit-identical in any batch); ``default`` (``lm2vec.load()``, i.e.
+  ``dtype="auto"``: what this machine measures fastest and stays float32-grade); ``fp32-fast`` (float32 without
+  batch invariance); ``bf16`` and ``int8`` (lower-precision linear layers where calibration allows);
+- engines tried on the exported ONNX graph: ``ort-fp32`` (ONNX Runtime), ``ort-int8`` (ONNX Runtime
+  ``MatMulNBits``: 8-bit symmetric weights in blocks of 32, ``accuracy_level=4``, i.e. int8 activations
+  quantized per block), ``openvino-int8`` (NNCF int8 symmetric weights, the CPU plugin's dynamic activation
+  quantization in groups of 32, f32 inference precision).
+
+All workers load and warm up on one batch first; then the timed runs alternate between modes so drift in the
+machine's speed hits all alike. In the same run the parent measures the matmul peak of each precision (2048^3
+products on the same threads, in torch and in ONNX Runtime; the better counts), and each mode's model FLOP/s
+is given as a fraction of its precision's peak. Model FLOPs: 2 x non-embedding parameters x real tokens, plus
+attention (4 x layers x hidden x length^2 per text). Accuracy: per-text cosine to lm2vec fp32.
+
+    python benchmarks/vs_reference.py [--texts stsb|scifact] [--model DIR] [--repeats 3] [--modes ...]
 """
 
 from __future__ import annotations
@@ -27,9 +38,19 @@ import time
 from pathlib import Path
 
 REPLY = "RESULT "  # worker stdout lines carrying results start with this; anything else is passed over
-LM2VEC_MODES = {"fp32": "float32", "fp32-fast": "float32", "bf16": "bfloat16", "int8": "int8"}
-PEAK_OF = {"reference": "fp32", "fp32": "fp32", "fp32-fast": "fp32", "bf16": "bf16", "int8": "int8"}
+LM2VEC_MODES = {
+    "fp32": "float32",
+    "default": "auto",
+    "fp32-fast": "float32",
+    "bf16": "bfloat16",
+    "int8": "int8",
+    "ort-fp32": "float32",
+    "ort-int8": "float32",
+    "openvino-int8": "float32",
+}
+PEAK_OF = {"bf16": "bf16", "int8": "int8", "ort-int8": "int8", "openvino-int8": "int8"}  # others: fp32
 MODE_NAMES = ", ".join(["reference", *LM2VEC_MODES])
+DEFAULT_MODES = "reference,fp32,default,fp32-fast,bf16,int8,ort-fp32,ort-int8,openvino-int8"
 REFERENCE_DIR = Path(os.environ.get("LM2VEC_REFERENCE_DIR", Path(__file__).resolve().parents[1] / ".peer-llm2vec"))
 
 
@@ -61,7 +82,7 @@ def reference_worker(args: argparse.Namespace, texts: list[str]) -> None:
     torch.set_num_threads(args.threads)
     # doc_max_length: the reference otherwise cuts documents to 400 tokens (by whole words) before max_length
     model = LLM2Vec.from_pretrained(
-        str(args.reference / "smollm2-hf"),
+        str(args.model or args.reference / "smollm2-hf"),
         enable_bidirectional=True,
         pooling_mode="mean",
         max_length=args.max_length,
@@ -82,13 +103,17 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
     import lm2vec
 
     torch.set_num_threads(args.threads)
-    encoder = lm2vec.load(dtype=LM2VEC_MODES[args.worker], max_length=args.max_length)
-    encoder.batch_invariant = args.worker != "fp32-fast"
+    encoder = lm2vec.load(args.model, dtype=LM2VEC_MODES[args.worker], max_length=args.max_length)
+    if args.worker == "fp32-fast":
+        encoder.batch_invariant = False
+    chosen = encoder.dtype
+    if args.worker.startswith(("ort-", "openvino-")):
+        encoder, chosen = engine_encoder(encoder, args.worker), args.worker
     lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
     config = encoder.model.config
     embedding = encoder.model.get_input_embeddings().weight.numel()
     parameters = sum(p.numel() for p in encoder.model.parameters()) + sum(
-        b.numel() for name, b in encoder.model.named_buffers() if name.endswith("weight_t")
+        b.numel() for name, b in encoder.model.named_buffers() if name.endswith(("weight_t", "weight"))
     )
     attention = sum(4 * config.num_hidden_layers * config.hidden_size * n * n for n in lengths)
     flops = 2 * (parameters - embedding) * sum(lengths) + attention
@@ -96,7 +121,71 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
     def encode(batch: list[str]):
         return encoder.encode(batch, batch_size=args.batch_size, show_progress_bar=False)
 
-    serve(encode, sum(lengths), texts, args, {"flops": flops})
+    extra = {"flops": flops, "dtype": chosen, "float32_blocks": encoder.info()["float32_blocks"]}
+    serve(encode, sum(lengths), texts, args, extra)
+
+
+def engine_encoder(encoder, mode: str):
+    """``encoder`` with its forward pass in another engine, on the exported (cached) ONNX graph."""
+    import onnxruntime
+
+    from lm2vec.cache import cache_dir, fingerprint
+    from lm2vec.onnx_backend import OnnxEncoder, export_onnx
+
+    graph = cache_dir() / "onnx" / f"{fingerprint(encoder)}.onnx"
+    if not graph.is_file():
+        export_onnx(encoder, graph)
+    settings = encoder.settings() | {"batch_invariant": False}
+    if mode.startswith("openvino"):
+        return OnnxEncoder(encoder.model, session=openvino_session(graph, encoder), **settings)
+    if mode == "ort-int8":
+        graph = matmul_nbits(graph)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = encoder_threads()
+    session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    return OnnxEncoder(encoder.model, session=session, **settings)
+
+
+def encoder_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def matmul_nbits(graph: Path) -> Path:
+    """The graph with 8-bit MatMulNBits weights (blocks of 32, symmetric), int8 activations (accuracy_level 4)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = graph.with_suffix(".q8-b32-acc4.onnx")
+    if not out.is_file():
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(graph)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    return out
+
+
+class _OpenVINOSession:
+    """OpenVINO's compiled model behind ONNX Runtime's ``run`` call, so OnnxEncoder drives it unchanged."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def run(self, outputs, feeds):
+        return [self.compiled(feeds)[self.compiled.output(0)]]
+
+
+def openvino_session(graph: Path, encoder) -> _OpenVINOSession:
+    import nncf
+    import openvino
+
+    core = openvino.Core()
+    model = nncf.compress_weights(core.read_model(str(graph)), mode=nncf.CompressWeightsMode.INT8_SYM)
+    config = {"INFERENCE_NUM_THREADS": encoder_threads(), "INFERENCE_PRECISION_HINT": "f32"}
+    config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "32"  # without the f32 hint avx512_bf16 CPUs silently run bf16
+    return _OpenVINOSession(core.compile_model(model, "CPU", config))
 
 
 def load_texts(kind: str, count: int, data: Path) -> list[str]:
@@ -116,6 +205,7 @@ class Worker:
         command = [python, __file__, "--worker", mode, "--texts-file", str(texts), "--embeddings", str(embeddings)]
         command += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         command += ["--max-length", str(args.max_length), "--reference", str(args.reference)]
+        command += ["--model", str(args.model)] if args.model else []
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -131,27 +221,56 @@ class Worker:
         return self.read()
 
 
-def matmul_peaks(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s (ops/s for int8) of one size^3 product per precision, best of ``repeats`` after a warm-up."""
+def matmul_peaks(threads: int, size: int = 2048, repeats: int = 3) -> dict[str, float]:
+    """FLOP/s (ops/s for int8) of one size^3 product per precision, best of ``repeats`` after a warm-up; fp32 and
+    int8 also in ONNX Runtime (MLAS: MatMul, MatMulInteger), whose kernels beat torch's on some CPUs."""
+    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
-        if dtype == torch.int8:
-            a = torch.randint(-127, 128, (size, size), dtype=dtype)
-            b = torch.randint(-127, 128, (size, size), dtype=dtype)
-            product = torch._int_mm
-        else:
-            a, b, product = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype), torch.mm
+
+    def best(product, a, b) -> float:
         product(a, b)
-        best = float("inf")
+        fastest = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             product(a, b)
-            best = min(best, time.perf_counter() - start)
-        peaks[name] = 2 * size**3 / best
+            fastest = min(fastest, time.perf_counter() - start)
+        return 2 * size**3 / fastest
+
+    ints = (torch.randint(-127, 128, (size, size), dtype=torch.int8) for _ in range(2))
+    peaks = {
+        "fp32 torch": best(torch.mm, torch.randn(size, size), torch.randn(size, size)),
+        "bf16 torch": best(torch.mm, *(torch.randn(size, size, dtype=torch.bfloat16) for _ in range(2))),
+        "int8 torch": best(torch._int_mm, *ints),
+    }
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    peaks["fp32 onnxruntime"] = best(_ort_product("MatMul", a, threads), a, None)
+    peaks["int8 onnxruntime"] = best(_ort_product("MatMulInteger", a, threads), a.astype(np.uint8), None)
     return peaks
+
+
+def _ort_product(op: str, a, threads: int):
+    """One ``a @ B`` node in ONNX Runtime (B a constant of a's shape; uint8 x int8 for MatMulInteger)."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    integer = op == "MatMulInteger"
+    b = np.ones(a.shape, dtype=np.int8 if integer else np.float32)
+    kind, out = (TensorProto.UINT8, TensorProto.INT32) if integer else (TensorProto.FLOAT, TensorProto.FLOAT)
+    graph = helper.make_graph(
+        [helper.make_node(op, ["A", "B"], ["Y"])],
+        "product",
+        [helper.make_tensor_value_info("A", kind, list(a.shape))],
+        [helper.make_tensor_value_info("Y", out, list(a.shape))],
+        [numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda x, _: session.run(None, {"A": x})
 
 
 def main() -> None:
@@ -159,7 +278,8 @@ def main() -> None:
     parser.add_argument("--texts", choices=["stsb", "scifact"], default="stsb")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (after one warm-up)")
-    parser.add_argument("--modes", default="reference,fp32,bf16,int8", help="comma-separated, from: " + MODE_NAMES)
+    parser.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated, from: " + MODE_NAMES)
+    parser.add_argument("--model", type=Path, help="a trained encoder directory (default: the built-in model)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512)
@@ -219,8 +339,8 @@ def run(args: argparse.Namespace) -> None:
 
     from lm2vec.encoder import CPU_MAX_TOKENS  # here: the reference's workers run this file without lm2vec
 
-    lm2vec_setup = next((s for m, s in setup.items() if m != "reference"), None)
-    flops = lm2vec_setup["flops"] if lm2vec_setup else None
+    lm2vec_setup = setup.get("fp32") or next((s for m, s in setup.items() if m != "reference"), None)
+    flops = lm2vec_setup["flops"] if lm2vec_setup else None  # of the float32 model: the same work in every mode
     tokens = lm2vec_setup["tokens"] if lm2vec_setup else setup["reference"]["tokens"]
     print(
         f"{len(texts)} {args.texts} texts ({tokens / len(texts):.1f} tokens each), batch {args.batch_size} "
@@ -228,11 +348,16 @@ def run(args: argparse.Namespace) -> None:
         f"{args.threads} threads, max length {args.max_length}; warm-up on one batch, then {args.repeats} timed "
         f"runs per mode, alternating"
     )
-    print("matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()) + "\n")
+    print("matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
+    best = {p: max(v for k, v in peaks.items() if k.startswith(p)) for p in ("fp32", "bf16", "int8")}
+    if "default" in modes:
+        print(f"default: dtype={setup['default']['dtype']}, float32 blocks {setup['default']['float32_blocks']}")
+    print(f"model: {args.model or 'the built-in SmolLM2-135M-Instruct (untrained)'}\n")
     base = statistics.median(seconds["reference"]) if "reference" in modes else None
-    anchor = embeddings["reference"] if "reference" in modes else embeddings[modes[0]]
-    header = f"{'mode':<10}{'sent/s':>8}{'tokens/s':>10}{'peak RSS':>10}{'vs ref':>8}{'TFLOP/s':>9}{'of peak':>9}"
-    print(header + f"{'cos min':>9}   runs (s)")
+    anchor_mode = "fp32" if "fp32" in modes else modes[0]
+    anchor = embeddings[anchor_mode]
+    header = f"{'mode':<14}{'sent/s':>8}{'tokens/s':>10}{'peak RSS':>10}{'vs ref':>8}{'TFLOP/s':>9}{'of peak':>9}"
+    print(header + f"{'cos min':>9}{'cos mean':>10}   runs (s)")
     figures: dict[str, dict] = {}
     for mode in modes:
         median = statistics.median(seconds[mode])
@@ -244,25 +369,32 @@ def run(args: argparse.Namespace) -> None:
             "peak_rss_mb": peak_rss[mode],
             "vs_reference": base / median if base else None,
             "model_tflops": rate / 1e12 if rate else None,
-            "fraction_of_peak": rate / peaks[PEAK_OF[mode]] if rate else None,
+            "fraction_of_peak": rate / best[precision_of(mode, setup[mode])] if rate else None,
             "cosine_to_anchor_min": float(cosine.min()),
             "cosine_to_anchor_mean": float(cosine.mean()),
             "seconds": seconds[mode],
         }
         f = figures[mode]
         print(
-            f"{mode:<10}{f['sentences_per_s']:>8.1f}{f['tokens_per_s']:>10.0f}{f['peak_rss_mb']:>7.0f} MB"
+            f"{mode:<14}{f['sentences_per_s']:>8.1f}{f['tokens_per_s']:>10.0f}{f['peak_rss_mb']:>7.0f} MB"
             f"{_fmt(f['vs_reference'], 'x'):>8}{_fmt(f['model_tflops'], ''):>9}{_fmt(f['fraction_of_peak'], '%'):>9}"
-            f"{cosine.min():>9.4f}   " + ", ".join(f"{s:.1f}" for s in seconds[mode])
+            f"{cosine.min():>9.4f}{cosine.mean():>10.5f}   " + ", ".join(f"{s:.1f}" for s in seconds[mode])
         )
-    print(f"\n'cos min': lowest per-text cosine to {'the reference' if base else modes[0]}'s embeddings")
-    print("'of peak': model FLOP/s over the matmul peak of the mode's precision (reference and fp32: fp32)")
+    print(f"\n'cos min', 'cos mean': per-text cosine to the {anchor_mode} mode's embeddings")
+    print("'of peak': model FLOP/s over the best matmul peak of the mode's precision (torch or ONNX Runtime)")
     if args.json:
         summary = {"cpu": cpu_info(), "texts": args.texts, "count": len(texts), "tokens": tokens, "flops": flops}
         summary |= {"batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats}
         summary |= {"matmul_peaks": peaks, "modes": figures}
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+def precision_of(mode: str, setup: dict) -> str:
+    """The matmul precision a mode's speed is measured against (the default's: the dtype it chose)."""
+    if mode == "default":
+        return {"bfloat16": "bf16", "int8": "int8"}.get(setup["dtype"], "fp32")
+    return PEAK_OF.get(mode, "fp32")
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -13,6 +13,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModelForCausalLM
 
 import lm2vec
+from lm2vec.evaluation import cosine_rows
 from lm2vec.loading.source import resolve_source
 
 DATA = Path(os.environ.get("LM2VEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -71,6 +72,37 @@ def test_batch_invariance(smollm2: lm2vec.Encoder, padding_side: str):
         assert np.abs(padded - alone).max() <= 2e-3
     finally:
         smollm2.tokenizer.padding_side = "right"
+
+
+@pytest.fixture(scope="module")
+def default_encoder() -> lm2vec.Encoder:
+    """What ``lm2vec.load()`` gives on this machine (dtype="auto": float32, bf16 or int8 as measured here)."""
+    return lm2vec.load()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_default_path_is_batch_invariant(default_encoder: lm2vec.Encoder, padding_side: str):
+    """A text alone, then among 32 shorter and longer texts, in encode()'s batches and in one padded batch."""
+    texts = sorted(set(stsb_sentences(60)), key=len)
+    target, others = texts[len(texts) // 2], texts[:16] + texts[-16:]
+    mixed = others[:16] + [target] + others[16:]
+    enc = default_encoder
+    enc.tokenizer.padding_side = padding_side
+    try:
+        alone = enc.encode(target)
+        in_batch = enc.encode(mixed, batch_size=33)[16]
+        padded = enc.forward(enc.tokenization([""] * len(mixed), mixed)).detach().numpy()[16]
+    finally:
+        enc.tokenizer.padding_side = "right"
+    for row in (in_batch, padded):
+        assert cosine_rows(row[None], alone[None])[0] >= 0.99999, f"{enc.dtype}, {padding_side} padding"
+
+
+def test_default_path_stays_float32_grade(default_encoder: lm2vec.Encoder, smollm2: lm2vec.Encoder):
+    """On the untrained model, whose massive activations make it the hard case for lower precision."""
+    texts = stsb_sentences(50)
+    cosine = cosine_rows(default_encoder.encode(texts), smollm2.encode(texts))
+    assert cosine.min() >= 0.99 and cosine.mean() >= 0.999, (default_encoder.dtype, cosine.min(), cosine.mean())
 
 
 def test_awkward_texts(smollm2: lm2vec.Encoder):
