@@ -39,6 +39,7 @@ $(REFERENCE_DIR)/smollm2-hf:
 	BASE=$(REFERENCE_DIR) bash $(LM2VEC_DATA)/../peers/official_llm2vec/setup.sh
 
 bench: $(STAMP) reference
+	$(PY) -m pip install --quiet -e '.[bench]'
 	LM2VEC_REFERENCE_DIR=$(REFERENCE_DIR) $(PY) benchmarks/vs_reference.py --texts stsb
 	LM2VEC_REFERENCE_DIR=$(REFERENCE_DIR) $(PY) benchmarks/vs_reference.py --texts scifact
 

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 REPLY = "RESULT "  # worker stdout lines carrying results start with this; anything else is passed over
@@ -48,6 +49,7 @@ LM2VEC_MODES = {
     "ort-int8": "float32",
     "openvino-int8": "float32",
 }
+NEEDS = {"ort": ("onnxruntime", "onnx"), "openvino": ("openvino", "nncf")}  # the optional extras per engine
 PEAK_OF = {"bf16": "bf16", "int8": "int8", "ort-int8": "int8", "openvino-int8": "int8"}  # others: fp32
 MODE_NAMES = ", ".join(["reference", *LM2VEC_MODES])
 DEFAULT_MODES = "reference,fp32,default,fp32-fast,bf16,int8,ort-fp32,ort-int8,openvino-int8"
@@ -127,29 +129,15 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
 
 def engine_encoder(encoder, mode: str):
     """``encoder`` with its forward pass in another engine, on the exported (cached) ONNX graph."""
-    import onnxruntime
+    from lm2vec.onnx_backend import OnnxEncoder, onnx_encoder, onnx_graph
 
-    from lm2vec.cache import cache_dir, fingerprint
-    from lm2vec.onnx_backend import OnnxEncoder, export_onnx
-
-    graph = cache_dir() / "onnx" / f"{fingerprint(encoder)}.onnx"
-    if not graph.is_file():
-        export_onnx(encoder, graph)
-    settings = encoder.settings() | {"batch_invariant": False}
-    if mode.startswith("openvino"):
-        return OnnxEncoder(encoder.model, session=openvino_session(graph, encoder), **settings)
+    graph = onnx_graph(encoder)
+    if mode == "ort-fp32":
+        return onnx_encoder(encoder, graph)
     if mode == "ort-int8":
-        graph = matmul_nbits(graph)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = encoder_threads()
-    session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    return OnnxEncoder(encoder.model, session=session, **settings)
-
-
-def encoder_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+        return onnx_encoder(encoder, matmul_nbits(graph))
+    settings = encoder.settings() | {"batch_invariant": False}
+    return OnnxEncoder(encoder.model, session=openvino_session(graph), **settings)
 
 
 def matmul_nbits(graph: Path) -> Path:
@@ -177,13 +165,14 @@ class _OpenVINOSession:
         return [self.compiled(feeds)[self.compiled.output(0)]]
 
 
-def openvino_session(graph: Path, encoder) -> _OpenVINOSession:
+def openvino_session(graph: Path) -> _OpenVINOSession:
     import nncf
     import openvino
+    import torch
 
     core = openvino.Core()
     model = nncf.compress_weights(core.read_model(str(graph)), mode=nncf.CompressWeightsMode.INT8_SYM)
-    config = {"INFERENCE_NUM_THREADS": encoder_threads(), "INFERENCE_PRECISION_HINT": "f32"}
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
     config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "32"  # without the f32 hint avx512_bf16 CPUs silently run bf16
     return _OpenVINOSession(core.compile_model(model, "CPU", config))
 
@@ -308,6 +297,9 @@ def run(args: argparse.Namespace) -> None:
     unknown = set(modes) - {"reference", *LM2VEC_MODES}
     if unknown:
         sys.exit(f"unknown mode(s) {sorted(unknown)}; choose from: {MODE_NAMES}")
+    missing = [mode for mode in modes if not all(find_spec(name) for name in NEEDS.get(mode.split("-")[0], ()))]
+    if missing:
+        sys.exit(f"mode(s) {missing} need packages not installed here: pip install -e '.[onnx,bench]'")
     reference_python = args.reference / "venv" / "bin" / "python"
     if "reference" in modes and not (reference_python.is_file() and (args.reference / "smollm2-hf").is_dir()):
         sys.exit(f"the reference is not set up in {args.reference}: run `make reference` (or pass --reference DIR)")

@@ -77,15 +77,21 @@ class OnnxEncoder(Encoder):
         return super().info() | {"engine": "onnxruntime", "batch_invariant": False}
 
 
+def onnx_graph(encoder: Encoder, path: str | os.PathLike | None = None) -> Path:
+    """The encoder's ONNX graph at ``path`` (default: the cache, keyed by the weights), exported if not there."""
+    path = Path(path) if path is not None else cache_dir() / "onnx" / f"{fingerprint(encoder)}.onnx"
+    if not path.is_file():
+        export_onnx(encoder, path)
+    return path
+
+
 def onnx_encoder(
     encoder: Encoder, path: str | os.PathLike | None = None, providers: list[str] | None = None
 ) -> OnnxEncoder:
     """``encoder`` on ONNX Runtime; exported once to ``path`` (default: the cache, keyed by the weights)."""
     import onnxruntime
 
-    path = Path(path) if path is not None else cache_dir() / "onnx" / f"{fingerprint(encoder)}.onnx"
-    if not path.is_file():
-        export_onnx(encoder, path)
+    path = onnx_graph(encoder, path)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
