@@ -5,8 +5,15 @@ over their vocabulary, small encoders and data helpers. Imported as ``tests.supp
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +191,61 @@ CLI = Path(sys.executable).with_name("lm2vec")
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     """The installed ``lm2vec`` console script, run as a user would."""
     return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+# The server, for real: uvicorn on a free loopback port.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(encoder: lm2vec.Encoder, **settings) -> Iterator[str]:
+    """A real uvicorn server in a thread; yields its base URL and stops it afterwards."""
+    import uvicorn
+
+    from lm2vec.server import ServerSettings, create_app
+
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(encoder, ServerSettings(model_name="tiny", **settings)), port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def call(url: str, body: bytes | dict | None = None, headers: dict | None = None, timeout: float = 30):
+    """GET (no body) or POST (JSON): the status, the headers (case-insensitive) and the body (parsed if JSON)."""
+    data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        response = err
+    with response:
+        content = response.read()
+        kind = response.headers.get("content-type", "")
+        return response.status, response.headers, json.loads(content) if "json" in kind else content.decode()
+
+
+def post(url: str, body: bytes | dict, headers: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    status, _, reply = call(url, body, headers, timeout)
+    return status, reply
+
+
+def get(url: str, timeout: float = 30) -> tuple[int, dict]:
+    status, _, reply = call(url, timeout=timeout)
+    return status, reply

@@ -5,64 +5,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from openai import OpenAI
 
 import lm2vec
-from lm2vec.server import ServerSettings, create_app
-from tests.support import random_texts, tiny_encoder
+from tests.support import free_port, get, post, random_texts, running, tiny_encoder
 
 TEXTS = random_texts(12, seed=5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(encoder: lm2vec.Encoder, **settings) -> Iterator[str]:
-    """A real uvicorn server in a thread; yields its base URL and stops it afterwards."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(encoder, ServerSettings(model_name="tiny", **settings)), port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +165,58 @@ def test_cli_serves_on_loopback(tiny_dir: Path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_tei_embed_and_info_match_the_openai_route(encoder: lm2vec.Encoder):
+    """A client written for text-embeddings-inference (its JSON, its routes) gets the OpenAI route's vectors."""
+    with running(encoder) as url:
+        status, tei = post(f"{url}/embed", {"inputs": TEXTS})
+        assert status == 200, tei
+        _, openai = post(f"{url}/v1/embeddings", {"model": "tiny", "input": TEXTS})
+        np.testing.assert_allclose(tei, [d["embedding"] for d in openai["data"]], atol=1e-6)
+        _, raw = post(f"{url}/embed", {"inputs": TEXTS[0], "normalize": False, "dimensions": 8})
+        np.testing.assert_allclose(raw, encoder.encode([TEXTS[0]], truncate_dim=8), atol=1e-5)
+        long_text = " ".join(["w5"] * 100)  # over max_length=64: TEI refuses unless truncate is set
+        status, refused = post(f"{url}/embed", {"inputs": [TEXTS[0], long_text]})
+        assert status == 413 and "input[1]" in refused["error"]["message"] and "truncate" in refused["error"]["message"]
+        _, cut = post(f"{url}/embed", {"inputs": long_text, "truncate": True})
+        np.testing.assert_allclose(cut, encoder.encode([long_text], normalize_embeddings=True), atol=1e-6)
+        status, info = get(f"{url}/info")
+        assert status == 200 and info["model_id"] == "tiny" and info["max_input_length"] == 64
+        assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["max_client_batch_size"] == 2048
+
+
+def test_metrics_parse_and_count_what_was_sent(encoder: lm2vec.Encoder):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sizes, tokens = [1, 3, 5, 2], 0
+    with running(encoder) as url:
+        for n in sizes:
+            status, body = post(f"{url}/v1/embeddings", {"model": "tiny", "input": TEXTS[:n]})
+            assert status == 200
+            tokens += body["usage"]["total_tokens"]
+        for bad in ({"model": "tiny", "input": []}, {"model": "tiny"}, b"[[["):
+            assert post(f"{url}/v1/embeddings", bad)[0] in (400, 422)
+        assert post(f"{url}/embed", {"inputs": TEXTS[:2]})[0] == 200
+        tokens += sum(len(text.split()) for text in TEXTS[:2])
+        _, health = get(f"{url}/health")
+        with urllib.request.urlopen(f"{url}/metrics") as response:
+            text = response.read().decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def requests(route: str, status: int) -> float:
+        return samples.get(("lm2vec_requests_total", (("route", route), ("status", str(status)))), 0)
+
+    assert requests("/v1/embeddings", 200) == len(sizes)
+    assert requests("/v1/embeddings", 422) == 2 and requests("/v1/embeddings", 400) == 1
+    assert requests("/embed", 200) == 1 and requests("/health", 200) == 1
+    assert samples[("lm2vec_embedded_texts_total", ())] == sum(sizes) + 2
+    assert samples[("lm2vec_embedded_tokens_total", ())] == tokens
+    assert samples[("lm2vec_model_call_texts_count", ())] == health["model_calls"]
+    assert samples[("lm2vec_queue_tokens", ())] == 0
+    latency = samples[("lm2vec_request_duration_seconds_count", (("route", "/v1/embeddings"),))]
+    assert latency == len(sizes) + 3

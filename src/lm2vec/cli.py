@@ -213,7 +213,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("LM2VEC_API_KEY"),
         max_inputs=args.max_inputs,
         max_chars=args.max_chars,
-        batch_texts=1 if args.no_dynamic_batching else args.batch_texts,
+        max_request_tokens=args.max_request_tokens,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_texts=args.max_batch_texts,
+        max_queued_tokens=args.max_queued_tokens,
+        drain_seconds=args.drain_seconds,
         normalize=not args.no_normalize,
     )
     runs = f"{encoder.dtype}{' (auto)' if args.dtype == 'auto' else ''}, {encoder.info()['engine']}"
@@ -322,8 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
     serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request (default: %(default)s)")
     serve.add_argument("--max-chars", type=int, default=100_000, help="characters per text (default: %(default)s)")
-    serve.add_argument("--batch-texts", type=int, default=256, help="texts merged into one model call")
-    serve.add_argument("--no-dynamic-batching", action="store_true", help="one model call per request")
+    serve.add_argument("--max-request-tokens", type=int, default=300_000, help="tokens per request (%(default)s)")
+    serve.add_argument(
+        "--max-batch-tokens", type=int, help="tokens per model call; requests take turns (default: 2048 CPU, 16384 GPU)"
+    )
+    serve.add_argument("--max-batch-texts", type=int, default=256, help="texts per model call (%(default)s)")
+    serve.add_argument(
+        "--max-queued-tokens", type=int, help="beyond it 503 + Retry-After (default: 4 x --max-request-tokens)"
+    )
+    serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, time to finish (%(default)s)")
     serve.add_argument("--no-normalize", action="store_true", help="raw vectors instead of unit length")
     serve.set_defaults(run=cmd_serve)
 

@@ -1,0 +1,57 @@
+"""text-embeddings-inference's API beside OpenAI's, so clients written for TEI work unchanged:
+``POST /embed`` (``inputs``, ``normalize``, ``truncate``, ``prompt_name``, ``dimensions``) answers a list of
+vectors; ``GET /info`` describes the model and the limits. Errors keep OpenAI's shape, as on every route.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, cast
+
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+
+from .. import __version__
+from ..outputs import postprocess
+from .errors import APIError, parse
+from .service import Service, json_response
+
+
+class EmbedRequest(BaseModel):
+    inputs: StrictStr | list[StrictStr] | list[list[StrictInt]]
+    normalize: StrictBool = True
+    truncate: StrictBool = False  # TEI's default: a text over max_length is an error, not cut
+    truncation_direction: Literal["Right", "right"] = "Right"
+    prompt_name: StrictStr | None = None
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
+def add_routes(app: FastAPI, service: Service, model_name: str, max_batch_tokens: int) -> None:
+    encoder = service.encoder
+
+    @app.get("/info")
+    async def info() -> dict:
+        return {
+            "model_id": model_name,
+            "model_sha": None,
+            "model_dtype": encoder.dtype,
+            "model_type": {"embedding": {"pooling": encoder.pooling.value}},
+            "max_input_length": encoder.max_length,
+            "max_batch_tokens": max_batch_tokens,
+            "max_client_batch_size": service.limits.max_inputs,
+            "auto_truncate": False,
+            "tokenization_workers": 1,
+            "version": __version__,
+        }
+
+    @app.post("/embed")
+    async def embed(http: Request) -> Response:
+        request = await parse(http, EmbedRequest)
+        if request.dimensions is not None and request.dimensions > encoder.dim:
+            raise APIError(422, f"dimensions must be at most {encoder.dim}, got {request.dimensions}", "dimensions")
+        items = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+        if items and isinstance(items[0], list):
+            rows = service.token_rows(items, request.prompt_name)
+            vectors = await service.embed_ids(http, rows, [0] * len(rows))
+        else:
+            vectors, _ = await service.embed_texts(http, cast(list[str], items), request.prompt_name, request.truncate)
+        return await json_response(lambda: postprocess(vectors, request.dimensions, request.normalize).tolist())
