@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lm2vec.inputs import Tokenization, equal_length_batches, normalize
+from lm2vec.inputs import Tokenization, length_batches, normalize
 from tests.support import tiny_tokenizer
 
 
@@ -82,16 +82,28 @@ def test_empty_strings_get_a_token():
 def test_batches_hold_one_length_and_respect_both_bounds():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 60, size=500).tolist()
-    batches = equal_length_batches(lengths, batch_size=32, max_tokens=200)
+    batches = length_batches(lengths, batch_size=32, max_tokens=200)
     assert sorted(np.concatenate(batches).tolist()) == list(range(500))  # every text once
     for batch in batches:
         assert len({lengths[i] for i in batch}) == 1
         assert len(batch) <= 32 and (len(batch) * lengths[batch[0]] <= 200 or len(batch) == 1)
     longest_first = [lengths[b[0]] for b in batches]
     assert longest_first == sorted(longest_first, reverse=True)
-    unbounded = equal_length_batches(lengths, batch_size=32)
+    unbounded = length_batches(lengths, batch_size=32)
     assert len(unbounded) < len(batches)
 
 
 def test_a_text_longer_than_max_tokens_still_gets_a_batch():
-    assert [b.tolist() for b in equal_length_batches([300, 300], batch_size=8, max_tokens=100)] == [[0], [1]]
+    assert [b.tolist() for b in length_batches([300, 300], batch_size=8, max_tokens=100)] == [[0], [1]]
+
+
+def test_mixed_length_batches_fill_up_within_both_bounds():
+    """Without same_length (the non-invariant path), a few hundred texts of many lengths make full batches."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 40, size=150).tolist()
+    batches = length_batches(lengths, batch_size=32, max_tokens=2048, same_length=False)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(150))
+    for batch in batches:
+        assert len(batch) <= 32 and len(batch) * max(lengths[i] for i in batch) <= 2048
+        assert lengths[batch[0]] == max(lengths[i] for i in batch)  # the first is the longest: the padded width
+    assert len(batches) == 5 < len(length_batches(lengths, batch_size=32, max_tokens=2048))

@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import st_format
 from .attention import position_ids_for, verify_attention
-from .inputs import Batch, Inputs, Tokenization, equal_length_batches, normalize
+from .inputs import Batch, Inputs, Tokenization, length_batches, normalize
 from .invariance import BatchInvariant
 from .outputs import Precision, check_output_options, postprocess
 from .pooling import PoolingMode, parse_pooling, pool
@@ -223,7 +223,8 @@ class Encoder:
         prefix = prefix if prefix is not None else [0] * len(ids)
         if max_tokens is None and self.device.type == "cpu":
             max_tokens = CPU_MAX_TOKENS
-        batches = equal_length_batches([len(row) for row in ids], batch_size, max_tokens)
+        lengths = [len(row) for row in ids]
+        batches = length_batches(lengths, batch_size, max_tokens, same_length=self.batch_invariant)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
         was_training = self.model.training
@@ -233,7 +234,7 @@ class Encoder:
         try:
             with self._invariance(), own:
                 for idx in batches:
-                    rows = [ids[i] for i in idx]  # one length; +1 padding column: see equal_length_batches
+                    rows = [ids[i] for i in idx]  # longest first; +1 padding column: see length_batches
                     batch = self.tokenization.collate(rows, [prefix[i] for i in idx], width=len(rows[0]) + 1)
                     chunks.append(self.forward(batch))
                     (progress or own).update(len(idx))

@@ -126,16 +126,20 @@ class Tokenization:
         return self.collate(*self.tokenize(instructions, texts))
 
 
-def equal_length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
-    """Indices grouped into batches of texts with exactly the same token count, longest first.
+def length_batches(
+    lengths: list[int], batch_size: int, max_tokens: int | None = None, same_length: bool = True
+) -> list[np.ndarray]:
+    """Indices grouped into batches by token count, longest first.
 
-    A batch holds at most ``batch_size`` texts and, with ``max_tokens``, at most that many tokens (but always
-    one text): long texts come in small batches, short ones in large, for an even cost per forward pass.
+    A batch holds at most ``batch_size`` texts and, with ``max_tokens``, at most that many tokens counted at its
+    longest text (but always one text): long texts come in small batches, short ones in large, for an even cost
+    per forward pass.
 
-    With one padding column added to every such batch (see ``Encoder.encode``), every batch takes the same
-    masked attention kernel over the same key length, so a text's embedding is bit-identical alone and in
-    any batch. Mixed lengths, or no mask at all, change the rounding, and LLMs' massive activations amplify
-    that to ~4e-4 on SmolLM2.
+    ``same_length``: only texts of exactly the same token count share a batch. With one padding column added to
+    every such batch (see ``Encoder.embed_tokens``), every batch takes the same masked attention kernel over the
+    same key length, so a text's embedding is bit-identical alone and in any batch. Mixed lengths change the
+    rounding (LLMs' massive activations amplify it to ~4e-4 on SmolLM2) but fill the batches: a few hundred
+    texts of many lengths (a server's model call) would otherwise run as batches of a few texts each.
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
@@ -143,7 +147,7 @@ def equal_length_batches(lengths: list[int], batch_size: int, max_tokens: int | 
         length = lengths[order[start]]
         room = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(length, 1)))
         end = start + 1
-        while end < len(order) and end - start < room and lengths[order[end]] == length:
+        while end < len(order) and end - start < room and (not same_length or lengths[order[end]] == length):
             end += 1
         batches.append(order[start:end])
         start = end
