@@ -7,10 +7,10 @@ the token budget, then what is left goes round in order, and the next call start
 next one. Concurrent small requests share calls (dynamic batching).
 
 The model runs on one dedicated thread, never on the event loop's: ``/health`` and ``/metrics`` answer while
-it computes. The server once ran the model on the loop's thread because a worker thread had measured 1.1 cores
-busy; re-measured with torch 2.13 on 2 cores (SmolLM2, 256 STS-B sentences), a worker thread runs as fast as the
-main thread (13.3 s against 22-25 s, both beside another job; it reports 2 intra-op threads). The model thread
-still sets its thread count itself (``threads``), so the server's count does not depend on who started it.
+it computes. The price, measured alone with torch 2.13 on 2 cores (SmolLM2, 256 STS-B sentences): 5.8-6.6 s on
+the main thread, 7.0-7.2 s on a worker thread that sets its own intra-op thread count (as the model thread does,
+``threads``), 8.1 s on a plain worker thread. The earlier server ran the model on the loop's thread for that
+reason, and a 2,048-text request then froze every client for minutes.
 
 Backpressure: beyond ``max_queued_tokens`` waiting, a request is refused with :class:`Overloaded` (503 and
 ``Retry-After`` from the measured throughput) rather than queued for minutes. A request whose waiter is
