@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Annotated, Literal, cast
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -30,7 +30,6 @@ class EmbeddingRequest(BaseModel):
 
 def add_routes(app: FastAPI, service: Service, model_name: str, normalize: bool) -> None:
     created = int(time.time())
-    encoder = service.encoder
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -43,19 +42,14 @@ def add_routes(app: FastAPI, service: Service, model_name: str, normalize: bool)
         if request.model != model_name:
             message = f"unknown model {request.model!r}; this server serves {model_name!r}"
             raise APIError(404, message, "model", "model_not_found")
-        if request.dimensions is not None and request.dimensions > encoder.dim:
-            raise APIError(422, f"dimensions must be at most {encoder.dim}, got {request.dimensions}", "dimensions")
+        service.check_dimensions(request.dimensions)
         items = [request.input] if isinstance(request.input, str) else request.input
         if items and isinstance(items[0], int):  # one list of token ids
             items = [items]
         if request.precision in ("int8", "uint8") and len(items) < 2:
             message = f"precision {request.precision} needs at least two inputs: its ranges come from the request"
             raise APIError(422, message, "precision")
-        if items and isinstance(items[0], list):
-            rows = service.token_rows(items, request.prompt_name)
-            vectors, tokens = await service.embed_ids(http, rows, [0] * len(rows)), sum(map(len, rows))
-        else:
-            vectors, tokens = await service.embed_texts(http, cast(list[str], items), request.prompt_name)
+        vectors, tokens = await service.embed_input(http, items, request.prompt_name)
 
         def body() -> dict:
             rows = np.asarray(postprocess(vectors, request.dimensions, normalize, request.precision))

@@ -45,6 +45,19 @@ class Service:
             message = f"{count} inputs; at most {self.limits.max_inputs} per request"
             raise APIError(413, message, "input", "too_many_inputs")
 
+    def check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is not None and dimensions > self.encoder.dim:
+            raise APIError(422, f"dimensions must be at most {self.encoder.dim}, got {dimensions}", "dimensions")
+
+    async def embed_input(
+        self, request: Request, items: list, prompt_name: str | None, truncate: bool = True
+    ) -> tuple[torch.Tensor, int]:
+        """Texts or token-id rows (the input of either API): their vectors and token count."""
+        if items and isinstance(items[0], list):
+            rows = self.token_rows(items, prompt_name)
+            return await self.embed_ids(request, rows, [0] * len(rows)), sum(map(len, rows))
+        return await self.embed_texts(request, items, prompt_name, truncate)
+
     def token_rows(self, items: list, prompt_name: str | None) -> list[list[int]]:
         """Token-id input, checked and cut at ``max_length``."""
         self.check_count(len(items))

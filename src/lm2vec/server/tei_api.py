@@ -5,14 +5,14 @@ vectors; ``GET /info`` describes the model and the limits. Errors keep OpenAI's 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, cast
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from .. import __version__
 from ..outputs import postprocess
-from .errors import APIError, parse
+from .errors import parse
 from .service import Service, json_response
 
 
@@ -46,12 +46,7 @@ def add_routes(app: FastAPI, service: Service, model_name: str, max_batch_tokens
     @app.post("/embed")
     async def embed(http: Request) -> Response:
         request = await parse(http, EmbedRequest)
-        if request.dimensions is not None and request.dimensions > encoder.dim:
-            raise APIError(422, f"dimensions must be at most {encoder.dim}, got {request.dimensions}", "dimensions")
+        service.check_dimensions(request.dimensions)
         items = [request.inputs] if isinstance(request.inputs, str) else request.inputs
-        if items and isinstance(items[0], list):
-            rows = service.token_rows(items, request.prompt_name)
-            vectors = await service.embed_ids(http, rows, [0] * len(rows))
-        else:
-            vectors, _ = await service.embed_texts(http, cast(list[str], items), request.prompt_name, request.truncate)
+        vectors, _ = await service.embed_input(http, items, request.prompt_name, request.truncate)
         return await json_response(lambda: postprocess(vectors, request.dimensions, request.normalize).tolist())
