@@ -107,3 +107,28 @@ def test_mixed_length_batches_fill_up_within_both_bounds():
         assert len(batch) <= 32 and len(batch) * max(lengths[i] for i in batch) <= 2048
         assert lengths[batch[0]] == max(lengths[i] for i in batch)  # the first is the longest: the padded width
     assert len(batches) == 5 < len(length_batches(lengths, batch_size=32, max_tokens=2048))
+
+
+def test_pass_cost_cuts_batches_where_padding_costs_more_than_a_pass():
+    """One long text among short ones gets a batch of its own instead of padding 31 short texts to its length."""
+    lengths = [10] * 20 + [40] + [10] * 11
+    batches = length_batches(lengths, batch_size=32, max_tokens=2048, same_length=False, pass_cost=48)
+    assert [b.tolist() for b in batches][0] == [20]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(32)) and len(batches) == 2
+
+
+def test_pass_cost_batches_cost_least_within_both_bounds():
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(5, 40, size=160).tolist()
+
+    def cost(batches: list[np.ndarray]) -> int:
+        return sum(48 + len(b) * max(lengths[i] for i in b) for b in batches)
+
+    filled = length_batches(lengths, batch_size=32, max_tokens=512, same_length=False)
+    least = length_batches(lengths, batch_size=32, max_tokens=512, same_length=False, pass_cost=48)
+    assert sorted(np.concatenate(least).tolist()) == list(range(160))
+    for batch in least:
+        assert len(batch) <= 32 and len(batch) * max(lengths[i] for i in batch) <= 512
+    assert cost(least) < cost(filled)
+    exhaustive = length_batches(lengths, batch_size=32, max_tokens=512, same_length=False, pass_cost=0)
+    assert sum(len(b) * max(lengths[i] for i in b) for b in exhaustive) == sum(lengths)  # free passes: no padding

@@ -8,7 +8,7 @@ the instruction always survives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,7 +127,11 @@ class Tokenization:
 
 
 def length_batches(
-    lengths: list[int], batch_size: int, max_tokens: int | None = None, same_length: bool = True
+    lengths: list[int],
+    batch_size: int,
+    max_tokens: int | None = None,
+    same_length: bool = True,
+    pass_cost: int | None = None,
 ) -> list[np.ndarray]:
     """Indices grouped into batches by token count, longest first.
 
@@ -140,18 +144,54 @@ def length_batches(
     same key length, so a text's embedding is bit-identical alone and in any batch. Mixed lengths change the
     rounding (LLMs' massive activations amplify it to ~4e-4 on SmolLM2) but fill the batches: a few hundred
     texts of many lengths (a server's model call) would otherwise run as batches of a few texts each.
+
+    ``pass_cost`` (mixed lengths only): what one more forward pass costs, in padded tokens. Batches are then cut
+    where the padding they would carry costs more than a pass (the fewest padded tokens plus passes, solved
+    exactly); without it batches fill up in order. On a CPU padding costs as much as real tokens: 160 STS-B
+    sentences cut in full batches of 32 carried 32% padding.
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        length = lengths[order[start]]
-        room = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(length, 1)))
+    ordered = np.asarray(lengths, dtype=np.int64)[order]  # numpy ints: the arithmetic below stays in numpy
+    rooms = [batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(n, 1))) for n in ordered]
+    if same_length:
+        ends = _fill(rooms, lambda start, end: ordered[end] == ordered[start])
+    elif pass_cost is None:
+        ends = _fill(rooms, lambda start, end: True)
+    else:
+        ends = _least_padding(ordered, rooms, pass_cost)
+    return [order[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _fill(rooms: list[int], joins: Callable[[int, int], bool]) -> list[int]:
+    """Batch ends when each batch takes texts in order while there is room and ``joins(start, next)``."""
+    ends, start = [], 0
+    while start < len(rooms):
         end = start + 1
-        while end < len(order) and end - start < room and (not same_length or lengths[order[end]] == length):
+        while end < len(rooms) and end - start < rooms[start] and joins(start, end):
             end += 1
-        batches.append(order[start:end])
+        ends.append(end)
         start = end
-    return batches
+    return ends
+
+
+def _least_padding(ordered: np.ndarray, rooms: list[int], pass_cost: int) -> list[int]:
+    """Batch ends minimizing padded tokens + ``pass_cost`` per batch over lengths sorted longest first.
+
+    ``best[i]``: the least cost of texts ``i:``; a batch starting at ``i`` is padded to ``ordered[i]``.
+    """
+    n = len(ordered)
+    best = np.zeros(n + 1, dtype=np.int64)
+    step = np.zeros(n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        sizes = np.arange(1, min(rooms[i], n - i) + 1)
+        costs = pass_cost + sizes * ordered[i] + best[i + sizes]
+        step[i] = sizes[np.argmin(costs)]  # the first minimum: the smallest batch of that cost
+        best[i] = costs.min()
+    ends, i = [], 0
+    while i < n:
+        i += int(step[i])
+        ends.append(i)
+    return ends
 
 
 def _prefix_special(full: list[int], bare: list[int]) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -17,7 +20,7 @@ from . import openai_api, tei_api
 from .errors import add_handlers
 from .gate import Gate
 from .metrics import Metrics
-from .scheduler import Scheduler
+from .scheduler import MainThreadExecutor, Scheduler
 from .service import Limits, Service
 
 CPU_BATCH_TOKENS = 2048  # a model call of ~1-5 s on 2 CPU cores for a 135M model: the wait a small request may see
@@ -56,7 +59,7 @@ def create_app(encoder: Encoder, settings: ServerSettings) -> Gate:
     return _build(encoder, settings)[0]
 
 
-def _build(encoder: Encoder, settings: ServerSettings) -> tuple[Gate, Scheduler]:
+def _build(encoder: Encoder, settings: ServerSettings, executor: Executor | None = None) -> tuple[Gate, Scheduler]:
     for name in ("max_inputs", "max_chars", "max_request_tokens", "max_body_bytes", "max_batch_texts", "batch_size"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
@@ -69,6 +72,7 @@ def _build(encoder: Encoder, settings: ServerSettings) -> tuple[Gate, Scheduler]
         max_batch_texts=settings.max_batch_texts,
         max_queued_tokens=settings.queued_tokens(),
         threads=settings.threads or torch.get_num_threads(),
+        executor=executor,
     )
     service = Service(encoder, scheduler, Limits(settings.max_inputs, settings.max_chars, settings.max_request_tokens))
 
@@ -119,9 +123,36 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(encoder: Encoder, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until SIGTERM or Ctrl-C (then drain). Binds to loopback unless ``host`` says otherwise."""
-    app, scheduler = _build(encoder, settings)
+    """Serve until SIGTERM or Ctrl-C (then drain). Binds to loopback unless ``host`` says otherwise.
+
+    The model runs on this (the main) thread and the event loop on a second one: see :mod:`.scheduler`.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("serve() runs the model on the main thread; call it from there (or use create_app)")
+    executor = MainThreadExecutor()
+    app, scheduler = _build(encoder, settings, executor)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(settings.drain_seconds) + 5
     )
-    _DrainingServer(config, scheduler, settings.drain_seconds).run()
+    server = _DrainingServer(config, scheduler, settings.drain_seconds)
+    stopped = threading.Event()
+
+    def run_loop() -> None:
+        try:
+            server.run()
+        finally:
+            stopped.set()
+
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    loop_thread = threading.Thread(target=run_loop, name="lm2vec-http")
+    torch.set_num_threads(settings.threads or torch.get_num_threads())
+    try:
+        loop_thread.start()
+        executor.work(stopped)
+    finally:
+        server.should_exit = True
+        loop_thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise OSError(f"the server did not start on {host}:{port} (see uvicorn's message above)")

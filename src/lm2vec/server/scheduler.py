@@ -6,11 +6,13 @@ the token budget, then what is left goes round in order, and the next call start
 2,048-text request becomes many calls, and a one-sentence request that arrives meanwhile rides in the very
 next one. Concurrent small requests share calls (dynamic batching).
 
-The model runs on one dedicated thread, never on the event loop's: ``/health`` and ``/metrics`` answer while
-it computes. The price, measured alone with torch 2.13 on 2 cores (SmolLM2, 256 STS-B sentences): 5.8-6.6 s on
-the main thread, 7.0-7.2 s on a worker thread that sets its own intra-op thread count (as the model thread does,
-``threads``), 8.1 s on a plain worker thread. The earlier server ran the model on the loop's thread for that
-reason, and a 2,048-text request then froze every client for minutes.
+The model never runs on the event loop's thread: ``/health`` and ``/metrics`` answer while it computes. Where
+it runs is an executor of one thread. ``lm2vec serve`` gives it the process's main thread and runs the event
+loop on a second one (:class:`MainThreadExecutor`): torch's intra-op threads keep both cores busy only when
+driven from the main thread (torch 2.13, 2 cores, SmolLM2, 400 STS-B sentences: 1.99 cores and 22.8-25.2
+texts/s there, 1.73 cores and 21.5-21.7 texts/s from a worker thread with its own thread count, and the earlier
+server, which ran the model on the loop's thread, froze every client for minutes behind a 2,048-text request).
+An app built by :func:`~lm2vec.server.create_app` (in-process, e.g. tests) uses a worker thread instead.
 
 Backpressure: beyond ``max_queued_tokens`` waiting, a request is refused with :class:`Overloaded` (503 and
 ``Retry-After`` from the measured throughput) rather than queued for minutes. A request whose waiter is
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -83,11 +87,15 @@ class Scheduler:
         max_batch_texts: int,
         max_queued_tokens: int,
         threads: int,
+        executor: Executor | None = None,
     ):
+        """``executor``: where the model runs (one thread); default: a worker thread with ``threads`` torch threads."""
         self.embed_rows, self.metrics = embed, metrics
         self.max_batch_tokens, self.max_batch_texts = max_batch_tokens, max_batch_texts
         self.max_queued_tokens = max_queued_tokens
-        self.executor = ThreadPoolExecutor(1, "lm2vec-model", initializer=torch.set_num_threads, initargs=(threads,))
+        self.executor = executor or ThreadPoolExecutor(
+            1, "lm2vec-model", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         self.waiting: deque[Job] = deque()  # jobs with rows not yet taken, in turn order
         self.queued_tokens = 0
         self.model_calls = 0
@@ -207,3 +215,38 @@ class Scheduler:
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
+
+
+class MainThreadExecutor(Executor):
+    """Runs submitted calls on the thread that calls :meth:`work`: the main thread, where torch runs fastest."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        if self._closed:
+            future.cancel()
+            future.set_running_or_notify_cancel()
+        else:
+            self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def work(self, stop: threading.Event, poll: float = 0.1) -> None:
+        """Run calls as they come until ``stop`` is set (polled, so signal handlers run meanwhile)."""
+        while not stop.is_set():
+            try:
+                future, fn, args, kwargs = self._calls.get(timeout=poll)
+            except queue.Empty:
+                continue
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as err:  # handed to the waiting request, as a worker thread would
+                    future.set_exception(err)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        while cancel_futures and not self._calls.empty():
+            self._calls.get()[0].cancel()
