@@ -98,6 +98,7 @@ def tiny_tokenizer(padding_side: str = "right", bos: bool = False) -> PreTrained
         eos_token="</s>",
         pad_token="<pad>",
         padding_side=padding_side,
+        model_input_names=["input_ids", "attention_mask"],  # as Llama's: no token_type_ids
     )
 
 

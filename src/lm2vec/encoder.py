@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import st_format
 from .attention import position_ids_for, verify_attention
-from .inputs import Batch, Inputs, Tokenization, length_batches, normalize
+from .inputs import Batch, Inputs, ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
 from .invariance import BatchInvariant
 from .outputs import Precision, check_output_options, postprocess
 from .pooling import PoolingMode, parse_pooling, pool
@@ -57,6 +57,7 @@ class Encoder:
         default_prompt_name: str | None = None,
         bidirectional: bool = True,
         batch_invariant: bool = True,
+        reference_style: ReferenceStyle | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -66,7 +67,12 @@ class Encoder:
         self.default_prompt_name = default_prompt_name
         self.bidirectional = bidirectional
         self.batch_invariant = batch_invariant
-        self.tokenization = Tokenization(tokenizer, max_length)
+        self.reference_style = reference_style
+        self.tokenization = (
+            ReferenceTokenization(tokenizer, max_length, reference_style)
+            if reference_style
+            else Tokenization(tokenizer, max_length)
+        )
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
@@ -103,6 +109,7 @@ class Encoder:
             "default_prompt_name": self.default_prompt_name,
             "bidirectional": self.bidirectional,
             "batch_invariant": self.batch_invariant,
+            "reference_style": self.reference_style,
         }
 
     # -- encoding ----------------------------------------------------------------------------------
@@ -287,7 +294,9 @@ class Encoder:
             model = _without_adapters(model, merge_adapters)
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        settings = st_format.STSettings(self.pooling, self.max_length, self.prompts, self.default_prompt_name)
+        settings = st_format.STSettings(
+            self.pooling, self.max_length, self.prompts, self.default_prompt_name, reference_style=self.reference_style
+        )
         st_format.write(path, self.dim, settings)
         return path
 
@@ -321,6 +330,7 @@ class Encoder:
             "float32_blocks": f"{len(self.float32_blocks())} of {len(blocks(self.model))}",
             "batch_invariant": self.batch_invariant,
             "prompts": self.prompts,
+            "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",
         }
 
 

@@ -106,10 +106,13 @@ class Tokenization:
         ids = self.tokenizer(
             [p + t for p, t in zip(instructions, texts, strict=True)], truncation=True, max_length=self.max_length
         )["input_ids"]
-        filler = [
-            self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
-        ]
-        return [row or filler for row in ids], self.instruction_lengths(instructions)
+        return self.filled(ids), self.instruction_lengths(instructions)
+
+    def filled(self, ids: list[list[int]]) -> list[list[int]]:
+        """An empty row (an empty text, no special tokens) becomes one EOS token: every row has a token to pool."""
+        eos = self.tokenizer.eos_token_id
+        filler = [eos if eos is not None else self.tokenizer.pad_token_id]
+        return [row or filler for row in ids]
 
     def collate(self, ids: list[list[int]], prefix: list[int], width: int | None = None) -> Batch:
         """Pad to ``width`` (default: the longest row) on the tokenizer's padding side; mark the tokens to pool."""
@@ -124,6 +127,85 @@ class Tokenization:
 
     def __call__(self, instructions: list[str], texts: list[str]) -> Batch:
         return self.collate(*self.tokenize(instructions, texts))
+
+
+@dataclass(frozen=True)
+class ReferenceStyle:
+    """How the reference llm2vec (0.2.3) turns an (instruction, text) pair into tokens, for checkpoints trained
+    with it (see :mod:`lm2vec.loading.reference`).
+
+    The instruction (stripped) and the text are joined by a space, the whole wrapped in the base model's chat
+    template where the reference wraps it (``template``: prefix and suffix; ``eos``: text appended for EOS
+    pooling), and only as many tokens as the text takes alone are pooled, counted from the end: leading special
+    tokens (BOS) and the instruction never are. ``doc_max_length``: texts are first cut by whole words to this
+    many tokens, as the reference cuts documents. ``skip_instruction=False``: every token is pooled.
+    """
+
+    template: tuple[str, str] = ("", "")
+    eos: str = ""
+    doc_max_length: int | None = 400
+    skip_instruction: bool = True
+
+    SEPARATOR = "!@#$%^&*()"  # the reference's marker between instruction and text
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "template": list(self.template),
+            "eos": self.eos,
+            "doc_max_length": self.doc_max_length,
+            "skip_instruction": self.skip_instruction,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ReferenceStyle:
+        prefix, suffix = data.get("template") or ("", "")
+        skip = data.get("skip_instruction", True)
+        return cls((prefix, suffix), data.get("eos", ""), data.get("doc_max_length"), skip)
+
+    def marked(self, instruction: str, text: str) -> str:
+        """The reference's string: ``instruction SEPARATOR text``, templated (``LLM2Vec.prepare_for_tokenization``)."""
+        marked = f"{instruction.strip()} {self.SEPARATOR}{text}" if instruction else f"{self.SEPARATOR}{text}"
+        if self.template != ("", ""):
+            marked = self.template[0] + marked.strip() + self.template[1]
+        return marked.strip() + self.eos if self.eos else marked
+
+
+class ReferenceTokenization(Tokenization):
+    """:class:`Tokenization` in the reference llm2vec's convention (:class:`ReferenceStyle`)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, style: ReferenceStyle):
+        super().__init__(tokenizer, max_length)
+        self.style = style
+
+    def tokenize(self, instructions: list[str], texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        texts = self._cut(texts)
+        parts = [
+            self.style.marked(instruction, text).split(ReferenceStyle.SEPARATOR)
+            for instruction, text in zip(instructions, texts, strict=True)
+        ]
+        joined = ["".join(p) for p in parts]
+        ids = self.filled(self.tokenizer(joined, truncation=True, max_length=self.max_length)["input_ids"])
+        if not self.style.skip_instruction:
+            return ids, [0] * len(ids)
+        pooled = self._bare([p[1] if len(p) > 1 else "" for p in parts])
+        return ids, [len(row) - min(len(row), len(text)) for row, text in zip(ids, pooled, strict=True)]
+
+    def _bare(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _cut(self, texts: list[str]) -> list[str]:
+        """The reference's document cut: drop words in proportion until a text is at most ``doc_max_length``."""
+        limit = self.style.doc_max_length
+        if limit is None:
+            return texts
+        texts = list(texts)
+        for i, row in enumerate(self._bare(texts)):
+            length = len(row)
+            while length > limit:
+                words = texts[i].split()
+                texts[i] = " ".join(words[: int(len(words) * limit / length)])
+                length = len(self._bare([texts[i]])[0])
+        return texts
 
 
 def length_batches(

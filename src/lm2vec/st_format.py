@@ -10,9 +10,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .inputs import ReferenceStyle
 from .pooling import PoolingMode
 
 POOLING_DIR = "1_Pooling"
+LM2VEC_CONFIG = "lm2vec_config.json"  # what only lm2vec reproduces: the reference llm2vec's instruction convention
 # The module types lm2vec reproduces (matched on the class name, the last part of modules.json's "type").
 MODULES = ("Transformer", "Pooling")
 # sentence-transformers' pooling modes: its legacy config keys -> its mode names, and lm2vec's modes -> those names.
@@ -41,6 +43,7 @@ class STSettings:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     bidirectional: bool = True
+    reference_style: ReferenceStyle | None = None  # kept in LM2VEC_CONFIG; sentence-transformers does not read it
 
 
 def write(path: Path, dim: int, settings: STSettings) -> None:
@@ -63,6 +66,8 @@ def write(path: Path, dim: int, settings: STSettings) -> None:
     _dump(path / POOLING_DIR / "config.json", pooling)
     _dump(path / "sentence_bert_config.json", {"max_seq_length": settings.max_length, "do_lower_case": False})
     _dump(path / "config_sentence_transformers.json", st_config)
+    if settings.reference_style:
+        _dump(path / LM2VEC_CONFIG, {"reference_style": settings.reference_style.to_json()})
 
 
 def _dump(path: Path, obj: object) -> None:

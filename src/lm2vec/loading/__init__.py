@@ -3,8 +3,9 @@
 The steps, each in its own module: :mod:`.source` turns the name into a local directory or hub id (converting
 GGUF files once), :mod:`.dtype` decides the precision (``"auto"``: the device's fastest that stays float32-grade),
 :mod:`.model` builds the tokenizer and the model (attention mode set before it is built; int8 weights cached),
-:mod:`.saved` reads the settings a saved encoder directory carries, and :mod:`lm2vec.calibration` measures which
-blocks a bfloat16 or int8 model keeps in float32.
+:mod:`.saved` reads the settings a saved encoder directory carries, :mod:`.reference` reads the reference llm2vec's
+checkpoints (an MNTP adapter directory, a second adapter), and :mod:`lm2vec.calibration` measures which blocks a
+bfloat16 or int8 model keeps in float32.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 from ..encoder import Encoder
 from ..pooling import PoolingMode, parse_pooling
 from ..quantization import LOWER, blocks, lower_kind, lower_precision
+from ..st_format import STSettings
 from .dtype import DEFAULT, Dtype, resolve_dtype, torch_dtype
 from .model import cache_int8_model, cached_int8_model, default_max_length, load_model, load_tokenizer
+from .reference import find_reference_checkpoint
 from .saved import read_saved_settings
 from .source import BUILTIN_MODEL, ModelLoadError, Source, resolve_source
 
@@ -29,6 +32,7 @@ __all__ = ["BUILTIN_MODEL", "ModelLoadError", "Source", "load", "resolve_source"
 def load(
     source: str | os.PathLike | None = None,
     *,
+    adapter: str | os.PathLike | None = None,
     pooling: str | PoolingMode | None = None,
     bidirectional: bool | None = None,
     dtype: Dtype = DEFAULT,
@@ -48,16 +52,26 @@ def load(
     ``dtype``: "auto" (default: the device's fastest path that stays float32-grade, see
     :mod:`lm2vec.loading.dtype`), "float32" (bit-identical embeddings in any batch on CPU), "bfloat16" or
     "int8" (linear layers in that precision in the blocks that tolerate it, measured once per model), "float16".
+    ``adapter``: a PEFT adapter (directory or hub id) merged into the model; with the reference llm2vec's MNTP
+    directory as ``source`` and its SimCSE or supervised adapter here, the reference's vectors
+    (:mod:`.reference`).
     """
     chosen = resolve_dtype(dtype, device)
     resolved = resolve_source(source)
-    saved = read_saved_settings(Path(resolved.path)) if resolved.local else None
+    checkpoint = find_reference_checkpoint(resolved, adapter)
+    saved: STSettings | None
+    if checkpoint is not None:
+        resolved, saved = checkpoint.tokenizer, checkpoint.settings
+    else:
+        saved = read_saved_settings(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
     pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))
     variant = (bidirectional, pooling.value)
     model = None
-    if chosen == "int8":
+    if checkpoint is not None:
+        model = checkpoint.load_model(bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
+    elif chosen == "int8":
         model = cached_int8_model(resolved, variant, bidirectional, attn_implementation, trust_remote_code)
     if model is None:
         model = load_model(resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
@@ -73,15 +87,16 @@ def load(
         default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
         bidirectional=bidirectional,
         batch_invariant=dtype not in (None, "auto"),  # the fast default: cosine >= 0.99999 in any batch
+        reference_style=saved.reference_style if saved else None,
     )
     if chosen in LOWER and lower_kind(model) is None:
-        _lower(encoder, resolved, variant, chosen)
+        _lower(encoder, resolved, variant, chosen, cache=checkpoint is None)  # merged adapters: not the folder's
     if verify:
         encoder.verify()
     return encoder
 
 
-def _lower(encoder: Encoder, source: Source, variant: object, kind: str) -> None:
+def _lower(encoder: Encoder, source: Source, variant: object, kind: str, cache: bool = True) -> None:
     """Put the blocks that tolerate it in ``kind``, measured on this model (cached); int8 weights cached too."""
     from ..calibration import float_blocks
 
@@ -90,5 +105,5 @@ def _lower(encoder: Encoder, source: Source, variant: object, kind: str) -> None
         warnings.warn(f"no block of this model stays float32-grade in {kind}: running float32", stacklevel=3)
         return
     lower_precision(encoder.model, kind, keep)
-    if kind == "int8":
+    if kind == "int8" and cache:
         cache_int8_model(source, variant, encoder.model, keep)

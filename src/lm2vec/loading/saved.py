@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..inputs import ReferenceStyle
 from ..pooling import PoolingMode
-from ..st_format import MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings
+from ..st_format import LM2VEC_CONFIG, MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings
 from .source import ModelLoadError
 
 
@@ -36,12 +37,14 @@ def read_saved_settings(path: Path) -> STSettings | None:
     st_file = path / "config_sentence_transformers.json"
     st_config = _load(st_file) if st_file.is_file() else {}
     hf_config = _load(path / "config.json") if (path / "config.json").is_file() else {}
+    style = (_load(path / LM2VEC_CONFIG) if (path / LM2VEC_CONFIG).is_file() else {}).get("reference_style")
     return STSettings(
         bidirectional=hf_config.get("is_causal") is not True,
         pooling=_pooling_mode(_load(pooling_file) if pooling_file.is_file() else {}, pooling_file),
         max_length=int(max_length),
         prompts=dict(st_config.get("prompts") or {}),
         default_prompt_name=st_config.get("default_prompt_name"),
+        reference_style=ReferenceStyle.from_json(style) if style else None,
     )
 
 

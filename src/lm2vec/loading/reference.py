@@ -1,0 +1,169 @@
+"""The reference llm2vec's checkpoints: what ``LLM2Vec.from_pretrained(base, peft_model_name_or_path=...)`` loads.
+
+Its published models come as an MNTP directory (the base model's config and tokenizer plus the MNTP LoRA adapter,
+whose ``base_model_name_or_path`` names the base weights) and, optionally, a second adapter trained on top
+(SimCSE or supervised). lm2vec loads the base, merges the adapters in that order, and encodes with the
+reference's settings (``llm2vec_config.json`` of the last directory, else its defaults: mean pooling, 512 tokens,
+documents cut to 400) and instruction convention (:class:`~lm2vec.inputs.ReferenceStyle`), so ``[[instruction,
+text], ...]`` inputs give the reference's vectors. Adapters are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+
+from ..inputs import ReferenceStyle
+from ..pooling import PoolingMode
+from ..st_format import STSettings
+from .model import load_model
+from .source import ModelLoadError, Source, resolve_source
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REFERENCE_CONFIG = "llm2vec_config.json"
+# The base models whose texts the reference wraps in their chat template (llm2vec 0.2.3,
+# ``LLM2Vec.prepare_for_tokenization``), by the name it finds in the MNTP directory's config.json.
+TEMPLATES = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+    "mistralai/Mistral-7B-Instruct-v0.2": ("[INST] ", " [/INST]"),
+    "meta-llama/Llama-2-7b-chat-hf": ("[INST] ", " [/INST]"),
+    "google/gemma-2-9b-it": ("<bos><start_of_turn>user\n", "<end_of_turn>"),
+    "Qwen/Qwen2-1.5B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
+    "Qwen/Qwen2-7B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
+}
+# What the reference appends for EOS pooling, by architecture (Meta-Llama-3-8B by name; not for templated models).
+EOS_TEXT = {"llama": " </s>", "mistral": " </s>", "gemma": "<eos>", "qwen2": "<|endoftext|>"}
+EOS_BY_NAME = {"meta-llama/Meta-Llama-3-8B": "<|end_of_text|>"}
+POOLING = {
+    "mean": PoolingMode.MEAN,
+    "eos_token": PoolingMode.LAST_TOKEN,
+    "last_token": PoolingMode.LAST_TOKEN,
+    "bos_token": PoolingMode.FIRST_TOKEN,
+}
+
+
+@dataclass
+class ReferenceCheckpoint:
+    """A base model and the adapters to merge into it, in order; ``tokenizer``: where the reference reads it."""
+
+    base: Source
+    adapters: list[Path]
+    tokenizer: Source
+    settings: STSettings  # pooling, length and instruction convention as the reference would encode
+
+    def load_model(
+        self, bidirectional: bool, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
+    ) -> PreTrainedModel:
+        """The base model with every adapter merged in (checked against the base first)."""
+        from peft import PeftModel
+
+        model = load_model(self.base, bidirectional, dtype, attn_implementation, trust_remote_code)
+        for adapter in self.adapters:
+            try:
+                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            except (RuntimeError, ValueError, KeyError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ModelLoadError(
+                    f"the adapter {adapter} does not fit the base model {self.base.path} "
+                    f"(trained on another base?): {first}"
+                ) from err
+        return model
+
+
+def find_reference_checkpoint(source: Source, adapter: str | os.PathLike | None) -> ReferenceCheckpoint | None:
+    """The reference layout at ``source`` (plus ``adapter``), or None where ``source`` is a plain model and no
+    adapter is given (lm2vec's own directories, Hugging Face models)."""
+    folder = _local(source)
+    if folder is None or not (folder / ADAPTER_CONFIG).is_file():
+        if adapter is None:
+            return None
+        base, adapters = source, []  # a full base model plus one adapter
+    else:
+        base, adapters = _adapter_base(folder), [_checked_adapter(folder)]
+    if adapter is not None:
+        adapter_source = resolve_adapter(adapter)
+        adapters.append(_checked_adapter(adapter_source))
+    settings_dir = adapters[-1] if adapter is not None else folder
+    config_file = settings_dir / REFERENCE_CONFIG if settings_dir else None
+    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
+    model_type = AutoConfig.from_pretrained(str(folder or source.path)).model_type
+    settings = reference_settings(config, _template_name(source, folder), model_type)
+    return ReferenceCheckpoint(base, adapters, source, settings)
+
+
+def reference_settings(config: dict, name: str, model_type: str) -> STSettings:
+    """What the reference encodes with: ``config`` (its llm2vec_config.json) over its defaults; the template and
+    the EOS text by ``name`` (see :data:`TEMPLATES`) and architecture."""
+    mode = str(config.get("pooling_mode", "mean"))
+    if mode not in POOLING:
+        raise ModelLoadError(
+            f"the reference's pooling mode {mode!r} is not reproduced by lm2vec (it reproduces: {', '.join(POOLING)})"
+        )
+    eos = EOS_BY_NAME.get(name, EOS_TEXT.get(model_type, "")) if mode == "eos_token" and name not in TEMPLATES else ""
+    style = ReferenceStyle(
+        template=TEMPLATES.get(name, ("", "")),
+        eos=eos,
+        doc_max_length=int(config.get("doc_max_length", 400)),
+        skip_instruction=bool(config.get("skip_instruction", True)),
+    )
+    return STSettings(POOLING[mode], int(config.get("max_length", 512)), reference_style=style)
+
+
+def resolve_adapter(adapter: str | os.PathLike) -> Path:
+    """A local adapter directory, or a hub id downloaded (configs and safetensors only)."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(adapter).startswith((".", "/", "~")):
+        raise ModelLoadError(f"adapter directory not found: {path}")
+    folder = _local(Source(str(adapter), local=False))
+    assert folder is not None
+    return folder
+
+
+def _local(source: Source) -> Path | None:
+    """The source's files on disk; a hub repository is downloaded first (json, safetensors and tokenizer files)."""
+    if source.local:
+        return Path(source.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as err:  # offline, unknown repository, no access: say which
+        raise ModelLoadError(f"cannot download {source.path}: {err}") from err
+
+
+def _checked_adapter(folder: Path) -> Path:
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ModelLoadError(f"{folder} is not a PEFT adapter: it has no {ADAPTER_CONFIG}")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        pickled = [p.name for p in folder.glob("adapter_model.*")]
+        hint = f" (found {', '.join(pickled)}: lm2vec never unpickles weights)" if pickled else ""
+        raise ModelLoadError(f"{folder} has no {ADAPTER_WEIGHTS}{hint}")
+    return folder
+
+
+def _adapter_base(folder: Path) -> Source:
+    """The base model an MNTP directory's adapter was trained on."""
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{folder / ADAPTER_CONFIG} names no base_model_name_or_path")
+    try:
+        return resolve_source(base)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"the base model of {folder} cannot be loaded: {err}") from err
+
+
+def _template_name(source: Source, folder: Path | None) -> str:
+    """What the reference matches its templates against: config.json's ``_name_or_path`` for a local directory,
+    the hub id otherwise."""
+    if source.local and folder is not None and (folder / "config.json").is_file():
+        return str(json.loads((folder / "config.json").read_text()).get("_name_or_path", ""))
+    return source.path
