@@ -107,6 +107,11 @@ def test_bad_adapters_get_clear_errors(made: Path, tmp_path: Path):
     _rebuild_weights(wider)
     with pytest.raises(lm2vec.ModelLoadError, match="does not fit the base model"):
         lm2vec.load(wider, adapter=made / "supervised")
+    other = tmp_path / "gpt2"  # another architecture: the adapter's q_proj/v_proj/up_proj are not there
+    tiny_model(tiny_config("gpt2", pad_token_id=3)).save_pretrained(other, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(other)
+    with pytest.raises(lm2vec.ModelLoadError, match="does not fit the base model"):
+        lm2vec.load(other, adapter=made / "supervised")
 
 
 def _rebuild_weights(folder: Path) -> None:

@@ -21,6 +21,8 @@ from . import st_format
 from .attention import position_ids_for, verify_attention
 from .inputs import Batch, Inputs, ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
 from .invariance import BatchInvariant
+from .late_chunking import Chunks, late_chunks
+from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
 from .pooling import PoolingMode, parse_pooling, pool
 from .quantization import Bf16Linear, Int8Linear, blocks, lower_kind
@@ -262,6 +264,18 @@ class Encoder:
         applies = self.batch_invariant and param.device.type == "cpu" and param.dtype == torch.float32
         return BatchInvariant() if applies else contextlib.nullcontext()
 
+    def late_chunks(
+        self,
+        documents: list[str],
+        spans: list[list[tuple[int, int]]] | None = None,
+        chunk_tokens: int | None = None,
+        overlap: int | None = None,
+        normalize_embeddings: bool = False,
+    ) -> list[Chunks]:
+        """One vector per chunk, pooled from the whole document's token states (late chunking): chunks at the
+        character ``spans`` of each document, or runs of ``chunk_tokens`` tokens. See :mod:`lm2vec.late_chunking`."""
+        return late_chunks(self, documents, spans, chunk_tokens, overlap, normalize_embeddings)
+
     def encode_query(self, sentences: Inputs, **kwargs) -> np.ndarray | torch.Tensor:
         """Encode with the ``query`` prompt, if the encoder has one."""
         return self.encode(sentences, prompt_name="query" if "query" in self.prompts else None, **kwargs)
@@ -271,8 +285,9 @@ class Encoder:
         return self.encode(sentences, prompt_name="document" if "document" in self.prompts else None, **kwargs)
 
     # -- saving ------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, merge_adapters: bool = True) -> Path:
-        """Save as a sentence-transformers directory (safetensors) that reloads with identical embeddings.
+    def save(self, path: str | os.PathLike, merge_adapters: bool = True, training: str | None = None) -> Path:
+        """Save as a sentence-transformers directory (safetensors) that reloads with identical embeddings, with a
+        model card (README.md; ``training``: markdown on how the encoder was made, see :mod:`lm2vec.model_card`).
 
         LoRA adapters are merged into the weights by default; with ``merge_adapters=False`` the base
         weights and the adapter are saved side by side, and transformers/sentence-transformers apply the
@@ -298,6 +313,7 @@ class Encoder:
             self.pooling, self.max_length, self.prompts, self.default_prompt_name, reference_style=self.reference_style
         )
         st_format.write(path, self.dim, settings)
+        write_card(path, self, training)
         return path
 
     @property

@@ -29,7 +29,7 @@ from lm2vec.training import (
 from lm2vec.training.losses import info_nce
 from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
 from lm2vec.training.stage import embedding_stage, length_chunks
-from tests.support import random_texts, tiny_config, tiny_encoder, tiny_tokenizer, write_jsonl
+from tests.support import needs_data, random_texts, tiny_config, tiny_encoder, tiny_tokenizer, write_jsonl
 
 FAST = dict(save_steps=2, logging_steps=1, max_length=24, bf16=False)
 
@@ -310,9 +310,28 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
     again, _ = convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
     assert sum("already finished" in line for line in lines) == 3
     np.testing.assert_allclose(again.encode(texts), encoder.encode(texts), atol=1e-5)
+    card = (tmp_path / "out" / "encoder" / "README.md").read_text()
+    assert "Recipe `tiny`" in card and "| mntp | 2 | 4 |" in card and "| supervised | 2 | 4 |" in card
+    assert "| bidirectional + mntp + simcse + supervised | - | - |" in card  # not evaluated here
     causal, rows = convert(str(causal_lm_dir), recipe, tmp_path / "causal", evaluate=False, causal=True, log=print)
     assert not causal.bidirectional and causal.pooling == "weighted_mean"
     assert [r.model for r in rows] == [
         "causal (weighted mean) + simcse",
         "causal (weighted mean) + simcse + supervised",
     ]
+
+
+@needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")
+def test_a_converted_encoder_carries_a_model_card_with_its_sts_scores(
+    causal_lm_dir: Path, corpus: Path, tmp_path: Path
+):
+    from lm2vec.training import Recipe, convert
+
+    stage = SimCSEConfig(data=[str(corpus)], **dict(FAST, steps=2, batch_size=4, max_length=16))
+    recipe = Recipe("card", "A one-stage test recipe.", "test", [("simcse", stage)])
+    encoder, rows = convert(str(causal_lm_dir), recipe, tmp_path / "out", baselines=False, log=print)
+    card = (tmp_path / "out" / "encoder" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name:") and "A one-stage test recipe." in card
+    assert f"| bidirectional + simcse | {rows[0].dev:.1f} | {rows[0].test:.1f} |" in card
+    assert "Pooling: mean" in card and 'lm2vec.load("encoder")' in card
+    assert SentenceTransformer(str(tmp_path / "out" / "encoder"), device="cpu").get_sentence_embedding_dimension()

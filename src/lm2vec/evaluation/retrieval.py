@@ -13,11 +13,17 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..datafiles import data_file, numbered_lines, read_jsonl
+from ..late_chunking import chunk_spans
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder, embed
+
+if TYPE_CHECKING:
+    from ..encoder import Encoder
 
 TOP_K = 100  # the deepest cutoff reported (recall@100)
 QRELS_HEADER = ["query-id", "corpus-id", "score"]
@@ -330,3 +336,30 @@ def evaluate_retrieval(
         },
         seconds=time.perf_counter() - start,
     )
+
+
+def chunked_retrieval_scores(
+    encoder: Encoder,
+    dataset: RetrievalData,
+    chunk_tokens: int,
+    late: bool,
+    instructions: Instructions = NO_INSTRUCTIONS,
+) -> dict[str, float]:
+    """Retrieval with each document split into runs of ``chunk_tokens`` tokens, a document scoring by its best
+    chunk: chunk vectors pooled from the whole document (``late``: :mod:`lm2vec.late_chunking`) or each chunk
+    embedded alone. Documents get no instruction here (a late chunk has none to pool around)."""
+    if late:
+        documents = tqdm(dataset.documents, desc="late chunks", unit="document")
+        chunks = [encoder.late_chunks([doc], chunk_tokens=chunk_tokens)[0].embeddings for doc in documents]
+    else:
+        spans = [chunk_spans(encoder.tokenizer, doc, chunk_tokens) for doc in dataset.documents]
+        texts = [doc[a:b] for doc, doc_spans in zip(dataset.documents, spans, strict=True) for a, b in doc_spans]
+        alone = np.asarray(encoder.encode(texts, show_progress_bar=True))
+        chunks = np.split(alone, np.cumsum([len(s) for s in spans])[:-1])
+    owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(chunks)])
+    queries = unit_rows(embed(encoder, dataset.queries, instructions.query))
+    similarities = queries @ unit_rows(np.concatenate(chunks)).T
+    best = np.full((len(queries), len(dataset.documents)), -np.inf, dtype=np.float32)
+    np.maximum.at(best.T, owner, similarities.T)
+    ranked = [[dataset.corpus_ids[i] for i in np.argsort(-row, kind="stable")[:TOP_K]] for row in best]
+    return retrieval_scores(ranked, [dataset.qrels[q] for q in dataset.query_ids])

@@ -78,9 +78,10 @@ class ReferenceCheckpoint:
 
 def find_reference_checkpoint(source: Source, adapter: str | os.PathLike | None) -> ReferenceCheckpoint | None:
     """The reference layout at ``source`` (plus ``adapter``), or None where ``source`` is a plain model and no
-    adapter is given (lm2vec's own directories, Hugging Face models)."""
-    folder = _local(source)
-    if folder is None or not (folder / ADAPTER_CONFIG).is_file():
+    adapter is given (lm2vec's own directories, Hugging Face models). ``adapter`` is the reference's
+    ``peft_model_name_or_path``: with it, a plain base model too is encoded in the reference's convention."""
+    folder = _adapter_folder(source)
+    if folder is None:
         if adapter is None:
             return None
         base, adapters = source, []  # a full base model plus one adapter
@@ -89,11 +90,10 @@ def find_reference_checkpoint(source: Source, adapter: str | os.PathLike | None)
     if adapter is not None:
         adapter_source = resolve_adapter(adapter)
         adapters.append(_checked_adapter(adapter_source))
-    settings_dir = adapters[-1] if adapter is not None else folder
-    config_file = settings_dir / REFERENCE_CONFIG if settings_dir else None
-    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
-    model_type = AutoConfig.from_pretrained(str(folder or source.path)).model_type
-    settings = reference_settings(config, _template_name(source, folder), model_type)
+    config_file = adapters[-1] / REFERENCE_CONFIG
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    model_type = AutoConfig.from_pretrained(base.path).model_type
+    settings = reference_settings(config, _template_name(source, base), model_type)
     return ReferenceCheckpoint(base, adapters, source, settings)
 
 
@@ -122,21 +122,31 @@ def resolve_adapter(adapter: str | os.PathLike) -> Path:
         return path
     if path.exists() or str(adapter).startswith((".", "/", "~")):
         raise ModelLoadError(f"adapter directory not found: {path}")
-    folder = _local(Source(str(adapter), local=False))
-    assert folder is not None
-    return folder
+    return _download(str(adapter))
 
 
-def _local(source: Source) -> Path | None:
-    """The source's files on disk; a hub repository is downloaded first (json, safetensors and tokenizer files)."""
+def _adapter_folder(source: Source) -> Path | None:
+    """The source's directory if it holds a PEFT adapter (a hub repository is downloaded then), else None."""
     if source.local:
-        return Path(source.path)
+        folder = Path(source.path)
+        return folder if (folder / ADAPTER_CONFIG).is_file() else None
+    from transformers.utils import find_adapter_config_file
+
+    try:
+        found = find_adapter_config_file(source.path)
+    except Exception:  # offline or unknown: not an adapter repository as far as can be told; loading says more
+        found = None
+    return _download(source.path) if found else None
+
+
+def _download(repo: str) -> Path:
+    """A hub repository's configs, safetensors and tokenizer files, on disk."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
     except Exception as err:  # offline, unknown repository, no access: say which
-        raise ModelLoadError(f"cannot download {source.path}: {err}") from err
+        raise ModelLoadError(f"cannot download {repo}: {err}") from err
 
 
 def _checked_adapter(folder: Path) -> Path:
@@ -161,9 +171,10 @@ def _adapter_base(folder: Path) -> Source:
         raise ModelLoadError(f"the base model of {folder} cannot be loaded: {err}") from err
 
 
-def _template_name(source: Source, folder: Path | None) -> str:
-    """What the reference matches its templates against: config.json's ``_name_or_path`` for a local directory,
-    the hub id otherwise."""
-    if source.local and folder is not None and (folder / "config.json").is_file():
-        return str(json.loads((folder / "config.json").read_text()).get("_name_or_path", ""))
-    return source.path
+def _template_name(source: Source, base: Source) -> str:
+    """What the reference matches its templates against: ``_name_or_path`` in a local directory's config.json,
+    else the name transformers 4.x gives the model: the adapter's base (or the hub id itself)."""
+    config = Path(source.path) / "config.json"
+    if source.local and config.is_file():
+        return str(json.loads(config.read_text()).get("_name_or_path", ""))
+    return base.path

@@ -114,7 +114,7 @@ def convert(
         chain += f" + {stage}"
         results.record(chain, current, start)
     final = current if isinstance(current, Encoder) else load(current, dtype=TRAINING_DTYPE)
-    final.save(output_dir / ENCODER_DIR)
+    final.save(output_dir / ENCODER_DIR, training=training_card(recipe, stages, results.rows))
     return final, results.rows
 
 
@@ -167,18 +167,29 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def write_results(output_dir: Path, recipe: Recipe, rows: list[Row]) -> None:
-    (output_dir / "results.json").write_text(
-        json.dumps({"recipe": recipe.name, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
-    )
+def results_table(recipe: Recipe, rows: list[Row]) -> list[str]:
+    """The STS-B scores of each stage, as markdown lines (results.md and the model card)."""
     lines = [
         f"Recipe `{recipe.name}`. STS-B Spearman x100 (cosine, no instruction).",
         "",
         "| model | STS-B dev | STS-B test | wall time | peak memory |",
         "|---|---|---|---|---|",
     ]
-    lines += [
+    return lines + [
         f"| {r.model} | {fmt(r.dev)} | {fmt(r.test)} | {r.seconds / 60:.1f} min | {r.peak_memory_gb:.1f} GB |"
         for r in rows
     ]
-    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def training_card(recipe: Recipe, stages: list[tuple[str, StageConfig]], rows: list[Row]) -> str:
+    """The model card's training section: the recipe, its stages in order, and their scores."""
+    lines = [recipe.description.strip(), "", "| stage | steps | batch | learning rate | data |", "|" + "---|" * 5]
+    lines += [f"| {s} | {c.steps} | {c.batch_size} | {c.learning_rate:g} | {', '.join(c.data)} |" for s, c in stages]
+    return "\n".join([*lines, "", *results_table(recipe, rows)])
+
+
+def write_results(output_dir: Path, recipe: Recipe, rows: list[Row]) -> None:
+    (output_dir / "results.json").write_text(
+        json.dumps({"recipe": recipe.name, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+    )
+    (output_dir / "results.md").write_text("\n".join(results_table(recipe, rows)) + "\n")

@@ -1,0 +1,159 @@
+"""Late chunking (Günther et al., 2024): one vector per chunk, pooled from the whole document's token states.
+
+A chunk embedded alone sees only itself; pooled from the document's states, each of its tokens has attended to
+the whole document (the encoder is bidirectional), so "it" and "the method" keep their referents. A document
+longer than the encoder's ``max_length`` runs in windows of ``max_length`` tokens that overlap by ``overlap``
+tokens (an eighth of the window unless told; its leading special tokens, e.g. BOS, begin every window); each
+token takes its state from the window where it has the most context on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .pooling import pool
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+
+Span = tuple[int, int]
+
+
+@dataclass
+class Chunks:
+    """One document's chunks: ``spans`` (start and end characters in the document) and their ``embeddings``."""
+
+    spans: list[Span]
+    embeddings: np.ndarray
+
+
+@torch.inference_mode()
+def late_chunks(
+    encoder: Encoder,
+    documents: list[str],
+    spans: list[list[Span]] | None = None,
+    chunk_tokens: int | None = None,
+    overlap: int | None = None,
+    normalize_embeddings: bool = False,
+) -> list[Chunks]:
+    """Chunk vectors of each document: at the character ``spans`` given per document, or in consecutive runs of
+    ``chunk_tokens`` tokens (exactly one of the two). A span's tokens are those whose characters overlap it.
+    ``overlap``: tokens shared by consecutive windows of a long document (default: an eighth of ``max_length``)."""
+    overlap = encoder.max_length // 8 if overlap is None else overlap
+    if (spans is None) == (chunk_tokens is None):
+        raise ValueError("give either spans (character offsets per document) or chunk_tokens, not both")
+    if spans is not None and len(spans) != len(documents):
+        raise ValueError(f"spans has {len(spans)} entries for {len(documents)} documents")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    if not 0 <= overlap < encoder.max_length // 2:
+        raise ValueError(f"overlap must be in [0, {encoder.max_length // 2}) for max_length {encoder.max_length}")
+    results = []
+    for i, document in enumerate(documents):
+        if not isinstance(document, str):
+            raise TypeError(f"document {i} is {type(document).__name__}; expected str")
+        ids, offsets, special = _tokens(encoder.tokenizer, document)
+        if spans is not None:
+            chunk_spans = [_check_span(span, len(document), i, j) for j, span in enumerate(spans[i])]
+        else:
+            assert chunk_tokens is not None
+            chunk_spans = _token_runs(offsets, special, chunk_tokens)
+        members = [_members(offsets, special, span, i, j) for j, span in enumerate(chunk_spans)]
+        states = _document_states(encoder, ids, _leading(special), overlap)
+        vectors = _pool_chunks(encoder, states, members)
+        if normalize_embeddings:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        results.append(Chunks(chunk_spans, vectors.cpu().numpy()))
+    return results
+
+
+def chunk_spans(tokenizer: PreTrainedTokenizerBase, document: str, chunk_tokens: int) -> list[Span]:
+    """Character spans of consecutive runs of ``chunk_tokens`` tokens: the chunks ``chunk_tokens`` makes, e.g. to
+    embed each alone for comparison."""
+    _, offsets, special = _tokens(tokenizer, document)
+    return _token_runs(offsets, special, chunk_tokens)
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, document: str) -> tuple[list[int], list[Span], list[bool]]:
+    """The whole document's token ids (no truncation), character offsets, and which tokens are special."""
+    if not tokenizer.is_fast:
+        raise ValueError("late chunking needs a fast tokenizer (character offsets)")
+    encoded = tokenizer(document, return_offsets_mapping=True, return_special_tokens_mask=True)
+    offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+    return encoded["input_ids"], offsets, [bool(m) for m in encoded["special_tokens_mask"]]
+
+
+def _check_span(span: Span, length: int, document: int, chunk: int) -> Span:
+    start, end = span
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= length):
+        raise ValueError(
+            f"chunk {chunk} of document {document}: span {span!r} is not within the text (0 <= start < end <= {length})"
+        )
+    return start, end
+
+
+def _token_runs(offsets: list[Span], special: list[bool], size: int) -> list[Span]:
+    positions = [k for k, is_special in enumerate(special) if not is_special]
+    runs = [positions[k : k + size] for k in range(0, len(positions), size)]
+    return [(offsets[run[0]][0], offsets[run[-1]][1]) for run in runs]
+
+
+def _members(offsets: list[Span], special: list[bool], span: Span, document: int, chunk: int) -> list[int]:
+    """The span's tokens; the special tokens that open (close) the document go with a span at its start (end), so
+    one chunk covering the document pools what :meth:`Encoder.encode` pools."""
+    start, end = span
+    text_end = max((b for (a, b), is_special in zip(offsets, special, strict=True) if not is_special), default=0)
+    tokens = [k for k, (a, b) in enumerate(offsets) if not special[k] and a < end and b > start]
+    if not tokens:
+        raise ValueError(f"chunk {chunk} of document {document}: span {span!r} covers no token (only whitespace?)")
+    lead = _leading(special) if start == 0 else 0
+    trail = [k for k in range(tokens[-1] + 1, len(special)) if special[k]] if end >= text_end else []
+    return list(range(lead)) + tokens + trail
+
+
+def _leading(special: list[bool]) -> int:
+    """How many special tokens open the document (e.g. BOS)."""
+    return next((k for k, is_special in enumerate(special) if not is_special), len(special))
+
+
+def _document_states(encoder: Encoder, ids: list[int], lead: int, overlap: int) -> torch.Tensor:
+    """(tokens, dim) last-layer states of the whole document, in overlapping windows if it is too long."""
+    if len(ids) <= encoder.max_length:
+        return _states(encoder, ids)
+    head, body = ids[:lead], ids[lead:]
+    width = encoder.max_length - lead  # document tokens per window
+    stride = width - overlap
+    starts = [*range(0, len(body) - width, stride), len(body) - width]
+    parts, best = [], torch.full((len(body),), -1)
+    owner = torch.zeros(len(body), dtype=torch.long)
+    for w, start in enumerate(starts):
+        positions = torch.arange(start, start + width)
+        complete = torch.full((width,), len(body))  # no text lies beyond the document's ends: full context
+        left = positions - start if start > 0 else complete
+        right = start + width - 1 - positions if start + width < len(body) else complete
+        context = torch.minimum(left, right)
+        take = context > best[positions]
+        best[positions[take]], owner[positions[take]] = context[take], w
+        parts.append(_states(encoder, head + body[start : start + width]))
+    rows = [parts[int(owner[k])][lead + k - starts[int(owner[k])]] for k in range(len(body))]
+    return torch.cat([parts[0][:lead], torch.stack(rows)]) if rows else parts[0][:lead]
+
+
+def _states(encoder: Encoder, ids: list[int]) -> torch.Tensor:
+    return encoder.token_states(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+
+
+def _pool_chunks(encoder: Encoder, states: torch.Tensor, members: list[list[int]]) -> torch.Tensor:
+    """Each chunk pooled with the encoder's pooling mode, as if the rest of the document were its instruction."""
+    length = states.shape[0]
+    pool_mask = torch.zeros(len(members), length, dtype=torch.bool)
+    for row, tokens in enumerate(members):
+        pool_mask[row, tokens] = True
+    attention_mask = torch.ones(len(members), length, dtype=torch.long)
+    hidden = states.unsqueeze(0).expand(len(members), -1, -1)
+    return pool(hidden, attention_mask.to(states.device), pool_mask.to(states.device), encoder.pooling)

@@ -1,0 +1,68 @@
+"""The README.md a saved encoder carries, as sentence-transformers writes one: what the model is, how it was made,
+and how to load it. :meth:`lm2vec.Encoder.save` writes it; ``lm2vec convert`` adds the recipe, its stages and
+their STS-B scores (``training``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+
+
+def write_card(path: Path, encoder: Encoder, training: str | None = None) -> Path:
+    """Write ``path / "README.md"``; ``training``: markdown on how the encoder was trained."""
+    config = encoder.model.config
+    base = config._name_or_path or config.model_type
+    front = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity", "tags": ["lm2vec"]}
+    prompts = "\n".join(f"- `{name}`: {text!r}" for name, text in encoder.prompts.items()) or "none"
+    convention = (
+        "the reference llm2vec's (instruction and text joined by a space, only the text's own tokens pooled; "
+        "reproduced by lm2vec, not by sentence-transformers)"
+        if encoder.reference_style
+        else "a prefix, its tokens attended to but not pooled (sentence-transformers' prompts)"
+    )
+    lines = [
+        "---",
+        *(f"{key}: {json.dumps(value)}" for key, value in front.items()),
+        "---",
+        "",
+        f"# {path.name}",
+        "",
+        f"A text encoder made from the decoder-only LLM `{base}` ({config.model_type}) with lm2vec, following the "
+        "LLM2Vec recipe (BehnamGhader et al., 2024).",
+        "",
+        f"- Attention: {'bidirectional' if encoder.bidirectional else 'causal'}",
+        f"- Pooling: {encoder.pooling.value}; {encoder.dim} dimensions; at most {encoder.max_length} tokens per text",
+        f"- Instructions: {convention}",
+        f"- Prompts: {prompts}",
+        "",
+    ]
+    if training:
+        lines += ["## Training", "", training.strip(), ""]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import lm2vec",
+        "",
+        f'encoder = lm2vec.load("{path.name}")',
+        'embeddings = encoder.encode(["A first sentence.", "Another one."], normalize_embeddings=True)',
+        "```",
+        "",
+        "The directory is also a sentence-transformers model:",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f'model = SentenceTransformer("{path.name}")',
+        'embeddings = model.encode(["A first sentence.", "Another one."])',
+        "```",
+        "",
+    ]
+    card = path / "README.md"
+    card.write_text("\n".join(lines))
+    return card
