@@ -334,4 +334,4 @@ def test_a_converted_encoder_carries_a_model_card_with_its_sts_scores(
     assert card.startswith("---\nlibrary_name:") and "A one-stage test recipe." in card
     assert f"| bidirectional + simcse | {rows[0].dev:.1f} | {rows[0].test:.1f} |" in card
     assert "Pooling: mean" in card and 'lm2vec.load("encoder")' in card
-    assert SentenceTransformer(str(tmp_path / "out" / "encoder"), device="cpu").get_sentence_embedding_dimension()
+    assert SentenceTransformer(str(tmp_path / "out" / "encoder"), device="cpu").get_embedding_dimension()
