@@ -9,7 +9,7 @@ the instruction always survives.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -149,18 +149,11 @@ class ReferenceStyle:
     SEPARATOR = "!@#$%^&*()"  # the reference's marker between instruction and text
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "template": list(self.template),
-            "eos": self.eos,
-            "doc_max_length": self.doc_max_length,
-            "skip_instruction": self.skip_instruction,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> ReferenceStyle:
-        prefix, suffix = data.get("template") or ("", "")
-        skip = data.get("skip_instruction", True)
-        return cls((prefix, suffix), data.get("eos", ""), data.get("doc_max_length"), skip)
+        return cls(**{**data, "template": tuple(data.get("template") or ("", ""))})
 
     def marked(self, instruction: str, text: str) -> str:
         """The reference's string: ``instruction SEPARATOR text``, templated (``LLM2Vec.prepare_for_tokenization``)."""
@@ -178,7 +171,7 @@ class ReferenceTokenization(Tokenization):
         self.style = style
 
     def tokenize(self, instructions: list[str], texts: list[str]) -> tuple[list[list[int]], list[int]]:
-        texts = self._cut(texts)
+        texts, bare = self._cut(texts)
         parts = [
             self.style.marked(instruction, text).split(ReferenceStyle.SEPARATOR)
             for instruction, text in zip(instructions, texts, strict=True)
@@ -187,25 +180,28 @@ class ReferenceTokenization(Tokenization):
         ids = self.filled(self.tokenizer(joined, truncation=True, max_length=self.max_length)["input_ids"])
         if not self.style.skip_instruction:
             return ids, [0] * len(ids)
-        pooled = self._bare([p[1] if len(p) > 1 else "" for p in parts])
-        return ids, [len(row) - min(len(row), len(text)) for row, text in zip(ids, pooled, strict=True)]
+        pooled = [p[1] if len(p) > 1 else "" for p in parts]
+        changed = [i for i, (text, part) in enumerate(zip(texts, pooled, strict=True)) if part != text]
+        for i, row in zip(changed, self._bare([pooled[i] for i in changed]), strict=True):
+            bare[i] = row  # a template or EOS text changed what is pooled: count it as the reference does
+        return ids, [len(row) - min(len(row), len(text)) for row, text in zip(ids, bare, strict=True)]
 
     def _bare(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
         return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
 
-    def _cut(self, texts: list[str]) -> list[str]:
-        """The reference's document cut: drop words in proportion until a text is at most ``doc_max_length``."""
+    def _cut(self, texts: list[str]) -> tuple[list[str], list[list[int]]]:
+        """The reference's document cut (drop words in proportion until a text is at most ``doc_max_length``), and
+        the texts' own tokens."""
+        texts, bare = list(texts), self._bare(texts)
         limit = self.style.doc_max_length
-        if limit is None:
-            return texts
-        texts = list(texts)
-        for i, row in enumerate(self._bare(texts)):
-            length = len(row)
-            while length > limit:
+        for i in range(len(texts)):
+            while limit is not None and len(bare[i]) > limit:
                 words = texts[i].split()
-                texts[i] = " ".join(words[: int(len(words) * limit / length)])
-                length = len(self._bare([texts[i]])[0])
-        return texts
+                texts[i] = " ".join(words[: int(len(words) * limit / len(bare[i]))])
+                bare[i] = self._bare([texts[i]])[0]
+        return texts, bare
 
 
 def length_batches(

@@ -57,14 +57,14 @@ def late_chunks(
     for i, document in enumerate(documents):
         if not isinstance(document, str):
             raise TypeError(f"document {i} is {type(document).__name__}; expected str")
-        ids, offsets, special = _tokens(encoder.tokenizer, document)
+        tokens = _tokens(encoder.tokenizer, document)
         if spans is not None:
             chunk_spans = [_check_span(span, len(document), i, j) for j, span in enumerate(spans[i])]
         else:
             assert chunk_tokens is not None
-            chunk_spans = _token_runs(offsets, special, chunk_tokens)
-        members = [_members(offsets, special, span, i, j) for j, span in enumerate(chunk_spans)]
-        states = _document_states(encoder, ids, _leading(special), overlap)
+            chunk_spans = _token_runs(tokens, chunk_tokens)
+        members = [_members(tokens, span, i, j) for j, span in enumerate(chunk_spans)]
+        states = _document_states(encoder, tokens.ids, tokens.lead, overlap)
         vectors = _pool_chunks(encoder, states, members)
         if normalize_embeddings:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
@@ -75,17 +75,29 @@ def late_chunks(
 def chunk_spans(tokenizer: PreTrainedTokenizerBase, document: str, chunk_tokens: int) -> list[Span]:
     """Character spans of consecutive runs of ``chunk_tokens`` tokens: the chunks ``chunk_tokens`` makes, e.g. to
     embed each alone for comparison."""
-    _, offsets, special = _tokens(tokenizer, document)
-    return _token_runs(offsets, special, chunk_tokens)
+    return _token_runs(_tokens(tokenizer, document), chunk_tokens)
 
 
-def _tokens(tokenizer: PreTrainedTokenizerBase, document: str) -> tuple[list[int], list[Span], list[bool]]:
-    """The whole document's token ids (no truncation), character offsets, and which tokens are special."""
+@dataclass
+class _Tokens:
+    """A whole document's token ids (no truncation), their character offsets and which are special; ``lead``:
+    the special tokens opening it (e.g. BOS), ``text_end``: the last text character a token covers."""
+
+    ids: list[int]
+    offsets: list[Span]
+    special: list[bool]
+
+    def __post_init__(self) -> None:
+        self.lead = next((k for k, is_special in enumerate(self.special) if not is_special), len(self.special))
+        self.text_end = max((b for (_, b), sp in zip(self.offsets, self.special, strict=True) if not sp), default=0)
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, document: str) -> _Tokens:
     if not tokenizer.is_fast:
         raise ValueError("late chunking needs a fast tokenizer (character offsets)")
     encoded = tokenizer(document, return_offsets_mapping=True, return_special_tokens_mask=True)
     offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
-    return encoded["input_ids"], offsets, [bool(m) for m in encoded["special_tokens_mask"]]
+    return _Tokens(encoded["input_ids"], offsets, [bool(m) for m in encoded["special_tokens_mask"]])
 
 
 def _check_span(span: Span, length: int, document: int, chunk: int) -> Span:
@@ -97,28 +109,23 @@ def _check_span(span: Span, length: int, document: int, chunk: int) -> Span:
     return start, end
 
 
-def _token_runs(offsets: list[Span], special: list[bool], size: int) -> list[Span]:
-    positions = [k for k, is_special in enumerate(special) if not is_special]
+def _token_runs(tokens: _Tokens, size: int) -> list[Span]:
+    positions = [k for k, is_special in enumerate(tokens.special) if not is_special]
     runs = [positions[k : k + size] for k in range(0, len(positions), size)]
-    return [(offsets[run[0]][0], offsets[run[-1]][1]) for run in runs]
+    return [(tokens.offsets[run[0]][0], tokens.offsets[run[-1]][1]) for run in runs]
 
 
-def _members(offsets: list[Span], special: list[bool], span: Span, document: int, chunk: int) -> list[int]:
+def _members(tokens: _Tokens, span: Span, document: int, chunk: int) -> list[int]:
     """The span's tokens; the special tokens that open (close) the document go with a span at its start (end), so
     one chunk covering the document pools what :meth:`Encoder.encode` pools."""
     start, end = span
-    text_end = max((b for (a, b), is_special in zip(offsets, special, strict=True) if not is_special), default=0)
-    tokens = [k for k, (a, b) in enumerate(offsets) if not special[k] and a < end and b > start]
-    if not tokens:
+    inside = [k for k, (a, b) in enumerate(tokens.offsets) if not tokens.special[k] and a < end and b > start]
+    if not inside:
         raise ValueError(f"chunk {chunk} of document {document}: span {span!r} covers no token (only whitespace?)")
-    lead = _leading(special) if start == 0 else 0
-    trail = [k for k in range(tokens[-1] + 1, len(special)) if special[k]] if end >= text_end else []
-    return list(range(lead)) + tokens + trail
-
-
-def _leading(special: list[bool]) -> int:
-    """How many special tokens open the document (e.g. BOS)."""
-    return next((k for k, is_special in enumerate(special) if not is_special), len(special))
+    lead = tokens.lead if start == 0 else 0
+    after = range(inside[-1] + 1, len(tokens.special))
+    trail = [k for k in after if tokens.special[k]] if end >= tokens.text_end else []
+    return list(range(lead)) + inside + trail
 
 
 def _document_states(encoder: Encoder, ids: list[int], lead: int, overlap: int) -> torch.Tensor:

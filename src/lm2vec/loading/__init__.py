@@ -59,9 +59,8 @@ def load(
     chosen = resolve_dtype(dtype, device)
     resolved = resolve_source(source)
     checkpoint = find_reference_checkpoint(resolved, adapter)
-    saved: STSettings | None
     if checkpoint is not None:
-        resolved, saved = checkpoint.tokenizer, checkpoint.settings
+        saved: STSettings | None = checkpoint.settings
     else:
         saved = read_saved_settings(Path(resolved.path)) if resolved.local else None
     if bidirectional is None:

@@ -50,11 +50,10 @@ POOLING = {
 
 @dataclass
 class ReferenceCheckpoint:
-    """A base model and the adapters to merge into it, in order; ``tokenizer``: where the reference reads it."""
+    """A base model and the adapters to merge into it, in order (the tokenizer is the source's, as the reference's)."""
 
     base: Source
     adapters: list[Path]
-    tokenizer: Source
     settings: STSettings  # pooling, length and instruction convention as the reference would encode
 
     def load_model(
@@ -94,7 +93,7 @@ def find_reference_checkpoint(source: Source, adapter: str | os.PathLike | None)
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     model_type = AutoConfig.from_pretrained(base.path).model_type
     settings = reference_settings(config, _template_name(source, base), model_type)
-    return ReferenceCheckpoint(base, adapters, source, settings)
+    return ReferenceCheckpoint(base, adapters, settings)
 
 
 def reference_settings(config: dict, name: str, model_type: str) -> STSettings:
