@@ -123,7 +123,7 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
     def encode(batch: list[str]):
         return encoder.encode(batch, batch_size=args.batch_size, show_progress_bar=False)
 
-    extra = {"flops": flops, "dtype": chosen, "float32_blocks": encoder.info()["float32_blocks"]}
+    extra = {"flops": flops, "dtype": chosen, "blocks": encoder.info()["blocks"]}
     serve(encode, sum(lengths), texts, args, extra)
 
 
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> None:
     print("matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
     best = {p: max(v for k, v in peaks.items() if k.startswith(p)) for p in ("fp32", "bf16", "int8")}
     if "default" in modes:
-        print(f"default: dtype={setup['default']['dtype']}, float32 blocks {setup['default']['float32_blocks']}")
+        print(f"default: dtype={setup['default']['dtype']}, blocks {setup['default']['blocks']}")
     print(f"model: {args.model or 'the built-in SmolLM2-135M-Instruct (untrained)'}\n")
     base = statistics.median(seconds["reference"]) if "reference" in modes else None
     anchor_mode = "fp32" if "fp32" in modes else modes[0]

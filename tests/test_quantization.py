@@ -1,4 +1,4 @@
-"""Lower precision: int8 and bf16 linear layers, exact integer products, the blocks kept in float32, and what
+"""Lower precision: int8, int8x2 and bf16 linear layers, exact integer products, per-block plans, and what
 loading with dtype="int8", "bfloat16" and "auto" does."""
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ import pytest
 import torch
 
 import lm2vec
-from lm2vec.calibration import MIN_COSINE, calibration_texts, float_blocks
+from lm2vec.calibration import MIN_COSINE, best_plan, calibrate, calibration_texts, chain, plan_speed
 from lm2vec.evaluation import cosine_rows
-from lm2vec.loading.model import int8_cache_path
+from lm2vec.loading.model import lower_cache_path
 from lm2vec.loading.source import resolve_source
 from lm2vec.quantization import (
     LINEAR,
     Bf16Linear,
     Int8Linear,
+    Int8x2Linear,
+    block_plan,
     blocks,
     int_product,
     lower_precision,
     quantize_rows,
+    quantize_rows2,
 )
 from tests.support import random_texts, tiny_encoder
 
@@ -52,6 +55,30 @@ def test_bf16_linear_is_close_to_the_float_layer_and_returns_float32():
     assert out.dtype == torch.float32
     relative = (out - linear(x)).norm(dim=-1) / linear(x).norm(dim=-1)
     assert 0 < relative.max() < 0.02, relative
+
+
+def test_int8x2_linear_is_near_float32_where_int8_and_bf16_are_not():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 192)
+    x = torch.randn(40, 576)
+    x[:, 7] *= 300  # a massive activation channel, as LLMs grow: it sets every row's int8 scale
+    exact = linear(x.double().float())
+    errors = {
+        layer: ((out := make(linear)(x)) - exact).norm() / exact.norm()
+        for layer, make in (("int8x2", Int8x2Linear), ("int8", Int8Linear), ("bf16", Bf16Linear))
+    }
+    assert out.dtype == torch.float32
+    assert errors["int8x2"] < 1e-3 and errors["int8x2"] * 5 < min(errors["int8"], errors["bf16"]), errors
+    rows = torch.cat([Int8x2Linear(linear)(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(rows, Int8x2Linear(linear)(x))  # exact integer sums: a row's result ignores the batch
+
+
+def test_quantize_rows2_keeps_the_rounding_error_of_the_first_level():
+    x = torch.randn(5, 40) * torch.arange(1, 6)[:, None]
+    q, scale = quantize_rows2(x)
+    high, low = q.float().split(40, dim=1)
+    assert q.dtype == torch.int8 and q.shape == (5, 80)
+    assert ((scale * (high + low / 254) - x).abs() <= scale / 254 / 2 + 1e-5).all()
 
 
 def test_integer_products_are_exact_on_every_cpu():
@@ -105,7 +132,7 @@ def test_every_linear_layer_or_all_but_the_kept_blocks_whatever_the_architecture
     in_first = sum(isinstance(m, LINEAR) for n, m in model.named_modules() if f"{n}.".startswith(first))
     lower_precision(model, "bfloat16", keep=(0,))
     assert sum(isinstance(m, Bf16Linear) for m in model.modules()) == everything - in_first and in_first > 0
-    assert encoder.dtype == "bfloat16" and encoder.float32_blocks() == [0]
+    assert encoder.dtype == "bfloat16" and block_plan(model) == ("float32",) + ("bfloat16",) * (len(blocks(model)) - 1)
     model = tiny_encoder(model_type).model
     lower_precision(model, "int8")
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == everything and in_first > 0
@@ -128,9 +155,9 @@ def test_load_in_lower_precision_keeps_what_calibration_says(
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
     lower = lm2vec.load(tiny_dir, dtype=dtype)
     reference = lm2vec.load(tiny_dir, dtype="float32")
-    keep = float_blocks(reference, dtype)
-    assert lower.dtype == dtype and lower.info()["dtype"] == dtype and lower.float32_blocks() == list(keep)
-    assert list(keep) != list(range(len(blocks(reference.model))))  # the tiny model tolerates some blocks
+    plan = calibrate(reference, dtype)
+    assert lower.dtype == dtype and lower.info()["dtype"] == dtype and block_plan(lower.model) == plan
+    assert dtype in plan and set(plan) <= set(chain(dtype))  # the tiny model tolerates some blocks
     texts = calibration_texts()
     assert cosine_rows(lower.encode(texts), reference.encode(texts)).min() >= MIN_COSINE
     assert list((tmp_path / "cache" / "calibration").glob(f"{dtype}-*.json"))  # measured once per model
@@ -138,15 +165,46 @@ def test_load_in_lower_precision_keeps_what_calibration_says(
         lm2vec.load(tiny_dir, dtype="int4")
 
 
-def test_calibration_keeps_every_block_that_does_not_hold_the_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_calibration_moves_every_block_that_does_not_hold_the_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
     encoder = tiny_encoder()
     before = encoder.encode(TEXTS)
-    everything = list(range(len(blocks(encoder.model))))
-    assert list(float_blocks(encoder, "int8", min_cosine=1.0)) == everything  # int8 is never exact
-    assert list(float_blocks(encoder, "int8", min_cosine=-1.0)) == []
+    count = len(blocks(encoder.model))
+    assert calibrate(encoder, "int8", min_cosine=1.0) == ("float32",) * count  # int8 and int8x2 are never exact
+    assert calibrate(encoder, "int8", min_cosine=-1.0) == ("int8",) * count
     np.testing.assert_array_equal(encoder.encode(TEXTS), before)  # measuring left the float model as it was
     assert encoder.dtype == "float32"
+    assert chain("int8")[0] == "int8" and chain("int8")[-1] == "float32"
+    plan = calibrate(encoder, "int8", min_cosine=0.99999)  # a bar between: some blocks move up the chain
+    assert set(plan) <= set(chain("int8"))
+    lower_precision(encoder.model, plan)
+    assert cosine_rows(encoder.encode(calibration_texts()), tiny_encoder().encode(calibration_texts())).min() >= 0.99999
+
+
+def test_plans_of_mixed_precisions_and_their_speed():
+    encoder = tiny_encoder()
+    count = len(blocks(encoder.model))
+    plan = ("int8x2", *("int8",) * (count - 1))
+    lower_precision(encoder.model, plan)
+    assert block_plan(encoder.model) == plan and encoder.dtype == "int8"
+    assert encoder.info()["blocks"] == f"int8 {count - 1}, int8x2 1 (of {count})"
+    only_precise = tiny_encoder()
+    lower_precision(only_precise.model, ("int8x2",) * count)
+    assert only_precise.dtype == "int8x2"
+    assert plan_speed(("float32",) * count) == 1.0
+    with pytest.raises(ValueError, match="for each of the"):
+        lower_precision(tiny_encoder().model, ("int8",))
+    with pytest.raises(ValueError, match="for each of the"):
+        lower_precision(tiny_encoder().model, ("int4",) * count)
+
+
+def test_best_plan_keeps_float32_when_nothing_is_faster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    encoder = tiny_encoder()
+    float32 = ("float32",) * len(blocks(encoder.model))
+    assert best_plan(encoder, ()) == float32
+    plan = best_plan(encoder, ("int8", "bfloat16"))  # a kind slower than float32 here is not even calibrated
+    assert plan_speed(plan) >= 1.0 and plan in (float32, calibrate(encoder, "int8"), calibrate(encoder, "bfloat16"))
 
 
 def test_auto_picks_a_measured_path_and_stays_float32_grade(
@@ -161,7 +219,7 @@ def test_auto_picks_a_measured_path_and_stays_float32_grade(
     if not {"amx_int8", "avx512_vnni", "avx_vnni"} & flags:  # so is int8 without dot-product instructions
         assert auto.dtype != "int8"
     speeds = json.loads(next((tmp_path / "cache" / "hardware").glob("linear-speeds-*.json")).read_text())["speeds"]
-    assert speeds["float32"] == 1.0 and set(speeds) == {"float32", "bfloat16", "int8"}
+    assert speeds["float32"] == 1.0 and set(speeds) == {"float32", "bfloat16", "int8", "int8x2"}
     assert auto.dtype == "float32" or speeds[auto.dtype] >= 1.3
     reference = lm2vec.load(tiny_dir, dtype="float32")
     assert reference.batch_invariant
@@ -170,9 +228,9 @@ def test_auto_picks_a_measured_path_and_stays_float32_grade(
 
 
 def test_nothing_to_quantize():
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="no transformer blocks"):
         lower_precision(torch.nn.Sequential(torch.nn.ReLU()), "int8")
-    with pytest.raises(ValueError, match="unknown lower precision"):
+    with pytest.raises(ValueError, match="unknown precision"):
         lower_precision(tiny_encoder().model, "int4")
 
 
@@ -181,30 +239,30 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
 ):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
     first = lm2vec.load(tiny_dir, dtype="int8")
-    cached = int8_cache_path(resolve_source(tiny_dir), VARIANT)
+    cached = lower_cache_path(resolve_source(tiny_dir), VARIANT, "int8")
     assert cached.is_file() and not list(cached.parent.glob("*.partial"))
     again = lm2vec.load(tiny_dir, dtype="int8")  # built empty, weights from the cache
     assert again.dtype == "int8" and again.bidirectional
     np.testing.assert_array_equal(again.encode(TEXTS), first.encode(TEXTS))
     causal = lm2vec.load(tiny_dir, dtype="int8", bidirectional=False)  # its own calibration and cache
     assert not causal.bidirectional and cosine_rows(causal.encode(TEXTS), first.encode(TEXTS)).min() < 0.999
-    assert int8_cache_path(resolve_source(tiny_dir), (False, "mean")).is_file()
+    assert lower_cache_path(resolve_source(tiny_dir), (False, "mean"), "int8").is_file()
 
     cached.write_bytes(b"not a safetensors file")
-    with pytest.warns(UserWarning, match="rebuilding the unreadable int8 cache"):
+    with pytest.warns(UserWarning, match="rebuilding the unreadable cache"):
         rebuilt = lm2vec.load(tiny_dir, dtype="int8")
     np.testing.assert_array_equal(rebuilt.encode(TEXTS), first.encode(TEXTS))
     assert cached.stat().st_size > 1000  # written again
 
     weights = tiny_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # new mtime: the key changes, the stale cache is not used
-    assert int8_cache_path(resolve_source(tiny_dir), VARIANT) != cached
+    assert lower_cache_path(resolve_source(tiny_dir), VARIANT, "int8") != cached
 
 
 def test_int8_loads_where_the_cache_cannot_be_written(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     monkeypatch.setenv("LM2VEC_CACHE", str(blocked / "cache"))
-    with pytest.warns(UserWarning, match="int8 weights not cached"):
+    with pytest.warns(UserWarning, match="weights in lower precision not cached"):
         encoder = lm2vec.load(tiny_dir, dtype="int8")
     assert encoder.dtype == "int8" and encoder.encode(TEXTS).shape == (len(TEXTS), encoder.dim)

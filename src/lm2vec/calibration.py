@@ -1,11 +1,14 @@
-"""Which transformer blocks a lower-precision encoder must keep in float32, measured on the model itself.
+"""Which precision each transformer block of a model can run in, measured on the model itself.
 
 A block's tolerance is the model's, not the architecture's: the untrained bidirectional SmolLM2 turns one bf16
 block among its first twelve into texts at cosine 0.92 from float32 (which tokens grow massive activations is
-decided there, and small errors tip it), while a trained encoder tolerates far more. So :func:`float_blocks`
-measures: each block alone in lower precision, then all tolerant blocks together, on the packaged calibration
-sentences (``calibration.txt``, not from any evaluation set), keeping every block whose error would take a
-text's embedding below ``min_cosine`` of float32. The answer is cached per model (weights fingerprint).
+decided there, and small errors tip it), while a trained encoder tolerates far more. So :func:`calibrate`
+measures, on the packaged calibration sentences (``calibration.txt``, not from any evaluation set), each block
+alone in the precisions of a *chain* (the kind asked for, then ``int8x2`` where this machine runs it faster than
+float32, then float32), gives each block the first that keeps every text's embedding within
+``min_cosine`` of float32, then checks all blocks together and moves the least tolerant ones up the chain until
+the whole model holds the bar. The answer, a plan (one kind per block), is cached per model (weights
+fingerprint) and chain.
 """
 
 from __future__ import annotations
@@ -19,64 +22,108 @@ from torch import nn
 
 from .cache import atomic_write, cache_dir, cache_key, fingerprint
 from .encoder import Encoder
-from .quantization import blocks, linear_layers, lower_precision
+from .hardware import linear_speeds
+from .quantization import PRECISE, Plan, blocks, linear_layers, lower_precision
 
 MIN_COSINE = 0.999  # per calibration text, against float32; the bar on unseen texts is 0.99 (min), 0.999 (mean)
-VERSION = 1  # bump when the procedure changes: cached answers are then measured again
+VERSION = 2  # bump when the procedure changes: cached answers are then measured again
 
 
 def calibration_texts() -> list[str]:
     return files("lm2vec").joinpath("calibration.txt").read_text(encoding="utf-8").splitlines()
 
 
-def float_blocks(encoder: Encoder, kind: str, min_cosine: float = MIN_COSINE) -> tuple[int, ...]:
-    """The blocks to keep in float32 when the rest run in ``kind`` ("int8", "bfloat16"); cached per model.
+def chain(kind: str) -> tuple[str, ...]:
+    """The precisions a block may get when a model runs in ``kind``, in the order tried: ``kind``, then
+    ``int8x2`` where it measures faster than float32 here (CPUs with int8 dot-product instructions), float32."""
+    precise = (PRECISE,) if kind != PRECISE and linear_speeds().get(PRECISE, 0.0) > 1.0 else ()
+    return (kind, *precise, "float32")
 
-    ``encoder`` must be float32; it is left as it was. Costs one encoding of 48 sentences per block and a few
-    more, once per model and kind.
+
+def plan_speed(plan: Plan) -> float:
+    """The plan's linear layers' speed relative to all-float32, from this machine's :func:`linear_speeds`."""
+    speeds = linear_speeds() | {"float32": 1.0}
+    return len(plan) / sum(1 / speeds[kind] for kind in plan) if plan else 1.0
+
+
+def best_plan(encoder: Encoder, kinds: tuple[str, ...]) -> Plan:
+    """The fastest (:func:`plan_speed`) of the calibrated plans of each of ``kinds``, all-float32 if none is
+    faster. Each kind is calibrated on its own (mixing int8 and bf16 blocks adds up their errors: on the built-in
+    model, 11 blocks had to stay float32 and unseen texts fell to cosine 0.983), and only where running every
+    block in it could beat the best plan found so far."""
+    speeds = linear_speeds()
+    best: Plan = ("float32",) * len(blocks(encoder.model))
+    for kind in sorted(kinds, key=speeds.__getitem__, reverse=True):
+        if speeds[kind] <= plan_speed(best):
+            break
+        plan = calibrate(encoder, kind)
+        if plan_speed(plan) > plan_speed(best):
+            best = plan
+    return best
+
+
+def calibrate(encoder: Encoder, kind: str, min_cosine: float = MIN_COSINE) -> Plan:
+    """The precision of each block when the model runs in ``kind`` ("int8", "bfloat16"); cached per model.
+
+    ``encoder`` must be float32; it is left as it was. Costs one encoding of 48 sentences per block and
+    precision it needs, and a few more, once per model and kind.
     """
-    texts = calibration_texts()
-    key = cache_key(VERSION, kind, min_cosine, texts, fingerprint(encoder))
-    path = cache_dir() / "calibration" / f"{kind}-{key[:20]}.json"
+    texts, tried = calibration_texts(), chain(kind)
+    key = cache_key(VERSION, tried, min_cosine, texts, fingerprint(encoder))
+    path = cache_dir() / "calibration" / f"{'-'.join(tried)}-{key[:20]}.json"
     try:
-        return tuple(json.loads(path.read_text())["float_blocks"])
+        return tuple(json.loads(path.read_text())["plan"])
     except (OSError, ValueError, KeyError):
         pass
-    keep = _measure(encoder, kind, texts, min_cosine)
+    plan = _measure(encoder, tried, texts, min_cosine)
     try:
-        atomic_write(path, json.dumps({"kind": kind, "min_cosine": min_cosine, "float_blocks": list(keep)}) + "\n")
+        atomic_write(path, json.dumps({"chain": tried, "min_cosine": min_cosine, "plan": list(plan)}) + "\n")
     except OSError:
         pass  # a read-only cache: measured again next time
-    return keep
+    return plan
 
 
-def _measure(encoder: Encoder, kind: str, texts: list[str], min_cosine: float) -> tuple[int, ...]:
+def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cosine: float) -> Plan:
     ids, prefix = encoder.tokenization.tokenize([""] * len(texts), texts)
     reference = _normalized(encoder.embed_tokens(ids, prefix).numpy())
     count = len(blocks(encoder.model))
 
-    def worst(keep: set[int]) -> float:
-        """The lowest cosine to float32 with every block but ``keep`` in lower precision."""
+    def worst(plan: Plan) -> float:
+        """The lowest cosine to float32 with the model run by ``plan``."""
         model = encoder.model
         originals = {name: model.get_submodule(name) for name in linear_layers(model)}
-        lower_precision(model, kind, tuple(sorted(keep)))
+        lower_precision(model, plan)
         try:
             embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
         finally:
             _restore(model, originals)
         return float((embeddings * reference).sum(-1).min())
 
-    alone = {block: worst(set(range(count)) - {block}) for block in range(count)}
-    keep = {block for block, cosine in alone.items() if cosine < min_cosine}
-    tolerant = sorted(set(range(count)) - keep, key=lambda block: alone[block])  # least tolerant first
+    def alone(block: int, kind: str) -> float:  # the block in ``kind``, every other in float32
+        return 1.0 if kind == "float32" else worst(tuple(kind if b == block else "float32" for b in range(count)))
 
-    def holds(n: int) -> bool:  # with the n least tolerant also kept (all kept: float32, trivially)
-        return n == len(tolerant) or worst(keep | set(tolerant[:n])) >= min_cosine
+    # Each block's first precision of the chain that holds alone (a more precise one is measured only if needed).
+    cosines: list[list[float]] = [[] for _ in range(count)]
+    for block, row in enumerate(cosines):
+        while len(row) < len(kinds) and (not row or row[-1] < min_cosine):
+            row.append(alone(block, kinds[len(row)]))
+    start = [len(row) - 1 for row in cosines]
+    # Errors add up: the moves up the chain, least tolerant first (a block's own moves in order), of which the
+    # fewest that make the bar hold are made; a bisection, as each move brings the embeddings closer to float32.
+    moves = sorted(
+        (cosines[block][-1], level, block) for block in range(count) for level in range(start[block], len(kinds) - 1)
+    )
 
-    # Errors add up: also keep the fewest of the least tolerant that make the bar hold; a bisection, as keeping
-    # more blocks only brings the embeddings closer to float32.
-    extra = bisect_left(range(len(tolerant) + 1), True, key=holds)
-    return tuple(sorted(keep | set(tolerant[:extra])))
+    def plan_after(n: int) -> Plan:
+        levels = list(start)
+        for _, level, block in moves[:n]:
+            levels[block] = level + 1
+        return tuple(kinds[level] for level in levels)
+
+    def holds(n: int) -> bool:  # all moves made: float32, trivially
+        return n == len(moves) or worst(plan_after(n)) >= min_cosine
+
+    return plan_after(bisect_left(range(len(moves) + 1), True, key=holds))
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:

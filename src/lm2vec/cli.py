@@ -100,7 +100,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "dimension": info["dimension"],
         "max length": info["max_length"],
         "dtype": f"{info['dtype']}" + (" (auto)" if args.dtype == "auto" else ""),
-        "float32 blocks": info["float32_blocks"],
+        "blocks": info["blocks"],
         "engine": info["engine"],
         "batch invariant": "bit-identical" if info["batch_invariant"] else "cosine > 0.99999",
         "this machine": f"{describe_cpu()}; linear layers vs float32: {speeds}",

@@ -25,7 +25,7 @@ from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
 from .pooling import PoolingMode, parse_pooling, pool
-from .quantization import Bf16Linear, Int8Linear, blocks, lower_kind
+from .quantization import block_plan, lower_kind
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -322,14 +322,11 @@ class Encoder:
         weights' dtype ("float32", "float16", ...)."""
         return lower_kind(self.model) or str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
-    def float32_blocks(self) -> list[int]:
-        """The blocks that stayed float32 in a bfloat16 or int8 model (all of them otherwise)."""
-        lower = (Int8Linear, Bf16Linear)
-        return [
-            i
-            for i, prefix in enumerate(blocks(self.model))
-            if not any(isinstance(m, lower) for m in self.model.get_submodule(prefix.rstrip(".")).modules())
-        ]
+    def block_precisions(self) -> str:
+        """How many blocks run in each precision, e.g. "bfloat16 19, int8x2 11 (of 30)"."""
+        plan = block_plan(self.model)
+        counts = ", ".join(f"{kind} {plan.count(kind)}" for kind in dict.fromkeys(sorted(plan)))
+        return f"{counts} (of {len(plan)})"
 
     def info(self) -> dict[str, Any]:
         config = self.model.config
@@ -343,7 +340,7 @@ class Encoder:
             "max_length": self.max_length,
             "dtype": self.dtype,
             "engine": "torch",
-            "float32_blocks": f"{len(self.float32_blocks())} of {len(blocks(self.model))}",
+            "blocks": self.block_precisions(),
             "batch_invariant": self.batch_invariant,
             "prompts": self.prompts,
             "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",

@@ -22,7 +22,7 @@ from .cache import atomic_write, cache_dir, cache_key
 # The instruction sets that decide bf16 and int8 speed on CPU (see RECIPE.md, section 6).
 CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
 SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
-SPEED_VERSION = 1  # bump when what linear_speeds() measures changes
+SPEED_VERSION = 2  # bump when what linear_speeds() measures changes
 
 
 class CPUInfo(TypedDict):
@@ -68,9 +68,9 @@ def describe_cpu() -> str:
 def linear_speeds() -> dict[str, float]:
     """Throughput of a model-sized linear layer per precision, relative to float32 (float32 = 1.0).
 
-    Measured on the layers the encoder runs (``nn.Linear``, :class:`~lm2vec.quantization.Bf16Linear`,
-    :class:`~lm2vec.quantization.Int8Linear` with its per-token quantization), once per machine, torch version
-    and thread count (~1 s), and cached in ``<cache>/hardware/``.
+    Measured on the layers the encoder runs (``nn.Linear`` and :mod:`lm2vec.quantization`'s layers with their
+    activation quantization), best of 20 alternating rounds, once per machine, torch version and thread count
+    (~1 s), and cached in ``<cache>/hardware/``.
     """
     key = cache_key(SPEED_VERSION, cpu_info(), torch.__version__, torch.get_num_threads())
     path = cache_dir() / "hardware" / f"linear-speeds-{key[:16]}.json"
@@ -87,23 +87,23 @@ def linear_speeds() -> dict[str, float]:
     return speeds
 
 
-def _measure_linear_speeds(repeats: int = 3) -> dict[str, float]:
-    from .quantization import Bf16Linear, Int8Linear  # quantization imports this module
+def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
+    from .quantization import Bf16Linear, Int8Linear, Int8x2Linear  # quantization imports this module
 
     tokens, inputs, outputs = SPEED_SHAPE
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(inputs, outputs, bias=False)
     x = torch.randn(tokens, inputs, generator=generator)
     layers = {"float32": linear, "bfloat16": Bf16Linear(linear), "int8": Int8Linear(linear)}
-    seconds = {}
+    layers["int8x2"] = Int8x2Linear(linear)
+    seconds = dict.fromkeys(layers, float("inf"))
     with torch.inference_mode():
-        for name, layer in layers.items():
+        for layer in layers.values():
             layer(x.clone())  # warm-up: kernels chosen, buffers allocated
-            times = []
-            for _ in range(repeats):
-                fresh = x.clone()  # a new tensor: Int8Linear quantizes it, as it would a new batch
+        for _ in range(rounds):  # rounds alternate between precisions: a busy moment slows one round, not one kind
+            for name, layer in layers.items():
+                fresh = x.clone()  # a new tensor: the int8 layers quantize it, as they would a new batch
                 start = time.perf_counter()
                 layer(fresh)
-                times.append(time.perf_counter() - start)
-            seconds[name] = min(times)
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
     return {name: seconds["float32"] / value for name, value in seconds.items()}

@@ -4,8 +4,8 @@ The steps, each in its own module: :mod:`.source` turns the name into a local di
 GGUF files once), :mod:`.dtype` decides the precision (``"auto"``: the device's fastest that stays float32-grade),
 :mod:`.model` builds the tokenizer and the model (attention mode set before it is built; int8 weights cached),
 :mod:`.saved` reads the settings a saved encoder directory carries, :mod:`.reference` reads the reference llm2vec's
-checkpoints (an MNTP adapter directory, a second adapter), and :mod:`lm2vec.calibration` measures which blocks a
-bfloat16 or int8 model keeps in float32.
+checkpoints (an MNTP adapter directory, a second adapter), and :mod:`lm2vec.calibration` measures which precision
+each block of a bfloat16 or int8 model runs in.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 
 from ..encoder import Encoder
 from ..pooling import PoolingMode, parse_pooling
-from ..quantization import LOWER, blocks, lower_kind, lower_precision
+from ..quantization import LOWER, lower_kind, lower_precision
 from ..st_format import STSettings
-from .dtype import DEFAULT, Dtype, resolve_dtype, torch_dtype
-from .model import cache_int8_model, cached_int8_model, default_max_length, load_model, load_tokenizer
+from .dtype import DEFAULT, MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
+from .model import cache_lower_model, cached_lower_model, default_max_length, load_model, load_tokenizer
 from .reference import find_reference_checkpoint
 from .saved import read_saved_settings
 from .source import BUILTIN_MODEL, ModelLoadError, Source, resolve_source
@@ -70,8 +70,8 @@ def load(
     model = None
     if checkpoint is not None:
         model = checkpoint.load_model(bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
-    elif chosen == "int8":
-        model = cached_int8_model(resolved, variant, bidirectional, attn_implementation, trust_remote_code)
+    elif chosen in (*LOWER, "auto"):
+        model = cached_lower_model(resolved, variant, chosen, bidirectional, attn_implementation, trust_remote_code)
     if model is None:
         model = load_model(resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
     if device is not None:
@@ -88,21 +88,24 @@ def load(
         batch_invariant=dtype not in (None, "auto"),  # the fast default: cosine >= 0.99999 in any batch
         reference_style=saved.reference_style if saved else None,
     )
-    if chosen in LOWER and lower_kind(model) is None:
+    if chosen in (*LOWER, "auto") and lower_kind(model) is None:
         _lower(encoder, resolved, variant, chosen, cache=checkpoint is None)  # merged adapters: not the folder's
     if verify:
         encoder.verify()
     return encoder
 
 
-def _lower(encoder: Encoder, source: Source, variant: object, kind: str, cache: bool = True) -> None:
-    """Put the blocks that tolerate it in ``kind``, measured on this model (cached); int8 weights cached too."""
-    from ..calibration import float_blocks
+def _lower(encoder: Encoder, source: Source, variant: object, chosen: str, cache: bool = True) -> None:
+    """Run each block in the precision calibration measured for this model (cached), ``chosen`` being "int8",
+    "bfloat16" or "auto" (the fastest plan of this CPU's fast precisions; float32 if none is fast enough)."""
+    from ..calibration import best_plan, calibrate, plan_speed
 
-    keep = float_blocks(encoder, kind)
-    if len(keep) == len(blocks(encoder.model)):
-        warnings.warn(f"no block of this model stays float32-grade in {kind}: running float32", stacklevel=3)
+    plan = best_plan(encoder, auto_candidates()) if chosen == "auto" else calibrate(encoder, chosen)
+    if chosen == "auto" and plan_speed(plan) < MIN_SPEEDUP:
         return
-    lower_precision(encoder.model, kind, keep)
-    if kind == "int8" and cache:
-        cache_int8_model(source, variant, encoder.model, keep)
+    if set(plan) == {"float32"}:
+        warnings.warn(f"no block of this model stays float32-grade in {chosen}: running float32", stacklevel=3)
+        return
+    lower_precision(encoder.model, plan)
+    if cache:
+        cache_lower_model(source, variant, chosen, encoder.model, plan)

@@ -1,10 +1,12 @@
 """The precision a model runs in: names, and the ``"auto"`` policy (the default: the device's fastest path whose
 embeddings stay float32-grade).
 
-"bfloat16" and "int8" put the linear layers of the blocks that tolerate it in that precision and keep the rest,
-the residual stream, norms and attention in float32 (:mod:`lm2vec.calibration` measures which blocks, per
-model), so every path "auto" may pick stays within cosine 0.99 of float32 on every text. "float16" (and torch
-dtypes) convert the whole model, as transformers does.
+"bfloat16" and "int8" put the linear layers of the blocks that tolerate it in that precision, the other blocks' in
+"int8x2" (near float32, where that is faster than float32) or float32, and keep the residual stream, norms and
+attention in float32 (:mod:`lm2vec.calibration` measures which blocks, per model), so every path "auto" may pick
+stays within cosine 0.99 of float32 on every text. On a CPU "auto" calibrates each precision this machine runs
+fast and keeps the plan with the fastest linear layers (:func:`lm2vec.calibration.best_plan`).
+"float16" (and torch dtypes) convert the whole model, as transformers does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 import torch
 
 from ..hardware import fast_int8, linear_speeds, native_bf16
+from ..quantization import LOWER
 
 DTYPES = {
     "float32": torch.float32,
@@ -33,23 +36,20 @@ MIN_SPEEDUP = 1.3
 Dtype = str | torch.dtype | None
 
 
-def auto_dtype(on_cpu: bool) -> str:
-    """What ``dtype="auto"`` picks: bf16 on GPUs; on CPUs the fastest of float32, bfloat16 and int8 linear layers
-    as measured on this machine (:func:`lm2vec.hardware.linear_speeds`, cached), float32 unless one is
-    :data:`MIN_SPEEDUP` times faster."""
-    if not on_cpu:
-        return "bfloat16"
+def auto_candidates() -> tuple[str, ...]:
+    """The lower precisions "auto" tries on this CPU: those whose linear layers measure at least
+    :data:`MIN_SPEEDUP` times float32's here (:func:`lm2vec.hardware.linear_speeds`, cached)."""
     speeds = linear_speeds()
-    best = max(speeds, key=speeds.__getitem__)
-    return best if speeds[best] >= MIN_SPEEDUP else "float32"
+    return tuple(kind for kind in LOWER if speeds[kind] >= MIN_SPEEDUP)
 
 
 def resolve_dtype(dtype: Dtype, device: str | torch.device | None) -> str:
-    """Turn "auto" (and None) into this device's choice; canonical names otherwise; warn where a CPU would
-    emulate the precision asked for."""
+    """Turn "auto" (and None) into this device's choice: "bfloat16" on GPUs; on CPUs "float32" where no lower
+    precision is fast, else "auto" (decided per model by calibration). Canonical names otherwise; warn where a
+    CPU would emulate the precision asked for."""
     on_cpu = torch.device(device or "cpu").type == "cpu"
     if dtype is None or dtype == "auto":
-        return auto_dtype(on_cpu)
+        return ("auto" if auto_candidates() else "float32") if on_cpu else "bfloat16"
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     if dtype != "int8" and dtype not in DTYPES:

@@ -1,5 +1,5 @@
 """Build the tokenizer and the model from a :class:`~.source.Source`: attention mode set before the model exists,
-safetensors weights only; int8 models cached as safetensors.
+safetensors weights only; models in lower precision cached as safetensors.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from ..attention import set_bidirectional, unsupported_reason
 from ..cache import atomic_write, cache_dir, cache_key, file_stamps
 from ..calibration import VERSION as CALIBRATION_VERSION
-from ..quantization import SCHEME, lower_precision
+from ..hardware import linear_speeds
+from ..quantization import SCHEME, Plan, lower_precision
 from .source import ModelLoadError, Source
 
 
@@ -83,58 +84,60 @@ def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
     return min(cap, positions) if positions else cap
 
 
-def cached_int8_model(
+def cached_lower_model(
     source: Source,
     variant: object,
+    dtype: str,
     bidirectional: bool = True,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel | None:
-    """The int8 model from the cache written by :func:`cache_int8_model`, or None if there is none yet.
+    """The model in lower precision from the cache written by :func:`cache_lower_model`, or None if there is none.
 
-    The model is built empty and takes the cached int8 weights, so the float model is never in memory (peak
-    memory below the float model's, and a faster load). An unreadable cache warns and is rebuilt by the caller.
+    The model is built empty and takes the cached weights, so the float model is never in memory (peak memory
+    below the float model's, and a faster load). An unreadable cache warns and is rebuilt by the caller.
     """
-    path = int8_cache_path(source, variant)
+    path = lower_cache_path(source, variant, dtype)
     if path is None or not path.is_file():
         return None
     from accelerate import init_empty_weights
 
     try:
         with safe_open(str(path), "pt") as cached:
-            keep = tuple(json.loads((cached.metadata() or {})["float_blocks"]))
+            plan = tuple(json.loads((cached.metadata() or {})["plan"]))
         config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
         with init_empty_weights(include_buffers=False):  # weights on the meta device; computed buffers are real
             model = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        lower_precision(model, "int8", keep)
+        lower_precision(model, plan)
         model.load_state_dict(load_file(path), strict=True, assign=True)  # strict: a missing weight raises
     except (SafetensorError, RuntimeError, OSError, KeyError, ValueError) as err:
-        warnings.warn(f"rebuilding the unreadable int8 cache {path}: {err}", stacklevel=2)
+        warnings.warn(f"rebuilding the unreadable cache {path}: {err}", stacklevel=2)
         return None
     return model
 
 
-def cache_int8_model(source: Source, variant: object, model: PreTrainedModel, keep: tuple[int, ...]) -> None:
-    """Cache a local model's int8 weights (``keep``: its float32 blocks, stored with them) for later loads."""
-    path = int8_cache_path(source, variant)
+def cache_lower_model(source: Source, variant: object, dtype: str, model: PreTrainedModel, plan: Plan) -> None:
+    """Cache a local model's weights in the precisions of ``plan`` (stored with them) for later loads."""
+    path = lower_cache_path(source, variant, dtype)
     if path is None:
         return
     state = {name: t.contiguous() for name, t in model.state_dict().items()}
-    metadata = {"float_blocks": json.dumps(list(keep))}
     try:
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"plan": json.dumps(list(plan))}))
     except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a read-only or full disk: still loads
-        warnings.warn(f"int8 weights not cached: {err}", stacklevel=2)
+        warnings.warn(f"weights in lower precision not cached: {err}", stacklevel=2)
 
 
-def int8_cache_path(source: Source, variant: object) -> Path | None:
-    """Where a local model's int8 weights are cached (None for hub ids: they are quantized at each load).
+def lower_cache_path(source: Source, variant: object, dtype: str) -> Path | None:
+    """Where a local model's weights in ``dtype`` ("int8", "bfloat16", "auto") are cached (None for hub ids: they
+    are calibrated and converted at each load).
 
-    ``variant``: what else the calibrated float32 blocks depend on (attention mode, pooling).
+    ``variant``: what else the calibrated plan depends on (attention mode, pooling); the machine's measured
+    speeds decide the plan too.
     """
     if not source.local:
         return None
     folder = Path(source.path)
     stamps = file_stamps(folder, (".safetensors", ".json"))
-    key = cache_key(SCHEME, CALIBRATION_VERSION, variant, str(folder.resolve()), stamps)
-    return cache_dir() / "int8" / f"{folder.name}-{key[:16]}.safetensors"
+    key = cache_key(SCHEME, CALIBRATION_VERSION, dtype, linear_speeds(), variant, str(folder.resolve()), stamps)
+    return cache_dir() / "lower" / f"{folder.name}-{dtype}-{key[:16]}.safetensors"
