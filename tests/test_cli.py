@@ -54,7 +54,7 @@ def test_info_json_reports_verified_bidirectional_attention(tiny_dir):
     assert info["attention"] == "bidirectional" and info["attention_verified"] is True
     assert info["dimension"] == 64
     assert info["engine"] == "torch" and info["dtype"] in ("float32", "bfloat16", "int8")  # dtype="auto"
-    assert set(info["machine"]["linear_speeds"]) == {"float32", "bfloat16", "int8", "int8x2"}
+    assert set(info["machine"]["linear_speeds"]) >= {"float32", "bfloat16", "int8", "int8x2"}  # + oneDNN float32
 
 
 def test_train_and_convert_refuse_bad_recipes_and_settings_before_loading(tmp_path):

@@ -1,14 +1,13 @@
 """Which precision each transformer block of a model can run in, measured on the model itself.
 
-A block's tolerance is the model's, not the architecture's: the untrained bidirectional SmolLM2 turns one bf16
-block among its first twelve into texts at cosine 0.92 from float32 (which tokens grow massive activations is
-decided there, and small errors tip it), while a trained encoder tolerates far more. So :func:`calibrate`
-measures, on the packaged calibration sentences (``calibration.txt``, not from any evaluation set), each block
-alone in the precisions of a *chain* (the kind asked for, then ``int8x2`` where this machine runs it faster than
-float32, then float32), gives each block the first that keeps every text's embedding within
-``min_cosine`` of float32, then checks all blocks together and moves the least tolerant ones up the chain until
-the whole model holds the bar. The answer, a plan (one kind per block), is cached per model (weights
-fingerprint) and chain.
+A block's tolerance is the model's, not the architecture's: the untrained bidirectional SmolLM2 turns one bf16 block among its first twelve
+into texts at cosine 0.92 from float32 (which tokens grow massive activations is decided there, and small errors tip
+it), while a trained encoder tolerates far more. So :func:`calibrate` measures, on the packaged calibration
+sentences (``calibration.txt``, not from any evaluation set), each block alone in the precisions of a *chain* (the
+kind asked for, then ``int8x2`` where this machine runs it faster than float32, then float32, on oneDNN's kernels
+where those are faster), gives each block the first that keeps every text's embedding within ``min_cosine`` of
+float32, then checks all blocks together and moves the least tolerant ones up the chain until the whole model holds
+the bar. The answer, a plan (one kind per block), is cached per model (weights fingerprint) and chain.
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ from torch import nn
 from .cache import atomic_write, cache_dir, cache_key, fingerprint
 from .encoder import Encoder
 from .hardware import linear_speeds
-from .quantization import PRECISE, Plan, blocks, linear_layers, lower_precision
+from .quantization import FLOAT32, ONEDNN, PRECISE, Plan, blocks, linear_layers, lower_precision
 
-MIN_COSINE = 0.999  # per calibration text, against float32; the bar on unseen texts is 0.99 (min), 0.999 (mean)
+MIN_COSINE = 0.9998  # per calibration text, against float32; the bar on unseen texts is 0.99 (min), 0.999 (mean)
 VERSION = 2  # bump when the procedure changes: cached answers are then measured again
 
 
@@ -33,11 +32,17 @@ def calibration_texts() -> list[str]:
     return files("lm2vec").joinpath("calibration.txt").read_text(encoding="utf-8").splitlines()
 
 
+def float_kind() -> str:
+    """float32 as this machine runs it fastest: on oneDNN's kernels where they beat torch's BLAS (AMD CPUs)."""
+    return ONEDNN if linear_speeds().get(ONEDNN, 0.0) > 1.0 else "float32"
+
+
 def chain(kind: str) -> tuple[str, ...]:
     """The precisions a block may get when a model runs in ``kind``, in the order tried: ``kind``, then
-    ``int8x2`` where it measures faster than float32 here (CPUs with int8 dot-product instructions), float32."""
-    precise = (PRECISE,) if kind != PRECISE and linear_speeds().get(PRECISE, 0.0) > 1.0 else ()
-    return (kind, *precise, "float32")
+    ``int8x2`` where it measures faster than float32 here, then float32 (:func:`float_kind`)."""
+    speeds, top = linear_speeds(), float_kind()
+    precise = (PRECISE,) if kind != PRECISE and speeds.get(PRECISE, 0.0) > speeds.get(top, 1.0) else ()
+    return (kind, *precise, top)
 
 
 def plan_speed(plan: Plan) -> float:
@@ -47,12 +52,12 @@ def plan_speed(plan: Plan) -> float:
 
 
 def best_plan(encoder: Encoder, kinds: tuple[str, ...]) -> Plan:
-    """The fastest (:func:`plan_speed`) of the calibrated plans of each of ``kinds``, all-float32 if none is
-    faster. Each kind is calibrated on its own (mixing int8 and bf16 blocks adds up their errors: on the built-in
-    model, 11 blocks had to stay float32 and unseen texts fell to cosine 0.983), and only where running every
-    block in it could beat the best plan found so far."""
+    """The fastest (:func:`plan_speed`) of the calibrated plans of each of ``kinds``, all-float32 (:func:`float_kind`)
+    if none is faster. Each kind is calibrated on its own (mixing int8 and bf16 blocks adds up their errors: on
+    the built-in model, 11 blocks had to stay float32 and unseen texts fell to cosine 0.983), and only where
+    running every block in it could beat the best plan found so far."""
     speeds = linear_speeds()
-    best: Plan = ("float32",) * len(blocks(encoder.model))
+    best: Plan = (float_kind(),) * len(blocks(encoder.model))
     for kind in sorted(kinds, key=speeds.__getitem__, reverse=True):
         if speeds[kind] <= plan_speed(best):
             break
@@ -100,7 +105,7 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
         return float((embeddings * reference).sum(-1).min())
 
     def alone(block: int, kind: str) -> float:  # the block in ``kind``, every other in float32
-        return 1.0 if kind == "float32" else worst(tuple(kind if b == block else "float32" for b in range(count)))
+        return 1.0 if kind in FLOAT32 else worst(tuple(kind if b == block else "float32" for b in range(count)))
 
     # Each block's first precision of the chain that holds alone (a more precise one is measured only if needed).
     cosines: list[list[float]] = [[] for _ in range(count)]

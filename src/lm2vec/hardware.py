@@ -22,7 +22,7 @@ from .cache import atomic_write, cache_dir, cache_key
 # The instruction sets that decide bf16 and int8 speed on CPU (see RECIPE.md, section 6).
 CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
 SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
-SPEED_VERSION = 2  # bump when what linear_speeds() measures changes
+SPEED_VERSION = 3  # bump when what linear_speeds() measures changes
 
 
 class CPUInfo(TypedDict):
@@ -88,7 +88,14 @@ def linear_speeds() -> dict[str, float]:
 
 
 def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
-    from .quantization import Bf16Linear, Int8Linear, Int8x2Linear  # quantization imports this module
+    from .quantization import (  # quantization imports this module
+        ONEDNN,
+        Bf16Linear,
+        Int8Linear,
+        Int8x2Linear,
+        OneDnnLinear,
+        onednn_available,
+    )
 
     tokens, inputs, outputs = SPEED_SHAPE
     generator = torch.Generator().manual_seed(0)
@@ -96,6 +103,8 @@ def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
     x = torch.randn(tokens, inputs, generator=generator)
     layers = {"float32": linear, "bfloat16": Bf16Linear(linear), "int8": Int8Linear(linear)}
     layers["int8x2"] = Int8x2Linear(linear)
+    if onednn_available():
+        layers[ONEDNN] = OneDnnLinear(linear)
     seconds = dict.fromkeys(layers, float("inf"))
     with torch.inference_mode():
         for layer in layers.values():

@@ -10,6 +10,8 @@
   error, 254 times finer: ~16 bits), three int8 products, exact int32 sums. For the blocks that neither bf16 nor
   int8 can carry: near float32 (per-text cosine 0.99999 where all-bf16 gives 0.70 on the untrained built-in
   model) at twice the float32 speed on CPUs with VNNI.
+- :class:`OneDnnLinear` ("float32-onednn"): the float32 layer computed by oneDNN's kernels instead of torch's
+  BLAS (MKL), which takes a slower path on AMD CPUs (Zen 5: 0.19 against 0.43 TFLOP/s); float32 throughout.
 - "float32": the layer as it was.
 
 Which blocks may run in which is the model's to say, not a rule's: on the untrained bidirectional SmolLM2, one
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -31,13 +34,17 @@ from .hardware import fast_int8
 
 LINEAR = (nn.Linear, Conv1D)  # GPT-2-style models use Conv1D, a linear layer with its weight transposed
 LOWER = ("int8", "bfloat16")  # what dtype= may ask for below float32 (int8x2 is for the blocks they cannot carry)
-KINDS = ("float32", "bfloat16", "int8", "int8x2")  # what a block can run in, see lower_precision()
+ONEDNN = "float32-onednn"
+FLOAT32 = ("float32", ONEDNN)  # float32 kinds: nothing rounded below float32
+KINDS = ("float32", ONEDNN, "bfloat16", "int8", "int8x2")  # what a block can run in, see lower_precision()
 PRECISE = "int8x2"  # the near-float32 kind for blocks that cannot run in bf16 or int8
 
 QMAX = 127
 LOW = 254  # the second int8 level's step: the first level's step / LOW (|rounding error| <= step / 2)
 SCHEME = "lower-v3"  # names the cached layout of lowered models: change it when a layout changes
 Plan = tuple[str, ...]  # one of KINDS per transformer block
+Quantized = tuple[torch.Tensor, torch.Tensor]  # int8 values, float32 scale per row
+T = TypeVar("T")
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,21 +77,26 @@ def _float_weight(linear: nn.Linear | Conv1D) -> torch.Tensor:
     return weight.t() if isinstance(linear, Conv1D) else weight  # Conv1D stores (in, out)
 
 
-class _LastInput:
-    """The most recent quantized input. q/k/v (and gate/up) projections are called on one tensor object, so one
-    quantization serves them all; a new tensor (even at a reused address) is quantized afresh."""
+class _LastInput(Generic[T]):
+    """The most recent converted input. q/k/v (and gate/up) projections are called on one tensor object, so one
+    conversion (quantization, bf16 cast) serves them all; a new tensor (even at a reused address) is converted
+    afresh."""
 
-    def __init__(self, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = quantize_rows):
-        self._quantize = quantize
+    def __init__(self, convert: Callable[[torch.Tensor], T]):
+        self._convert = convert
         self.key: tuple | None = None
-        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.value: T | None = None
 
-    def quantize(self, x: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, x: torch.Tensor, features: int) -> T:
         value = self.value
         if value is None or self.key is None or self.key[0] is not x or self.key[1:] != (x.data_ptr(), x.shape):
-            self.key, value = (x, x.data_ptr(), x.shape), self._quantize(x.reshape(-1, features))
+            self.key, value = (x, x.data_ptr(), x.shape), self._convert(x.reshape(-1, features))
             self.value = value
         return value
+
+
+def _to_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16)
 
 
 class Int8Linear(nn.Module):
@@ -94,9 +106,9 @@ class Int8Linear(nn.Module):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput | None = None):
+    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[Quantized] | None = None):
         super().__init__()
-        self.last_input = last_input or _LastInput()
+        self.last_input = last_input or _LastInput(quantize_rows)
         float_weight = _float_weight(linear)
         weight, scale = quantize_rows(float_weight)
         self.out_features: int = float_weight.shape[0]
@@ -106,7 +118,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = self.last_input.quantize(x, self.in_features)
+        q, scale = self.last_input.get(x, self.in_features)
         out = int_product(q, self.weight_t) * scale  # int32 x float32 -> float32, one pass
         out.mul_(self.weight_scale)
         if self.bias is not None:
@@ -125,7 +137,7 @@ class Int8x2Linear(nn.Module):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput | None = None):
+    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[Quantized] | None = None):
         super().__init__()
         self.last_input = last_input or _LastInput(quantize_rows2)
         float_weight = _float_weight(linear)
@@ -138,7 +150,7 @@ class Int8x2Linear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = self.last_input.quantize(x, self.in_features)  # (rows, 2 * in): [high | low]
+        q, scale = self.last_input.get(x, self.in_features)  # (rows, 2 * in): [high | low]
         high = q[:, : self.in_features].contiguous()
         cross = int_product(q, self.weight_t)  # high @ low + low @ high
         out = int_product(high, self.weight_t[self.in_features :]).float()  # high @ high
@@ -151,9 +163,13 @@ class Int8x2Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8x2"
 
 
-class Bf16Linear(nn.Module):
-    """A frozen ``nn.Linear`` computed in bf16 (bf16 weights, the input cast per call), returning the input's
-    dtype: the product runs at the bf16 rate while everything between linear layers stays float32."""
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class OneDnnLinear(nn.Module):
+    """A frozen ``nn.Linear`` in float32 on oneDNN's kernels (the op torch's own compiler uses for CPU linear
+    layers): the same precision, summed in another order, twice as fast where MKL holds back (AMD CPUs)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -163,12 +179,36 @@ class Bf16Linear(nn.Module):
         float_weight = _float_weight(linear)
         self.out_features: int = float_weight.shape[0]
         self.in_features: int = float_weight.shape[1]
+        self.register_buffer("weight", float_weight.float().contiguous())
+        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight, self.bias, "none", [], "").to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float32 (oneDNN)"
+
+
+class Bf16Linear(nn.Module):
+    """A frozen ``nn.Linear`` computed in bf16 (bf16 weights, the input cast per call), returning the input's
+    dtype: the product runs at the bf16 rate while everything between linear layers stays float32."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[torch.Tensor] | None = None):
+        super().__init__()
+        self.last_input = last_input or _LastInput(_to_bf16)
+        float_weight = _float_weight(linear)
+        self.out_features: int = float_weight.shape[0]
+        self.in_features: int = float_weight.shape[1]
         self.register_buffer("weight", float_weight.to(torch.bfloat16).contiguous())
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        out = nn.functional.linear(self.last_input.get(x, self.in_features), self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
@@ -210,11 +250,11 @@ def lower_precision(model: nn.Module, kind: str | Sequence[str], keep: tuple[int
     }
     if not plan or not targets and set(plan) != {"float32"}:
         raise ValueError("the model has no transformer blocks with nn.Linear layers to put in lower precision")
-    shared = {"int8": _LastInput(), "int8x2": _LastInput(quantize_rows2)}
     makers: dict[str, Callable[[nn.Linear], nn.Module]] = {
-        "int8": functools.partial(Int8Linear, last_input=shared["int8"]),
-        "int8x2": functools.partial(Int8x2Linear, last_input=shared["int8x2"]),
-        "bfloat16": Bf16Linear,
+        "int8": functools.partial(Int8Linear, last_input=_LastInput(quantize_rows)),
+        "int8x2": functools.partial(Int8x2Linear, last_input=_LastInput(quantize_rows2)),
+        "bfloat16": functools.partial(Bf16Linear, last_input=_LastInput(_to_bf16)),
+        ONEDNN: OneDnnLinear,
     }
     for name, layer_kind in targets.items():  # by name: each float layer is freed as soon as it is replaced
         parent_name, _, child = name.rpartition(".")
@@ -223,7 +263,7 @@ def lower_precision(model: nn.Module, kind: str | Sequence[str], keep: tuple[int
     return model
 
 
-LOWER_LAYERS = {Int8Linear: "int8", Bf16Linear: "bfloat16", Int8x2Linear: "int8x2"}
+LOWER_LAYERS = {Int8Linear: "int8", Bf16Linear: "bfloat16", Int8x2Linear: "int8x2", OneDnnLinear: ONEDNN}
 
 
 def block_plan(model: nn.Module) -> Plan:
@@ -236,8 +276,8 @@ def block_plan(model: nn.Module) -> Plan:
 
 
 def lower_kind(model: nn.Module) -> str | None:
-    """The model's lower precision: of "int8" and "bfloat16", the one more blocks run in; "int8x2" if only it;
-    None for none (see :func:`block_plan` for each block's)."""
+    """The model's lower precision: of "int8" and "bfloat16", the one more blocks run in; else "int8x2" or
+    "float32-onednn"; None for none (see :func:`block_plan` for each block's)."""
     plan = [kind for kind in block_plan(model) if kind != "float32"]
     fast = [kind for kind in plan if kind in LOWER]
     return max(fast or plan, key=(fast or plan).count) if plan else None

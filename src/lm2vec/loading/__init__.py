@@ -18,7 +18,7 @@ import torch
 
 from ..encoder import Encoder
 from ..pooling import PoolingMode, parse_pooling
-from ..quantization import LOWER, lower_kind, lower_precision
+from ..quantization import FLOAT32, LOWER, lower_kind, lower_precision
 from ..st_format import STSettings
 from .dtype import DEFAULT, MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
 from .model import cache_lower_model, cached_lower_model, default_max_length, load_model, load_tokenizer
@@ -101,11 +101,10 @@ def _lower(encoder: Encoder, source: Source, variant: object, chosen: str, cache
     from ..calibration import best_plan, calibrate, plan_speed
 
     plan = best_plan(encoder, auto_candidates()) if chosen == "auto" else calibrate(encoder, chosen)
-    if chosen == "auto" and plan_speed(plan) < MIN_SPEEDUP:
+    if chosen == "auto" and plan_speed(plan) < MIN_SPEEDUP or set(plan) == {"float32"}:
         return
-    if set(plan) == {"float32"}:
+    if chosen != "auto" and set(plan) <= set(FLOAT32):
         warnings.warn(f"no block of this model stays float32-grade in {chosen}: running float32", stacklevel=3)
-        return
     lower_precision(encoder.model, plan)
     if cache:
         cache_lower_model(source, variant, chosen, encoder.model, plan)
