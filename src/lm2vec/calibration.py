@@ -1,13 +1,14 @@
 """Which precision each transformer block of a model can run in, measured on the model itself.
 
-A block's tolerance is the model's, not the architecture's: the untrained bidirectional SmolLM2 turns one bf16 block among its first twelve
-into texts at cosine 0.92 from float32 (which tokens grow massive activations is decided there, and small errors tip
-it), while a trained encoder tolerates far more. So :func:`calibrate` measures, on the packaged calibration
-sentences (``calibration.txt``, not from any evaluation set), each block alone in the precisions of a *chain* (the
-kind asked for, then ``int8x2`` where this machine runs it faster than float32, then float32, on oneDNN's kernels
-where those are faster), gives each block the first that keeps every text's embedding within ``min_cosine`` of
-float32, then checks all blocks together and moves the least tolerant ones up the chain until the whole model holds
-the bar. The answer, a plan (one kind per block), is cached per model (weights fingerprint) and chain.
+A block's tolerance is the model's, not the architecture's: the untrained bidirectional SmolLM2 turns one bf16 block
+among its first twelve into texts at cosine 0.92 from float32 (which tokens grow massive activations is decided
+there, and small errors tip it), while a trained encoder tolerates far more. So :func:`calibrate` measures, on the
+packaged calibration sentences (``calibration.txt``, not from any evaluation set), each block alone in the
+precisions of a *chain* (the kind asked for, then ``int8x2`` where this machine runs it faster than float32, then
+float32, on oneDNN's kernels where those are faster), gives each block the first that keeps every text's embedding
+within ``min_cosine`` of float32, then checks all blocks together and moves the least tolerant ones up the chain
+until the whole model holds the bar. The answer, a plan (one kind per block), is cached per model (weights
+fingerprint) and chain.
 """
 
 from __future__ import annotations

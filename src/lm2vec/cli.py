@@ -220,7 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain_seconds,
         normalize=not args.no_normalize,
     )
-    runs = f"{encoder.dtype}{' (auto)' if args.dtype == 'auto' else ''}, {encoder.info()['engine']}"
+    info = encoder.info()
+    runs = f"{encoder.dtype}{' (auto)' if args.dtype == 'auto' else ''}, blocks {info['blocks']}, {info['engine']}"
     print(f"lm2vec: serving {name!r} ({runs}) on http://{args.host}:{args.port}/v1/embeddings", file=sys.stderr)
     serve(encoder, settings, host=args.host, port=args.port)
     return 0
