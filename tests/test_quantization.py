@@ -160,6 +160,17 @@ def test_lower_precision_encoder_refuses_to_save(tmp_path: Path, kind: str):
         enc.save(tmp_path / "q")
 
 
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_a_float32_model_on_onednn_saves_and_reloads(tmp_path: Path):
+    encoder = tiny_encoder()
+    before = encoder.encode(TEXTS)
+    lower_precision(encoder.model, "float32-onednn")
+    assert encoder.dtype == "float32-onednn"
+    again = lm2vec.load(encoder.save(tmp_path / "saved"), dtype="float32")
+    assert again.dtype == "float32"
+    np.testing.assert_allclose(again.encode(TEXTS), before, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_load_in_lower_precision_keeps_what_calibration_says(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str

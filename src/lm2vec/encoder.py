@@ -25,7 +25,7 @@ from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
 from .pooling import PoolingMode, parse_pooling, pool
-from .quantization import block_plan, lower_kind
+from .quantization import FLOAT32, block_plan, lower_kind
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -293,7 +293,7 @@ class Encoder:
         weights and the adapter are saved side by side, and transformers/sentence-transformers apply the
         adapter when loading.
         """
-        if lower_kind(self.model):
+        if set(block_plan(self.model)) - set(FLOAT32):  # float32 on oneDNN keeps nn.Linear's weight names: saves
             raise ValueError(
                 f"{self.dtype} encoders are converted when loaded: save the float32 model, "
                 f"load it with dtype={self.dtype!r}"
