@@ -99,119 +99,108 @@ def _to_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
-class Int8Linear(nn.Module):
-    """A frozen ``nn.Linear`` with int8 weights (per output channel) and per-token int8 activations."""
+class _FrozenLinear(nn.Module):
+    """What every converted layer keeps of the ``nn.Linear`` (or Conv1D) it replaces: its sizes and its bias (in
+    ``bias_dtype``); :meth:`_take` returns the float weight, (out, in), to convert."""
 
-    weight_t: torch.Tensor
-    weight_scale: torch.Tensor
+    kind = "float32"
     bias: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[Quantized] | None = None):
-        super().__init__()
-        self.last_input = last_input or _LastInput(quantize_rows)
+    def _take(self, linear: nn.Linear | Conv1D, bias_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         float_weight = _float_weight(linear)
-        weight, scale = quantize_rows(float_weight)
         self.out_features: int = float_weight.shape[0]
         self.in_features: int = float_weight.shape[1]
-        self.register_buffer("weight_t", weight.t().contiguous())  # (in, out): _int_mm's layout
-        self.register_buffer("weight_scale", scale.reshape(1, -1))
-        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
+        self.register_buffer("bias", linear.bias.detach().to(bias_dtype) if linear.bias is not None else None)
+        return float_weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = self.last_input.get(x, self.in_features)
-        out = int_product(q, self.weight_t) * scale  # int32 x float32 -> float32, one pass
-        out.mul_(self.weight_scale)
-        if self.bias is not None:
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The bias added (float32 outputs), back in ``x``'s shape and dtype."""
+        if self.bias is not None and out.dtype == torch.float32:
             out += self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
 
 
-class Int8x2Linear(nn.Module):
+class Int8Linear(_FrozenLinear):
+    """A frozen ``nn.Linear`` with int8 weights (per output channel) and per-token int8 activations."""
+
+    kind = "int8"
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[Quantized] | None = None):
+        super().__init__()
+        self.last_input = last_input or _LastInput(quantize_rows)
+        weight, scale = quantize_rows(self._take(linear))
+        self.register_buffer("weight_t", weight.t().contiguous())  # (in, out): _int_mm's layout
+        self.register_buffer("weight_scale", scale.reshape(1, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = self.last_input.get(x, self.in_features)
+        out = int_product(q, self.weight_t) * scale  # int32 x float32 -> float32, one pass
+        return self._finish(out.mul_(self.weight_scale), x)
+
+
+class Int8x2Linear(_FrozenLinear):
     """A frozen ``nn.Linear`` in two int8 levels (see :func:`quantize_rows2`): ``high @ high`` plus
     ``[high | low] @ [low ; high] / LOW`` (the ``low @ low`` term, 2^-16 of the rest, is left out)."""
 
+    kind = "int8x2"
     weight_t: torch.Tensor
     weight_scale: torch.Tensor
-    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[Quantized] | None = None):
         super().__init__()
         self.last_input = last_input or _LastInput(quantize_rows2)
-        float_weight = _float_weight(linear)
-        weight, scale = quantize_rows2(float_weight)  # (out, 2 * in): [high | low]
-        self.out_features: int = float_weight.shape[0]
-        self.in_features: int = float_weight.shape[1]
+        weight, scale = quantize_rows2(self._take(linear))  # (out, 2 * in): [high | low]
         high, low = weight.split(self.in_features, dim=1)
         self.register_buffer("weight_t", torch.cat([low.t(), high.t()]).contiguous())  # (2 * in, out): [low ; high]
         self.register_buffer("weight_scale", scale.reshape(1, -1))
-        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = self.last_input.get(x, self.in_features)  # (rows, 2 * in): [high | low]
         high = q[:, : self.in_features].contiguous()
         cross = int_product(q, self.weight_t)  # high @ low + low @ high
         out = int_product(high, self.weight_t[self.in_features :]).float()  # high @ high
-        out.add_(cross.float(), alpha=1 / LOW).mul_(scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8x2"
+        return self._finish(out.add_(cross.float(), alpha=1 / LOW).mul_(scale).mul_(self.weight_scale), x)
 
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class OneDnnLinear(nn.Module):
+class OneDnnLinear(_FrozenLinear):
     """A frozen ``nn.Linear`` in float32 on oneDNN's kernels (the op torch's own compiler uses for CPU linear
     layers): the same precision, summed in another order, twice as fast where MKL holds back (AMD CPUs)."""
 
+    kind = ONEDNN
     weight: torch.Tensor
-    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear | Conv1D):
         super().__init__()
-        float_weight = _float_weight(linear)
-        self.out_features: int = float_weight.shape[0]
-        self.in_features: int = float_weight.shape[1]
-        self.register_buffer("weight", float_weight.float().contiguous())
-        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
+        self.register_buffer("weight", self._take(linear).float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight, self.bias, "none", [], "").to(x.dtype)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float32 (oneDNN)"
 
+class Bf16Linear(_FrozenLinear):
+    """A frozen ``nn.Linear`` computed in bf16 (bf16 weights, the input cast once for the layers sharing it),
+    returning the input's dtype: the product runs at the bf16 rate while everything between linear layers stays
+    float32."""
 
-class Bf16Linear(nn.Module):
-    """A frozen ``nn.Linear`` computed in bf16 (bf16 weights, the input cast per call), returning the input's
-    dtype: the product runs at the bf16 rate while everything between linear layers stays float32."""
-
+    kind = "bfloat16"
     weight: torch.Tensor
-    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[torch.Tensor] | None = None):
         super().__init__()
         self.last_input = last_input or _LastInput(_to_bf16)
-        float_weight = _float_weight(linear)
-        self.out_features: int = float_weight.shape[0]
-        self.in_features: int = float_weight.shape[1]
-        self.register_buffer("weight", float_weight.to(torch.bfloat16).contiguous())
-        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
-        self.register_buffer("bias", bias)
+        self.register_buffer("weight", self._take(linear, torch.bfloat16).to(torch.bfloat16).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(self.last_input.get(x, self.in_features), self.weight, self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+        return self._finish(nn.functional.linear(self.last_input.get(x, self.in_features), self.weight, self.bias), x)
 
 
 def blocks(model: nn.Module) -> list[str]:
@@ -263,16 +252,14 @@ def lower_precision(model: nn.Module, kind: str | Sequence[str], keep: tuple[int
     return model
 
 
-LOWER_LAYERS = {Int8Linear: "int8", Bf16Linear: "bfloat16", Int8x2Linear: "int8x2", OneDnnLinear: ONEDNN}
-
-
 def block_plan(model: nn.Module) -> Plan:
     """The kind each block runs in (see :func:`lower_precision`); "float32" for blocks without lower layers."""
     plan = []
     for prefix in blocks(model):
-        kinds = {LOWER_LAYERS.get(type(m)) for m in model.get_submodule(prefix.rstrip(".")).modules()} - {None}
+        block = model.get_submodule(prefix.rstrip("."))
+        kinds = {m.kind for m in block.modules() if isinstance(m, _FrozenLinear)}
         plan.append(kinds.pop() if len(kinds) == 1 else "float32")
-    return tuple(plan)  # type: ignore[arg-type]
+    return tuple(plan)
 
 
 def lower_kind(model: nn.Module) -> str | None:
