@@ -88,23 +88,14 @@ def linear_speeds() -> dict[str, float]:
 
 
 def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
-    from .quantization import (  # quantization imports this module
-        ONEDNN,
-        Bf16Linear,
-        Int8Linear,
-        Int8x2Linear,
-        OneDnnLinear,
-        onednn_available,
-    )
+    from .quantization import Bf16Linear, Int8Linear, Int8x2Linear, OneDnnLinear, onednn_available  # imports us
 
     tokens, inputs, outputs = SPEED_SHAPE
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(inputs, outputs, bias=False)
     x = torch.randn(tokens, inputs, generator=generator)
-    layers = {"float32": linear, "bfloat16": Bf16Linear(linear), "int8": Int8Linear(linear)}
-    layers["int8x2"] = Int8x2Linear(linear)
-    if onednn_available():
-        layers[ONEDNN] = OneDnnLinear(linear)
+    kinds = (Bf16Linear, Int8Linear, Int8x2Linear, *((OneDnnLinear,) if onednn_available() else ()))
+    layers = {"float32": linear} | {layer.kind: layer(linear) for layer in kinds}
     seconds = dict.fromkeys(layers, float("inf"))
     with torch.inference_mode():
         for layer in layers.values():
