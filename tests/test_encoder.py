@@ -33,7 +33,7 @@ def test_batch_invariance(model_type: str, padding_side: str):
     enc = tiny_encoder(model_type, padding_side=padding_side)
     together = enc.encode(TEXTS, batch_size=8)
     alone = np.stack([enc.encode(t) for t in TEXTS])
-    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_array_equal(together, alone)
 
 
 @pytest.mark.parametrize("pooling", list(lm2vec.PoolingMode))
@@ -144,12 +144,12 @@ def test_cpu_batches_are_bounded_by_tokens_by_default(monkeypatch: pytest.Monkey
     unbounded = enc.encode(texts, batch_size=8, max_tokens=10**9)
     monkeypatch.setattr(lm2vec.encoder, "CPU_MAX_TOKENS", 20)
     rows = []
-    hook = enc.model.register_forward_hook(
-        lambda module, args, kwargs, out: rows.append(len(kwargs["input_ids"])), with_kwargs=True
+    hook = enc.model.register_forward_hook(  # texts per forward pass: packed, one segment each (see packing.py)
+        lambda module, args, kwargs, out: rows.append(sum(len(s) for _, s in kwargs["segments"])), with_kwargs=True
     )
     bounded = enc.encode(texts, batch_size=8)
     hook.remove()
-    assert rows == [2, 2, 2, 2]
+    assert enc.packs() and rows == [2, 2, 2, 2]
     np.testing.assert_array_equal(bounded, unbounded)
 
 

@@ -24,6 +24,7 @@ from .invariance import BatchInvariant
 from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
+from .packing import enable_packing, packed_states
 from .pooling import PoolingMode, parse_pooling, pool
 from .quantization import FLOAT32, block_plan, lower_kind
 
@@ -44,9 +45,10 @@ class Encoder:
 
     Build one with :func:`lm2vec.load`, or around a model you hold: ``Encoder(model, tokenizer)``. ``prompts``
     maps names (``"query"``, ``"document"``, task names) to instructions, as in sentence-transformers. With
-    ``batch_invariant``, float32 CPU encoding gives each text the same embedding bit for bit whatever it is
-    batched with (see :mod:`lm2vec.invariance`); off (what ``load(dtype="auto")`` sets) it is ~25% faster and a
-    text's embedding moves by cosine < 1e-5 between batches.
+    ``batch_invariant`` (the default), CPU encoding gives each text the same embedding bit for bit whatever it is
+    batched with: float32 products in fixed row blocks (see :mod:`lm2vec.invariance`) and packed attention (see
+    :mod:`lm2vec.packing`; models it cannot pack are batched by equal length instead). Off, float32 products take
+    the BLAS's own kernels and a text's embedding moves by cosine < 1e-5 between batches.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Encoder:
         self.default_prompt_name = default_prompt_name
         self.bidirectional = bidirectional
         self.batch_invariant = batch_invariant
+        self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
         self.tokenization = (
             ReferenceTokenization(tokenizer, max_length, reference_style)
@@ -119,10 +122,22 @@ class Encoder:
         """The last layer's state of every token, (batch, seq, hidden); positions follow the real tokens, so
         either padding side gives the same states. Differentiable: pooling, MNTP and word probing start here."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
-        )
+        with self._invariance():
+            if self.packs():
+                return packed_states(self.model, input_ids, attention_mask)
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
+            )
         return out.last_hidden_state
+
+    def packs(self) -> bool:
+        """Whether the model runs packed (see :mod:`lm2vec.packing`): in eval mode on a CPU, for models whose packed
+        states were checked to equal each text's alone (checked on first use); never while traced for export."""
+        if self.device.type != "cpu" or self.model.training or torch.compiler.is_compiling():
+            return False
+        if self._packing is None:
+            self._packing = enable_packing(self.model)
+        return self._packing
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Embed one tokenized batch (no normalization); differentiable, used by training too."""
@@ -236,8 +251,11 @@ class Encoder:
         if max_tokens is None and self.device.type == "cpu":
             max_tokens = CPU_MAX_TOKENS
         lengths = [len(row) for row in ids]
-        pass_cost = CPU_PASS_COST if self.device.type == "cpu" else None  # a GPU pads almost for free
-        batches = length_batches(lengths, batch_size, max_tokens, self.batch_invariant, pass_cost)
+        if self.packs():  # no padding: any texts may share a batch, at no cost and no change in results
+            batches = length_batches(lengths, batch_size, max_tokens, same_length=False)
+        else:
+            pass_cost = CPU_PASS_COST if self.device.type == "cpu" else None  # a GPU pads almost for free
+            batches = length_batches(lengths, batch_size, max_tokens, self.batch_invariant, pass_cost)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
         was_training = self.model.training
@@ -245,7 +263,7 @@ class Encoder:
         chunks = []
         own = tqdm(total=len(ids), desc="Encoding", unit="text", disable=progress is not None or not show_progress_bar)
         try:
-            with self._invariance(), own:
+            with own:
                 for idx in batches:
                     rows = [ids[i] for i in idx]  # longest first; +1 padding column: see length_batches
                     batch = self.tokenization.collate(rows, [prefix[i] for i in idx], width=len(rows[0]) + 1)
@@ -259,9 +277,10 @@ class Encoder:
         return torch.cat(chunks).cpu()[torch.argsort(order)]
 
     def _invariance(self) -> contextlib.AbstractContextManager:
-        """Blocked float32 CPU matmuls where they are needed (int8 products are exact; bf16 and GPUs: off)."""
+        """Blocked float32 CPU matmuls (the lower-precision layers block their own; GPUs and export: off)."""
         param = next(self.model.parameters())
         applies = self.batch_invariant and param.device.type == "cpu" and param.dtype == torch.float32
+        applies = applies and not torch.compiler.is_compiling()
         return BatchInvariant() if applies else contextlib.nullcontext()
 
     def late_chunks(

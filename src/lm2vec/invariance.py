@@ -7,10 +7,15 @@ amplify those one-ulp differences to ~3e-4 in SmolLM2's embeddings. Computing ev
 of a fixed row count (the last block zero-padded) gives every token row the same kernel whatever the
 batch: bit-identical results, for 15-35% more matmul time on CPU (28% of SmolLM2 fp32 encoding time).
 
-Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on.
+Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on. The
+lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
+blocks, always; their integer products are exact and need none. Attention is the other half: see
+:mod:`lm2vec.packing`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -18,30 +23,41 @@ from torch.overrides import TorchFunctionMode
 ROWS = 128  # the fixed row count of every product; measured invariant with MKL at 1 and 2 threads
 
 
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` computed in products of exactly :data:`ROWS` rows."""
-    rows = x.reshape(-1, x.shape[-1])
-    count, full = rows.shape[0], rows.shape[0] - rows.shape[0] % ROWS
-    out = rows.new_empty(count, weight.shape[0])
-    wt = weight.t()
-    for start in range(0, full, ROWS):
-        torch.mm(rows[start : start + ROWS], wt, out=out[start : start + ROWS])
+def in_row_blocks(product: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``product(rows)`` for a row-wise product (a linear layer), computed on blocks of exactly :data:`ROWS` rows
+    (the last one zero-padded), so every row takes the same kernel whatever the row count."""
+    count = rows.shape[0]
+    full = count - count % ROWS
+    if count == 0:
+        return product(rows)
+    parts = [product(rows[start : start + ROWS]) for start in range(0, full, ROWS)]
     if full < count:
         tail = rows.new_zeros(ROWS, rows.shape[1])
         tail[: count - full] = rows[full:]
-        out[full:] = torch.mm(tail, wt)[: count - full]
+        parts.append(product(tail)[: count - full])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` computed in products of exactly :data:`ROWS` rows."""
+    wt = weight.t()
+    out = in_row_blocks(lambda block: torch.mm(block, wt), x.reshape(-1, x.shape[-1]))
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class BatchInvariant(TorchFunctionMode):
-    """Within this context, float32 CPU linear layers use :func:`blocked_linear` (inference only)."""
+    """Within this context, float32 CPU linear layers use :func:`blocked_linear`, and ``torch.addmm`` (GPT-2's
+    Conv1D layers) the same blocks (inference only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.linear and _applies(args[0], args[1]):
             return blocked_linear(*args, **kwargs)
+        if func is torch.addmm and not kwargs and len(args) == 3 and _applies(args[1], args[2]):
+            bias, rows, weight = args
+            return in_row_blocks(lambda block: torch.addmm(bias, block, weight), rows)
         return func(*args, **kwargs)
 
 

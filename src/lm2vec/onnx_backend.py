@@ -73,6 +73,9 @@ class OnnxEncoder(Encoder):
     def _invariance(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def packs(self) -> bool:
+        return False  # the graph takes padded batches
+
     def info(self) -> dict:
         return super().info() | {"engine": "onnxruntime", "batch_invariant": False}
 

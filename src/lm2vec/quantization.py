@@ -14,6 +14,9 @@
   BLAS (MKL), which takes a slower path on AMD CPUs (Zen 5: 0.19 against 0.43 TFLOP/s); float32 throughout.
 - "float32": the layer as it was.
 
+The float products (bf16, oneDNN) run in blocks of a fixed row count (:func:`~lm2vec.invariance.in_row_blocks`)
+and the integer ones are exact, so a token's result never depends on how many rows share its product.
+
 Which blocks may run in which is the model's to say, not a rule's: on the untrained bidirectional SmolLM2, one
 bf16 block among the first twelve moves some texts' embeddings to cosine 0.92 from float32, while any of the
 later ones stays above 0.998 (docs/performance.md). :mod:`lm2vec.calibration` measures it per model and
@@ -31,6 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .hardware import fast_int8
+from .invariance import in_row_blocks
 
 LINEAR = (nn.Linear, Conv1D)  # GPT-2-style models use Conv1D, a linear layer with its weight transposed
 LOWER = ("int8", "bfloat16")  # what dtype= may ask for below float32 (int8x2 is for the blocks they cannot carry)
@@ -183,7 +187,11 @@ class OneDnnLinear(_FrozenLinear):
         self.register_buffer("weight", self._take(linear).float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight, self.bias, "none", [], "").to(x.dtype)
+        rows = x.reshape(-1, self.in_features).float()
+        return self._finish(in_row_blocks(self._product, rows), x)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
 
 
 class Bf16Linear(_FrozenLinear):
@@ -200,7 +208,10 @@ class Bf16Linear(_FrozenLinear):
         self.register_buffer("weight", self._take(linear, torch.bfloat16).to(torch.bfloat16).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(nn.functional.linear(self.last_input.get(x, self.in_features), self.weight, self.bias), x)
+        return self._finish(in_row_blocks(self._product, self.last_input.get(x, self.in_features)), x)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(rows, self.weight, self.bias)
 
 
 def blocks(model: nn.Module) -> list[str]:

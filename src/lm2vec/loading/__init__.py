@@ -85,7 +85,6 @@ def load(
         prompts=prompts if prompts is not None else (saved.prompts if saved else None),
         default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
         bidirectional=bidirectional,
-        batch_invariant=dtype not in (None, "auto"),  # the fast default: cosine >= 0.99999 in any batch
         reference_style=saved.reference_style if saved else None,
     )
     if chosen in (*LOWER, "auto") and lower_kind(model) is None:

@@ -1,0 +1,120 @@
+"""Packed inference: a batch's texts run as one sequence of their real tokens, each text attending only to itself.
+
+Padding costs a CPU as much as real tokens, and it changes a text's result: attention kernels sum over the padded
+key length in another order, and LLMs' massive activations (and bf16 blocks after them) amplify that rounding
+(cosine 0.99997 between a text alone and in a left-padded batch, on the fast default). Packed, each text's
+attention runs on exactly its own tokens, as when it is alone, and no padding token costs anything: with
+row-invariant linear layers (:mod:`lm2vec.invariance`) a text's embedding is bit-identical in any batch, on
+either padding side.
+
+The mechanism is transformers' own: an attention implementation registered as :data:`PACKED`. Given ``segments``
+(which the model passes through its keyword arguments) it runs SDPA on each group of equal-length texts; without,
+it *is* SDPA, masks included, so padded batches, training and :func:`~lm2vec.attention.verify_attention` work as
+before. :func:`enable_packing` switches a model to it after checking, on that model, that packed states equal the
+states of each text alone (an architecture that drops the keyword arguments would mix texts). Models with
+sliding-window or chunked attention, or on other attention implementations, are left as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+PACKED = "lm2vec_packed"
+Segments = list[tuple[int, torch.Tensor]]  # (length, the start offsets of the texts of that length)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    segments: Segments | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA per group of equal-length texts of a packed sequence (batch of one), or plain SDPA without ``segments``.
+    Returns (batch, tokens, heads, head_dim), as transformers' attention functions do."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    heads, dim = query.shape[1], value.shape[-1]
+    out = query.new_empty(query.shape[2], heads, dim)
+    for length, starts in segments:
+        index = (starts[:, None] + torch.arange(length, device=starts.device)).reshape(-1)
+        q, k, v = (_group(states, index, length) for states in (query, key, value))
+        states, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
+        out[index] = states.reshape(-1, heads, dim)
+    return out[None], None
+
+
+def _group(states: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, heads, tokens, dim) -> (texts, heads, length, dim): the texts of one length, side by side."""
+    return states[0][:, index].unflatten(1, (-1, length)).transpose(0, 1)
+
+
+AttentionInterface.register(PACKED, packed_attention)
+AttentionMaskInterface.register(PACKED, sdpa_mask)  # padded batches get SDPA's masks
+
+
+def packed_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The last hidden states of a padded batch (either side) computed packed; zeros at the padding."""
+    real = attention_mask.bool()
+    lengths = real.sum(1)
+    starts = lengths.cumsum(0) - lengths
+    tokens = int(lengths.sum())
+    positions = torch.arange(tokens, device=input_ids.device) - starts.repeat_interleave(lengths)
+    segments = [(length, starts[lengths == length]) for length in lengths.unique().tolist() if length > 0]
+    out = model(
+        input_ids=input_ids[real][None],
+        attention_mask=torch.ones(1, tokens, dtype=torch.long, device=input_ids.device),  # no packed-mask guessing
+        position_ids=positions[None],
+        segments=segments,
+    )
+    hidden = out.last_hidden_state
+    states = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
+    states[real] = hidden[0]
+    return states
+
+
+@torch.inference_mode()
+def enable_packing(model: PreTrainedModel) -> bool:
+    """Switch an SDPA model to :data:`PACKED` if packed states match each text's states alone (else leave it)."""
+    if model.config._attn_implementation not in ("sdpa", PACKED) or _windowed(model.config):
+        return False
+    try:
+        model.set_attn_implementation(PACKED)
+        if _packs_right(model):
+            return True
+    except (AttributeError, TypeError, ValueError):  # a wrapper without the switch, a model refusing the kwargs
+        pass
+    model.set_attn_implementation("sdpa")
+    return False
+
+
+def _windowed(config: PretrainedConfig) -> bool:
+    """Sliding-window or chunked attention: its masks matter for texts longer than the window, which a short check
+    cannot see, so such models are not packed."""
+    text = config.get_text_config()
+    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    return bool(sliding or getattr(text, "attention_chunk_size", None))
+
+
+def _packs_right(model: PreTrainedModel) -> bool:
+    vocab = model.config.get_text_config().vocab_size
+    device = next(model.parameters()).device
+    texts = [torch.arange(1, 4), torch.arange(5, 10), torch.arange(2, 5)]  # lengths 3, 5, 3: two groups
+    ids = torch.zeros(len(texts), 5, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, text in enumerate(texts):
+        ids[row, : len(text)], mask[row, : len(text)] = text % vocab, 1
+    packed = packed_states(model, ids.to(device), mask.to(device))
+    for row, text in enumerate(texts):
+        n = len(text)
+        positions = torch.arange(n, device=device)[None]
+        hidden = model(input_ids=ids[row : row + 1, :n].to(device), position_ids=positions).last_hidden_state
+        scale = hidden.abs().amax().clamp(min=1e-6)
+        if ((packed[row, :n] - hidden[0]).abs().amax() / scale) > 1e-3:
+            return False
+    return True

@@ -1,0 +1,59 @@
+"""Packed inference (lm2vec/packing.py): a batch's texts as one unpadded sequence, each attending only to itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lm2vec.packing import PACKED, enable_packing, packed_states
+
+from .support import random_texts, tiny_encoder
+
+TEXTS = random_texts(24, seed=5, max_words=30)  # 1 to 30 tokens: many lengths per batch
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo2", "glm"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_packed_is_bit_identical_in_any_batch_and_equals_padded(model_type: str, padding_side: str):
+    enc = tiny_encoder(model_type, padding_side=padding_side)
+    together = enc.encode(TEXTS, batch_size=24)
+    assert enc.packs() and enc.model.config._attn_implementation == PACKED
+    alone = np.stack([enc.encode(t) for t in TEXTS])
+    np.testing.assert_array_equal(together, alone)
+    # against the padded batch the model computes unpacked (eager attention: never packed)
+    eager = tiny_encoder(model_type, padding_side=padding_side, attn_implementation="eager")
+    assert not eager.packs()
+    np.testing.assert_allclose(together, eager.encode(TEXTS, batch_size=24), atol=2e-5)
+
+
+def test_causal_models_pack_too():
+    enc = tiny_encoder(bidirectional=False)
+    assert enc.packs()
+    batch = enc.tokenization([""] * len(TEXTS), TEXTS)
+    with torch.inference_mode():
+        packed = packed_states(enc.model, batch.input_ids, batch.attention_mask)
+        for row in (0, 7, 23):
+            n = int(batch.attention_mask[row].sum())
+            alone = enc.model(input_ids=batch.input_ids[row : row + 1, :n]).last_hidden_state[0]
+            torch.testing.assert_close(packed[row, :n], alone, atol=1e-5, rtol=1e-5)
+            assert not packed[row, n:].any()  # zeros at the padding
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma3_text"])
+def test_windowed_attention_is_not_packed_and_stays_batch_invariant(model_type: str):
+    """A sliding window matters for texts longer than it, which a short check cannot see: such models run padded,
+    in batches of one length."""
+    enc = tiny_encoder(model_type)
+    assert not enc.packs() and not enable_packing(enc.model)
+    assert enc.model.config._attn_implementation == "sdpa"
+    np.testing.assert_array_equal(enc.encode(TEXTS, batch_size=24), np.stack([enc.encode(t) for t in TEXTS]))
+
+
+def test_training_mode_runs_padded_and_gradients_flow():
+    enc = tiny_encoder()
+    enc.model.train()
+    assert not enc.packs()
+    batch = enc.tokenization([""] * 4, TEXTS[:4])
+    enc.forward(batch).sum().backward()
+    assert all(p.grad is not None for p in enc.model.parameters() if p.requires_grad)
