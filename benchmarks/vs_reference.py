@@ -15,11 +15,12 @@ runs in its own worker process (so peak RSS is per mode): the reference ``llm2ve
   quantized per block), ``openvino-int8`` (NNCF int8 symmetric weights, the CPU plugin's dynamic activation
   quantization in groups of 32, f32 inference precision).
 
-All workers load and warm up on one batch first; then the timed runs alternate between modes so drift in the
-machine's speed hits all alike. In the same run the parent measures the matmul peak of each precision (2048^3
-products on the same threads, in torch and in ONNX Runtime; the better counts), and each mode's model FLOP/s
-is given as a fraction of its precision's peak. Model FLOPs: 2 x non-embedding parameters x real tokens, plus
-attention (4 x layers x hidden x length^2 per text). Accuracy: per-text cosine to lm2vec fp32.
+All workers load and warm up on one batch first, one at a time (calibration measures speeds: alone); then the timed
+runs alternate between modes so drift in the machine's speed hits all alike. In the same run the parent measures
+the matmul peak of each precision (2048^3 products on the same threads, in torch and in ONNX Runtime; the better
+counts), and each mode's model FLOP/s is given as a fraction of its precision's peak. Model FLOPs: 2 x
+non-embedding parameters x real tokens, plus attention (4 x layers x hidden x length^2 per text). Accuracy:
+per-text cosine to lm2vec fp32.
 
     python benchmarks/vs_reference.py [--texts stsb|scifact] [--model DIR] [--repeats 3] [--modes ...]
 """
@@ -308,17 +309,12 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         texts_file = Path(tmp) / "texts.json"
         texts_file.write_text(json.dumps(texts))
-        workers = {
-            mode: Worker(
-                mode,
-                str(reference_python) if mode == "reference" else sys.executable,
-                texts_file,
-                Path(tmp) / f"{mode}.npy",
-                args,
-            )
-            for mode in modes
-        }
-        setup = {mode: w.read() for mode, w in workers.items()}  # all load and warm up before any timing
+        workers: dict[str, Worker] = {}
+        setup = {}
+        for mode in modes:  # one at a time: a worker that calibrates (the default's first run) measures alone
+            python = str(reference_python) if mode == "reference" else sys.executable
+            workers[mode] = Worker(mode, python, texts_file, Path(tmp) / f"{mode}.npy", args)
+            setup[mode] = workers[mode].read()  # loaded and warmed up, then idle until timed
         peaks = matmul_peaks(args.threads)  # workers idle, waiting on stdin
         seconds: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(args.repeats):

@@ -103,10 +103,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         "blocks": info["blocks"],
         "engine": info["engine"],
         "batch invariant": "bit-identical" if info["batch_invariant"] else "cosine > 0.99999",
+        "batches": "packed (no padding computed)" if info["packed"] else "padded",
         "this machine": f"{describe_cpu()}; linear layers vs float32: {speeds}",
     }
     if info["prompts"]:
         rows["prompts"] = ", ".join(info["prompts"])
+    if info["matryoshka_dims"]:
+        rows["matryoshka"] = "trained for " + ", ".join(map(str, info["matryoshka_dims"])) + " dimensions"
     for key, value in rows.items():
         print(f"{key:<20} {value}")
     return 0
@@ -184,23 +187,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from lm2vec import training
 
     recipe = training.load_recipe(args.recipe)  # unknown recipes and keys fail before any model loads
+    options = dict(
+        data_root=args.data,
+        resume=args.resume,
+        evaluate=not args.no_eval,
+        baselines=not args.no_baselines,
+        causal=args.causal,
+    )
     try:
-        training.convert(
-            model_source(args.model),
-            recipe,
-            args.output,
-            data_root=args.data,
-            resume=args.resume,
-            evaluate=not args.no_eval,
-            baselines=not args.no_baselines,
-            causal=args.causal,
-        )
+        if args.seeds:
+            training.convert_seeds(model_source(args.model), recipe, args.output, args.seeds, **options)
+        else:
+            training.convert(model_source(args.model), recipe, args.output, **options)
     except training.NonFiniteLossError as err:
         print(f"lm2vec: training stopped: {err}; fix the cause, then rerun with --resume", file=sys.stderr)
         return 1
     print((Path(args.output) / "results.md").read_text() if not args.no_eval else "")
-    print(f"lm2vec: final encoder saved in {Path(args.output) / 'encoder'}", file=sys.stderr)
+    encoders = Path(args.output) / ("seed-*/encoder" if args.seeds else "encoder")
+    print(f"lm2vec: final encoder saved in {encoders}", file=sys.stderr)
     return 0
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are comma-separated integers, e.g. 1,2,3; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must differ, got {text!r}")
+    return seeds
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -316,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-baselines", action="store_true", help="skip scoring the untrained model")
     convert.add_argument(
         "--causal", action="store_true", help="ablation: the contrastive stages on the causal model (no MNTP)"
+    )
+    convert.add_argument(
+        "--seeds",
+        type=seed_list,
+        help="e.g. 1,2,3: one run per seed in OUTPUT/seed-N, and OUTPUT/results.md with each row's mean +- sd",
     )
     convert.set_defaults(run=cmd_convert)
 

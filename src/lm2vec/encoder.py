@@ -62,6 +62,7 @@ class Encoder:
         bidirectional: bool = True,
         batch_invariant: bool = True,
         reference_style: ReferenceStyle | None = None,
+        matryoshka_dims: tuple[int, ...] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -73,6 +74,7 @@ class Encoder:
         self.batch_invariant = batch_invariant
         self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
+        self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
         self.tokenization = (
             ReferenceTokenization(tokenizer, max_length, reference_style)
             if reference_style
@@ -115,6 +117,7 @@ class Encoder:
             "bidirectional": self.bidirectional,
             "batch_invariant": self.batch_invariant,
             "reference_style": self.reference_style,
+            "matryoshka_dims": self.matryoshka_dims,
         }
 
     # -- encoding ----------------------------------------------------------------------------------
@@ -329,7 +332,12 @@ class Encoder:
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         settings = st_format.STSettings(
-            self.pooling, self.max_length, self.prompts, self.default_prompt_name, reference_style=self.reference_style
+            self.pooling,
+            self.max_length,
+            self.prompts,
+            self.default_prompt_name,
+            reference_style=self.reference_style,
+            matryoshka_dims=self.matryoshka_dims,
         )
         st_format.write(path, self.dim, settings)
         write_card(path, self, training)
@@ -356,11 +364,13 @@ class Encoder:
             "attn_implementation": config._attn_implementation,
             "pooling": self.pooling.value,
             "dimension": self.dim,
+            "matryoshka_dims": self.matryoshka_dims,
             "max_length": self.max_length,
             "dtype": self.dtype,
             "engine": "torch",
             "blocks": self.block_precisions(),
             "batch_invariant": self.batch_invariant,
+            "packed": self.packs(),
             "prompts": self.prompts,
             "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",
         }

@@ -37,6 +37,11 @@ def write_card(path: Path, encoder: Encoder, training: str | None = None) -> Pat
         "",
         f"- Attention: {'bidirectional' if encoder.bidirectional else 'causal'}",
         f"- Pooling: {encoder.pooling.value}; {encoder.dim} dimensions; at most {encoder.max_length} tokens per text",
+        *(
+            [f"- Trained for truncation (Matryoshka) to {', '.join(map(str, encoder.matryoshka_dims))} dimensions"]
+            if encoder.matryoshka_dims
+            else []
+        ),
         f"- Instructions: {convention}",
         f"- Prompts: {prompts}",
         "",

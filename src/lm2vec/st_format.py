@@ -44,6 +44,7 @@ class STSettings:
     default_prompt_name: str | None = None
     bidirectional: bool = True
     reference_style: ReferenceStyle | None = None  # kept in LM2VEC_CONFIG; sentence-transformers does not read it
+    matryoshka_dims: tuple[int, ...] | None = None  # the truncations it was trained for (LM2VEC_CONFIG)
 
 
 def write(path: Path, dim: int, settings: STSettings) -> None:
@@ -66,8 +67,12 @@ def write(path: Path, dim: int, settings: STSettings) -> None:
     _dump(path / POOLING_DIR / "config.json", pooling)
     _dump(path / "sentence_bert_config.json", {"max_seq_length": settings.max_length, "do_lower_case": False})
     _dump(path / "config_sentence_transformers.json", st_config)
-    if settings.reference_style:
-        _dump(path / LM2VEC_CONFIG, {"reference_style": settings.reference_style.to_json()})
+    own = {
+        "reference_style": settings.reference_style.to_json() if settings.reference_style else None,
+        "matryoshka_dims": list(settings.matryoshka_dims) if settings.matryoshka_dims else None,
+    }
+    if any(own.values()):
+        _dump(path / LM2VEC_CONFIG, {key: value for key, value in own.items() if value})
 
 
 def _dump(path: Path, obj: object) -> None:

@@ -26,7 +26,7 @@ from lm2vec.training import (
     train_simcse,
     train_supervised,
 )
-from lm2vec.training.losses import info_nce
+from lm2vec.training.losses import info_nce, matryoshka
 from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
 from lm2vec.training.stage import embedding_stage, length_chunks
 from tests.support import needs_data, random_texts, tiny_config, tiny_encoder, tiny_tokenizer, write_jsonl
@@ -206,6 +206,37 @@ def test_length_sorted_passes_and_gradcache_give_the_gradients_of_the_full_batch
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-3, atol=1e-4)
 
 
+def test_matryoshka_sums_the_loss_over_leading_dims():
+    torch.manual_seed(0)
+    queries, candidates = torch.randn(6, 32), torch.randn(9, 32)
+    expected = info_nce(queries[:, :8], candidates[:, :8], 20.0) + info_nce(queries, candidates, 20.0)
+    torch.testing.assert_close(matryoshka(info_nce, [8, 32])(queries, candidates, 20.0), expected)
+    assert matryoshka(info_nce, None) is info_nce
+    with pytest.raises(ValueError, match="exceed the embedding size 32"):
+        matryoshka(info_nce, [64])(queries, candidates, 20.0)
+    with pytest.raises(ValueError, match="matryoshka_dims must be a list of positive integers"):
+        SupervisedConfig(matryoshka_dims=[0, 64])
+
+
+def test_matryoshka_training_through_gradcache_and_saved_with_its_dims(triplets: Path, tmp_path: Path):
+    results = []
+    for run, settings in (("full", {}), ("cached", {"mini_batch_size": 5, "grad_cache": True})):
+        config = SupervisedConfig(
+            data=[str(triplets)], steps=2, batch_size=12, learning_rate=1e-3, lora_dropout=0.0,
+            matryoshka_dims=[16, 64], **settings, **FAST,
+        )  # fmt: skip
+        encoder = train_supervised(tiny_encoder(), config, tmp_path / run)
+        results.append(adapter(tmp_path / run / "checkpoint-2"))
+    for key in results[0]:  # GradCache back-propagates the Matryoshka sum as the full batch does
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-3, atol=1e-4)
+    plain = SupervisedConfig(data=[str(triplets)], steps=2, batch_size=12, learning_rate=1e-3, lora_dropout=0.0, **FAST)
+    train_supervised(tiny_encoder(), plain, tmp_path / "plain")
+    assert not torch.allclose(adapter(tmp_path / "plain" / "checkpoint-2")[key], results[0][key])
+    saved = lm2vec.load(tmp_path / "cached" / "encoder", dtype="float32")
+    assert encoder.matryoshka_dims == saved.matryoshka_dims == (16, 64)
+    assert "Matryoshka) to 16, 64 dimensions" in (tmp_path / "cached" / "encoder" / "README.md").read_text()
+
+
 def test_length_chunks_trim_padding_and_keep_every_row():
     encoder = tiny_encoder(padding_side="left")
     texts = random_texts(9, seed=8, max_words=15)
@@ -335,3 +366,22 @@ def test_a_converted_encoder_carries_a_model_card_with_its_sts_scores(
     assert f"| bidirectional + simcse | {rows[0].dev:.1f} | {rows[0].test:.1f} |" in card
     assert "Pooling: mean" in card and 'lm2vec.load("encoder")' in card
     assert SentenceTransformer(str(tmp_path / "out" / "encoder"), device="cpu").get_embedding_dimension()
+
+
+@needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")
+def test_convert_with_seeds_reports_mean_and_sd_and_seeds_change_the_run(
+    causal_lm_dir: Path, corpus: Path, tmp_path: Path
+):
+    from lm2vec.training import Recipe, convert_seeds
+
+    stage = SimCSEConfig(data=[str(corpus)], **dict(FAST, steps=2, batch_size=4, max_length=16, learning_rate=1e-2))
+    recipe = Recipe("seeds", "test", "test", [("simcse", stage)])
+    summary = convert_seeds(str(causal_lm_dir), recipe, tmp_path / "out", [1, 2], baselines=False, log=print)
+    runs = [json.loads((tmp_path / "out" / f"seed-{s}" / "results.json").read_text())["rows"] for s in (1, 2)]
+    tests = [rows[0]["test"] for rows in runs]
+    assert tests[0] != tests[1]  # another seed: another LoRA initialisation and data order
+    mean, sd = np.mean(tests), np.std(tests, ddof=1)
+    assert [(r.model, r.test, r.seeds) for r in summary] == [("bidirectional + simcse", f"{mean:.1f} +- {sd:.1f}", 2)]
+    assert "| bidirectional + simcse | " in (tmp_path / "out" / "results.md").read_text()
+    again = convert_seeds(str(causal_lm_dir), recipe, tmp_path / "again", [1], baselines=False, log=print)
+    assert again[0].test == f"{tests[0]:.1f} +- 0.0"  # a seed reproduces its run

@@ -86,6 +86,7 @@ def load(
         default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
         bidirectional=bidirectional,
         reference_style=saved.reference_style if saved else None,
+        matryoshka_dims=saved.matryoshka_dims if saved else None,
     )
     if chosen in (*LOWER, "auto") and lower_kind(model) is None:
         _lower(encoder, resolved, variant, chosen, cache=checkpoint is None)  # merged adapters: not the folder's

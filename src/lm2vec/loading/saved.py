@@ -37,7 +37,8 @@ def read_saved_settings(path: Path) -> STSettings | None:
     st_file = path / "config_sentence_transformers.json"
     st_config = _load(st_file) if st_file.is_file() else {}
     hf_config = _load(path / "config.json") if (path / "config.json").is_file() else {}
-    style = (_load(path / LM2VEC_CONFIG) if (path / LM2VEC_CONFIG).is_file() else {}).get("reference_style")
+    own = _load(path / LM2VEC_CONFIG) if (path / LM2VEC_CONFIG).is_file() else {}
+    style, dims = own.get("reference_style"), own.get("matryoshka_dims")
     return STSettings(
         bidirectional=hf_config.get("is_causal") is not True,
         pooling=_pooling_mode(_load(pooling_file) if pooling_file.is_file() else {}, pooling_file),
@@ -45,6 +46,7 @@ def read_saved_settings(path: Path) -> STSettings | None:
         prompts=dict(st_config.get("prompts") or {}),
         default_prompt_name=st_config.get("default_prompt_name"),
         reference_style=ReferenceStyle.from_json(style) if style else None,
+        matryoshka_dims=tuple(int(d) for d in dims) if dims else None,
     )
 
 

@@ -22,7 +22,7 @@ from .config import (
 )
 
 if TYPE_CHECKING:
-    from .conversion import convert
+    from .conversion import convert, convert_seeds
     from .mntp import train_mntp
     from .simcse import train_simcse
     from .supervised import train_supervised
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 _LAZY = {  # name -> the module that defines it
     "convert": "conversion",
+    "convert_seeds": "conversion",
     "train_mntp": "mntp",
     "train_simcse": "simcse",
     "train_supervised": "supervised",
@@ -54,6 +55,7 @@ __all__ = [
     "StageConfig",
     "SupervisedConfig",
     "convert",
+    "convert_seeds",
     "last_checkpoint",
     "load_recipe",
     "stage_config",

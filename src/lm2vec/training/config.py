@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import import_module, resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +36,7 @@ class StageConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | str = "all-linear"  # q,k,v,o,gate,up,down on Llama-family models
     lora_layers: int | None = None  # LoRA on the top N layers only (a shorter backward pass); None: all
-    bf16: bool | None = None  # None: where the CPU or GPU does bf16 in hardware
+    bf16: bool | None = None  # None: where bf16 measures faster on this machine (trainer.bf16_pays)
     gradient_checkpointing: bool = False
     seed: int = 42
     save_steps: int = 50
@@ -80,18 +80,31 @@ class MNTPConfig(StageConfig):
 
 
 @dataclass
-class SimCSEConfig(StageConfig):
+class ContrastiveConfig(StageConfig):
+    """What the contrastive stages share: InfoNCE's scale, passes, negatives across devices, Matryoshka."""
+
+    scale: float = 20.0  # 1 / temperature
+    mini_batch_size: int | None = None  # rows per forward pass, sorted by length (less padding); None: one pass
+    gather_across_devices: bool = True
+    matryoshka_dims: list[int] | None = None  # e.g. [64, 128, 256, 576]: the loss summed over these leading dims
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        dims = self.matryoshka_dims
+        if dims is not None and (not dims or any(not isinstance(d, int) or d < 1 for d in dims)):
+            raise ValueError(f"matryoshka_dims must be a list of positive integers, got {dims!r}")
+
+
+@dataclass
+class SimCSEConfig(ContrastiveConfig):
     """Unsupervised SimCSE: each sentence twice with dropout; InfoNCE over in-batch negatives."""
 
     data: list[str] = field(default_factory=lambda: ["corpus/wiki1m_10k.txt", "corpus/wiki1m_prefix.txt"])
     attention_dropout: float = 0.3
-    scale: float = 20.0  # 1 / temperature
-    mini_batch_size: int | None = None  # rows per forward pass, sorted by length (less padding); None: one pass
-    gather_across_devices: bool = True
 
 
 @dataclass
-class SupervisedConfig(StageConfig):
+class SupervisedConfig(ContrastiveConfig):
     """Supervised contrastive: (query, positive, negative) triplets, in-batch + hard negatives."""
 
     data: list[str] = field(default_factory=lambda: ["pairs/snli_triplets/train.jsonl"])
@@ -99,9 +112,7 @@ class SupervisedConfig(StageConfig):
     scale: float = 50.0
     instructions: dict[str, str] = field(default_factory=dict)  # dataset name (file's folder) -> instruction
     default_instruction: str = "Retrieve semantically similar text: "
-    mini_batch_size: int | None = None  # rows per forward pass, sorted by length (less padding); None: one pass
     grad_cache: bool = False  # with mini_batch_size: free each pass's activations (GradCache); memory ~ one pass
-    gather_across_devices: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,6 +175,10 @@ class Recipe:
     description: str
     how_chosen: str
     stages: list[tuple[str, StageConfig]]
+
+    def with_seed(self, seed: int) -> Recipe:
+        """This recipe with every stage's seed (data order, LoRA initialisation, dropout) set to ``seed``."""
+        return replace(self, stages=[(stage, replace(config, seed=seed)) for stage, config in self.stages])
 
     def to_dict(self) -> dict:
         stages = [{"stage": stage} | asdict(config) for stage, config in self.stages]

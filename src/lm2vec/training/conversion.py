@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -116,6 +117,68 @@ def convert(
     final = current if isinstance(current, Encoder) else load(current, dtype=TRAINING_DTYPE)
     final.save(output_dir / ENCODER_DIR, training=training_card(recipe, stages, results.rows))
     return final, results.rows
+
+
+def convert_seeds(
+    source: str | os.PathLike | None,
+    recipe: str | os.PathLike | Recipe,
+    output_dir: str | os.PathLike,
+    seeds: list[int],
+    **options,
+) -> list[SeedRow]:
+    """:func:`convert` once per seed into ``output_dir/seed-N`` (``--resume`` reuses finished seeds and stages), then
+    ``output_dir/results.md``: each row's mean and standard deviation over the seeds. Training runs on a CPU spread
+    by several STS-B points between seeds (more than some differences worth reporting), so compare means.
+    The untrained baselines do not depend on the seed: scored with the first seed only."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    output_dir = Path(output_dir)
+    runs = []
+    for i, seed in enumerate(seeds):
+        if i:
+            options["baselines"] = False
+        _, rows = convert(source, recipe.with_seed(seed), output_dir / f"seed-{seed}", **options)
+        runs.append(rows)
+    summary = seed_summary(runs)
+    lines = [f"Recipe `{recipe.name}`, seeds {', '.join(map(str, seeds))}: STS-B Spearman x100, mean +- sd.", ""]
+    lines += ["| model | STS-B dev | STS-B test | wall time | seeds |", "|---|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.dev} | {r.test} | {r.minutes:.1f} min | {r.seeds} |" for r in summary]
+    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+@dataclass
+class SeedRow:
+    model: str
+    dev: str  # "mean +- sd"
+    test: str
+    minutes: float  # mean
+    seeds: int
+
+
+def seed_summary(runs: list[list[Row]]) -> list[SeedRow]:
+    """One row per model over the runs that have it (in first-seen order): mean +- sample sd."""
+    names = list(dict.fromkeys(row.model for rows in runs for row in rows))
+    summary = []
+    for name in names:
+        rows = [row for rows in runs for row in rows if row.model == name]
+        summary.append(
+            SeedRow(
+                name,
+                _mean_sd([r.dev for r in rows]),
+                _mean_sd([r.test for r in rows]),
+                statistics.fmean(r.seconds for r in rows) / 60,
+                len(rows),
+            )
+        )
+    return summary
+
+
+def _mean_sd(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    sd = statistics.stdev(known) if len(known) > 1 else 0.0
+    return f"{statistics.fmean(known):.1f} +- {sd:.1f}"
 
 
 def starting_point(source: str | os.PathLike | None, causal: bool, baselines: Results | None) -> Source:

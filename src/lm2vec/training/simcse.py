@@ -14,7 +14,7 @@ from ..encoder import Encoder
 from ..inputs import Tokenization
 from . import data
 from .config import SimCSEConfig
-from .losses import info_nce
+from .losses import info_nce, matryoshka
 from .stage import Source, embed, save_stage_encoder, train_embeddings
 from .trainer import StageTrainer
 
@@ -36,7 +36,8 @@ class SimCSETrainer(StageTrainer):
     def stage_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         twice = {key: torch.cat([value, value]) for key, value in inputs.items()}  # two dropout views, one pass
         first, second = embed(model, twice, self.config.mini_batch_size).chunk(2)
-        return info_nce(first, second, self.config.scale, self.config.gather_across_devices)
+        loss = matryoshka(info_nce, self.config.matryoshka_dims)
+        return loss(first, second, self.config.scale, self.config.gather_across_devices)
 
 
 def train_simcse(

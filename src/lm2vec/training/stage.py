@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback, set_seed
 from transformers.pytorch_utils import Conv1D
 
 from ..cache import atomic_write
@@ -55,6 +55,7 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         target_modules=targets,
         bias="none",
     )
+    set_seed(config.seed)  # the adapter's initial weights follow the stage's seed, as the data order does
     return get_peft_model(model, lora)
 
 
@@ -180,7 +181,10 @@ def train_embeddings(
         callbacks=callbacks,
         batch_size=batch_size,
     )
-    return merged(encoder, stage_model, dropout_before), trainer
+    trained = merged(encoder, stage_model, dropout_before)
+    if config.matryoshka_dims:
+        trained.matryoshka_dims = tuple(config.matryoshka_dims)
+    return trained, trainer
 
 
 # -- running, resuming and saving -------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..inputs import Tokenization
 from . import data
 from .config import SupervisedConfig
 from .data import Triplet
-from .losses import cached_info_nce, info_nce
+from .losses import cached_info_nce, info_nce, matryoshka
 from .stage import Source, embed, save_stage_encoder, train_embeddings
 from .trainer import StageTrainer
 
@@ -74,13 +74,14 @@ class SupervisedTrainer(StageTrainer):
     def stage_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         config = self.config
         queries, documents = (side(inputs, name) for name in SIDES)
+        loss = matryoshka(info_nce, config.matryoshka_dims)
         if config.grad_cache and config.mini_batch_size:
             return cached_info_nce(
-                model, queries, documents, config.scale, config.mini_batch_size, config.gather_across_devices
+                model, queries, documents, config.scale, config.mini_batch_size, config.gather_across_devices, loss
             )
         query_vectors = embed(model, queries, config.mini_batch_size)
         document_vectors = embed(model, documents, config.mini_batch_size)
-        return info_nce(query_vectors, document_vectors, config.scale, config.gather_across_devices)
+        return loss(query_vectors, document_vectors, config.scale, config.gather_across_devices)
 
 
 def train_supervised(

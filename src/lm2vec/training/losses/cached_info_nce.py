@@ -56,8 +56,10 @@ def cached_info_nce(
     scale: float,
     mini_batch_size: int,
     gather_across_devices: bool = True,
+    loss_function: Callable[..., torch.Tensor] = info_nce,
 ) -> torch.Tensor:
-    """InfoNCE of ``model``'s embeddings of both batches; back-propagating it trains ``model`` pass by pass."""
+    """InfoNCE (or ``loss_function``, e.g. its :func:`~.matryoshka.matryoshka` sum) of ``model``'s embeddings of
+    both batches; back-propagating it trains ``model`` pass by pass."""
     sides = [length_chunks(batch, mini_batch_size) for batch in (queries, candidates)]
     passes = [part for chunks in sides for _, part in chunks]
     states, cached = [], []
@@ -68,7 +70,7 @@ def cached_info_nce(
     count = len(sides[0])
     query_vectors = in_batch_order(cached[:count], sides[0])
     candidate_vectors = in_batch_order(cached[count:], sides[1])
-    loss = info_nce(query_vectors, candidate_vectors, scale, gather_across_devices)
+    loss = loss_function(query_vectors, candidate_vectors, scale, gather_across_devices)
     if not torch.is_grad_enabled():
         return loss
     gradients = torch.autograd.grad(loss, cached)  # step 2: with respect to the cached embeddings only
