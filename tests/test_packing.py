@@ -57,3 +57,15 @@ def test_training_mode_runs_padded_and_gradients_flow():
     batch = enc.tokenization([""] * 4, TEXTS[:4])
     enc.forward(batch).sum().backward()
     assert all(p.grad is not None for p in enc.model.parameters() if p.requires_grad)
+
+
+def test_packed_under_bf16_autocast():
+    """Training scores STS-B dev under bf16 autocast: SDPA then returns bf16 while the queries are float32."""
+    enc = tiny_encoder()
+    batch = enc.tokenization([""] * len(TEXTS), TEXTS)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = enc.forward(batch).float()
+        full = enc.forward(batch)
+    assert enc.packs() and torch.isfinite(low).all()
+    torch.testing.assert_close(low, full, atol=0.1, rtol=0.1)

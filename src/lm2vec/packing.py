@@ -40,12 +40,16 @@ def packed_attention(
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     heads, dim = query.shape[1], value.shape[-1]
-    out = query.new_empty(query.shape[2], heads, dim)
+    out: torch.Tensor | None = None
     for length, starts in segments:
         index = (starts[:, None] + torch.arange(length, device=starts.device)).reshape(-1)
         q, k, v = (_group(states, index, length) for states in (query, key, value))
         states, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
+        if out is None:  # SDPA's dtype, which autocast may set
+            out = states.new_empty(query.shape[2], heads, dim)
         out[index] = states.reshape(-1, heads, dim)
+    if out is None:
+        raise ValueError("packed attention needs at least one segment")
     return out[None], None
 
 
