@@ -56,4 +56,5 @@ def pool(
     if mode is PoolingMode.WEIGHTED_MEAN:
         weights = weights * attention_mask.long().cumsum(-1).float()
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-9)
-    return torch.einsum("bs,bsd->bd", weights, hidden)
+    with torch.autocast(hidden.device.type, enabled=False):  # float32 under bf16 autocast too (training's dev scores)
+        return torch.einsum("bs,bsd->bd", weights, hidden)

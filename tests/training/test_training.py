@@ -385,3 +385,12 @@ def test_convert_with_seeds_reports_mean_and_sd_and_seeds_change_the_run(
     assert "| bidirectional + simcse | " in (tmp_path / "out" / "results.md").read_text()
     again = convert_seeds(str(causal_lm_dir), recipe, tmp_path / "again", [1], baselines=False, log=print)
     assert again[0].test == f"{tests[0]:.1f} +- 0.0"  # a seed reproduces its run
+
+
+@needs_data("sts/stsb/dev.jsonl")
+def test_dev_scores_under_bf16_autocast(corpus: Path, tmp_path: Path):
+    """bf16 training scores STS-B dev under autocast: packed attention and pooling must still give float32 vectors."""
+    settings = dict(FAST, bf16=True, steps=2, batch_size=8, eval_steps=2, eval_pairs=20)
+    train_simcse(tiny_encoder(), SimCSEConfig(data=[str(corpus)], **settings), tmp_path / "out")
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["bf16_autocast"] == 1.0 and any(math.isfinite(r.get("eval_stsb_dev_spearman", math.nan)) for r in log)
