@@ -356,6 +356,7 @@ class Encoder:
         return f"{counts} (of {len(plan)})"
 
     def info(self) -> dict[str, Any]:
+        packed = self.packs()  # first: its check on first use switches the attention implementation reported below
         config = self.model.config
         return {
             "architecture": config.model_type,
@@ -370,7 +371,7 @@ class Encoder:
             "engine": "torch",
             "blocks": self.block_precisions(),
             "batch_invariant": self.batch_invariant,
-            "packed": self.packs(),
+            "packed": packed,
             "prompts": self.prompts,
             "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",
         }
