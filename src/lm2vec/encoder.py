@@ -180,9 +180,10 @@ class Encoder:
 
         Items may be strings or (instruction, text) pairs; ``instruction``/``prompt``/``prompt_name``
         set the instruction for plain strings. Instruction tokens are attended to but not pooled.
-        Texts are batched by equal token count, at most ``batch_size`` texts and ``max_tokens`` tokens
-        per forward pass (default: ``CPU_MAX_TOKENS`` on a CPU, unbounded elsewhere; raise both on a GPU:
-        thousands of tokens per pass). ``truncate_dim`` and
+        A forward pass takes at most ``max_tokens`` tokens (default: ``CPU_MAX_TOKENS`` on a CPU, unbounded
+        elsewhere) and, where texts are padded to a common length, at most ``batch_size`` texts (raise both on a
+        GPU: thousands of tokens per pass). Packed batches (CPU, see :mod:`lm2vec.packing`) carry no padding, so
+        only ``max_tokens`` bounds them. ``truncate_dim`` and
         ``precision`` (int8, uint8, binary, ubinary) shrink the output as sentence-transformers does.
         """
         check_output_options(self.dim, truncate_dim, precision)
@@ -254,8 +255,8 @@ class Encoder:
         if max_tokens is None and self.device.type == "cpu":
             max_tokens = CPU_MAX_TOKENS
         lengths = [len(row) for row in ids]
-        if self.packs():  # no padding: any texts may share a batch, at no cost and no change in results
-            batches = length_batches(lengths, batch_size, max_tokens, same_length=False)
+        if self.packs():  # no padding: any texts share a batch up to max_tokens (STS-B: 1.3x batches of 32)
+            batches = length_batches(lengths, len(ids), max_tokens, same_length=False)
         else:
             pass_cost = CPU_PASS_COST if self.device.type == "cpu" else None  # a GPU pads almost for free
             batches = length_batches(lengths, batch_size, max_tokens, self.batch_invariant, pass_cost)

@@ -39,7 +39,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_tokens: int | None = None  # tokens per model call; None: CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
     max_batch_texts: int = 256  # texts per model call
-    batch_size: int = 32  # texts per forward pass within a call
+    batch_size: int = 32  # texts per forward pass within a call (padded models; packed ones: max_batch_tokens)
     max_queued_tokens: int | None = None  # beyond it 503 + Retry-After; None: 4 maximal requests
     drain_seconds: float = 30.0  # on SIGTERM, time to finish accepted requests
     threads: int | None = None  # the model thread's torch threads; None: torch.get_num_threads()
