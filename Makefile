@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py --data $(LM2VEC_DATA) --output outputs/demo --resume
 
-# The ablation of docs/results.md: the same contrastive stages on the causal model, after the demo.
+# The ablation of docs/results.md: the causal model trained for the same time (recipe cpu-no-mntp), after the demo.
 ablation: $(STAMP)
 	$(PY) examples/demo.py --data $(LM2VEC_DATA) --output outputs/demo --resume --ablation
 

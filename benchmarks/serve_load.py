@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from openai import APIError, AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import load_sts
@@ -94,6 +95,22 @@ async def drive(url: str, requests: list[list[str]], clients: int, max_seconds: 
     }
 
 
+def model_time(url: str) -> dict[str, float]:
+    """The server's own account (``/metrics``): model calls, texts, and seconds spent in them."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        samples = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(reply.read().decode())
+            for sample in family.samples
+            if not sample.labels
+        }
+    return {
+        "calls": samples["lm2vec_model_call_seconds_count"],
+        "seconds": samples["lm2vec_model_call_seconds_sum"],
+        "texts": samples["lm2vec_embedded_texts_total"],
+    }
+
+
 def encode_speed(args: argparse.Namespace, texts: list[str]) -> float:
     """texts/s of ``encode()`` on the same texts, same model and precision, in this process."""
     import lm2vec
@@ -133,7 +150,9 @@ def main() -> None:
     process, url = start_server(args)
     try:
         asyncio.run(drive(url, requests[:64], args.clients, args.max_seconds))  # warm-up
+        before = model_time(url)
         r = asyncio.run(drive(url, requests, args.clients, args.max_seconds))
+        after = model_time(url)
     finally:
         process.terminate()
         process.wait(60)
@@ -141,6 +160,11 @@ def main() -> None:
         f"served {r['requests']} requests in {r['seconds']:.1f} s ({r['unsent']} unsent at the time bound): "
         f"errors {r['errors']}; small requests p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms; "
         f"maximal requests {r['maximal_s']} s; {r['texts_per_s']:.1f} texts/s"
+    )
+    calls, busy, embedded = (after[key] - before[key] for key in ("calls", "seconds", "texts"))
+    print(
+        f"model calls: {calls:.0f} of {embedded / calls:.0f} texts on average, busy {busy:.1f} s "
+        f"({100 * busy / r['seconds']:.0f}% of the wall time), {embedded / busy:.1f} texts/s within the calls"
     )
     baseline = encode_speed(args, texts)
     print(f"encode() on the same texts: {baseline:.1f} texts/s; server / encode(): {r['texts_per_s'] / baseline:.2f}x")

@@ -2,7 +2,8 @@
 
 Scores STS-B after every stage (causal baseline, bidirectional untrained, +MNTP, +SimCSE, +supervised on
 SNLI triplets), prints the table with the targets, and writes it to ``--output/results.md``. With
-``--ablation`` it then runs the same contrastive stages, same settings, on the causal model.
+``--ablation`` it then trains the causal model for the same time: the contrastive stages, SimCSE with MNTP's
+time added (the recipe ``<recipe>-no-mntp`` where one is packaged, e.g. ``cpu-no-mntp``).
 
     python examples/demo.py --data ../shared/data [--output outputs/demo] [--ablation] [--resume]
 """
@@ -19,6 +20,7 @@ from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import evaluate_sts
 from lm2vec.hardware import cpu_info, describe_cpu
 from lm2vec.training import convert
+from lm2vec.training.config import builtin_recipes
 
 # STS-B test Spearman targets (issue "Training"): (AMX CPU, other CPUs); the causal baseline is RECIPE.md's.
 TARGETS = {
@@ -47,7 +49,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="the shared data folder (default: LM2VEC_DATA)")
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--recipe", default="cpu")
-    parser.add_argument("--ablation", action="store_true", help="also train the causal model the same way")
+    parser.add_argument("--ablation", action="store_true", help="also train the causal model for the same time")
     parser.add_argument("--resume", action="store_true", help="reuse finished stages of an earlier run")
     args = parser.parse_args()
     data = args.data or data_dir()
@@ -55,16 +57,18 @@ def main() -> None:
     began = time.perf_counter()
     print(f"CPU: {describe_cpu()}", flush=True)
 
-    runs = [("bidirectional", args.output, False)]
+    runs = [("bidirectional", args.output, args.recipe, False)]
     if args.ablation:
-        runs.append(("causal ablation", args.output / "causal", True))
+        equal_budget = f"{args.recipe}-no-mntp"
+        ablation = equal_budget if equal_budget in builtin_recipes() else args.recipe
+        runs.append(("causal ablation", args.output / f"causal-{ablation}", ablation, True))
     pooled = other_poolings(data)
     rows = []
-    for name, output, causal in runs:
+    for name, output, recipe, causal in runs:
         start = time.perf_counter()
         _, table = convert(
             None,
-            args.recipe,
+            recipe,
             output,
             data_root=data,
             resume=args.resume,

@@ -287,10 +287,22 @@ def test_packaged_recipes_load_and_say_how_they_were_chosen():
     from lm2vec.training import load_recipe
     from lm2vec.training.config import builtin_recipes
 
-    assert builtin_recipes() == ["cpu", "reference", "small"]
+    assert builtin_recipes() == ["cpu", "cpu-no-mntp", "reference", "small"]
     for name in builtin_recipes():
         recipe = load_recipe(name)
-        assert recipe.how_chosen and [stage for stage, _ in recipe.stages] == ["mntp", "simcse", "supervised"]
+        stages = ["simcse", "supervised"] if name.endswith("no-mntp") else ["mntp", "simcse", "supervised"]
+        assert recipe.how_chosen and [stage for stage, _ in recipe.stages] == stages
+
+
+def test_the_equal_budget_ablation_is_the_cpu_recipe_with_mntp_steps_given_to_simcse():
+    from dataclasses import replace
+
+    from lm2vec.training import load_recipe
+
+    cpu, ablation = dict(load_recipe("cpu").stages), dict(load_recipe("cpu-no-mntp").stages)
+    assert ablation["supervised"] == cpu["supervised"]
+    steps = cpu["simcse"].steps + cpu["mntp"].steps
+    assert ablation["simcse"] == replace(cpu["simcse"], steps=steps)
     reference = dict(load_recipe("reference").stages)
     assert reference["simcse"].learning_rate == 3e-5 and reference["simcse"].batch_size == 128
 
@@ -298,7 +310,7 @@ def test_packaged_recipes_load_and_say_how_they_were_chosen():
 def test_recipe_errors(tmp_path: Path):
     from lm2vec.training import load_recipe, stage_config
 
-    with pytest.raises(ValueError, match="unknown recipe 'nope'.*cpu, reference, small"):
+    with pytest.raises(ValueError, match="unknown recipe 'nope'.*cpu, cpu-no-mntp, reference, small"):
         load_recipe("nope")
     with pytest.raises(ValueError, match="unknown stage 'mtnp'"):
         stage_config("mtnp", {})
@@ -338,8 +350,11 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
     np.testing.assert_allclose(
         lm2vec.load(tmp_path / "out" / "encoder", dtype="float32").encode(texts), encoder.encode(texts), atol=1e-5
     )
-    again, _ = convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
+    again, resumed = convert(
+        str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append
+    )
     assert sum("already finished" in line for line in lines) == 3
+    assert resumed == rows  # the rows of the run that trained them: its wall times, not the time to reload
     np.testing.assert_allclose(again.encode(texts), encoder.encode(texts), atol=1e-5)
     card = (tmp_path / "out" / "encoder" / "README.md").read_text()
     assert "Recipe `tiny`" in card and "| mntp | 2 | 4 |" in card and "| supervised | 2 | 4 |" in card

@@ -237,10 +237,14 @@ def save_stage_encoder(encoder: Encoder, output_dir: str | os.PathLike, trainer:
     return encoder
 
 
+def is_finished(output_dir: str | os.PathLike) -> bool:
+    """Whether the stage in ``output_dir`` completed (its encoder saved and committed)."""
+    return (Path(output_dir) / ENCODER_DIR / COMPLETE).is_file()
+
+
 def saved_encoder(output_dir: str | os.PathLike) -> Encoder | None:
     """The encoder a completed stage saved, or None."""
-    path = Path(output_dir) / ENCODER_DIR
-    return load(path, dtype=TRAINING_DTYPE) if (path / COMPLETE).is_file() else None
+    return load(Path(output_dir) / ENCODER_DIR, dtype=TRAINING_DTYPE) if is_finished(output_dir) else None
 
 
 def dev_pairs(config: StageConfig, data_root: str | os.PathLike | None) -> STSPairs | None:
