@@ -69,3 +69,20 @@ def test_packed_under_bf16_autocast():
         full = enc.forward(batch)
     assert enc.packs() and torch.isfinite(low).all()
     torch.testing.assert_close(low, full, atol=0.1, rtol=0.1)
+
+
+def test_packed_batches_are_bounded_by_tokens_not_texts():
+    """No padding is computed, so ``batch_size`` would only add forward passes: ``max_tokens`` bounds them."""
+    enc = tiny_encoder()
+    assert enc.packs()  # (its first call checks packing on the model: forward passes not counted here)
+    passes: list[int] = []
+    hook = enc.model.register_forward_hook(lambda module, args, output: passes.append(1))
+    try:
+        enc.encode(TEXTS, batch_size=2, max_tokens=1_000_000)
+        assert len(passes) == 1
+        passes.clear()
+        longest = int(enc.tokenization([""] * len(TEXTS), TEXTS).attention_mask.sum(1).max())
+        enc.encode(TEXTS, batch_size=1_000, max_tokens=4 * longest)
+        assert len(passes) > 1
+    finally:
+        hook.remove()
