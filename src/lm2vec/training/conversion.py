@@ -79,8 +79,9 @@ class Results:
     def record(self, name: str, encoder: Encoder, start: float, reused: bool = False) -> None:
         """Score ``encoder`` as row ``name``; a ``reused`` model keeps the earlier run's row, so the table shows
         the time its training took rather than the time to re-read it."""
-        if reused and name in self.earlier:
-            row, note = self.earlier[name], " (the earlier run's)"
+        earlier = self.earlier.get(name) if reused else None
+        if earlier is not None and (earlier.dev is not None or not self.evaluate):  # (scored if scores are wanted)
+            row, note = earlier, " (the earlier run's)"
         else:
             scores = score(encoder, self.data_root) if self.evaluate else {}
             row = Row(name, scores.get("dev"), scores.get("test"), time.perf_counter() - start, peak_memory_gb())
