@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm2vec.invariance import ROWS, BatchInvariant, blocked_linear
+from lm2vec.invariance import ROWS, BatchInvariant, blocked_linear, in_row_blocks, rows_invariant
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -48,3 +48,39 @@ def test_the_mode_reroutes_nn_linear_for_inference_only():
     with Counting():  # training: autograd needs the plain op, and the mode leaves it alone
         layer(x).sum().backward()
     assert calls == [False, True] and layer.weight.grad is not None
+
+
+def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_its_blocks(tmp_path, monkeypatch):
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(1))
+
+    def product(rows: torch.Tensor) -> torch.Tensor:  # another summation order below 64 rows, like MKL's small path
+        if rows.shape[0] < 64:
+            return (rows.double() @ weight.double().t()).float()
+        return rows @ weight.t()
+
+    rows = torch.randn(300, 64, generator=torch.Generator().manual_seed(2))
+    assert not rows_invariant("test-variant 64x96", product, rows)
+    assert (tmp_path / "hardware").is_dir()  # measured once, cached
+    whole = in_row_blocks(product, rows, "test-variant 64x96")
+    for count in (1, 5, 63, 64, 200):
+        assert torch.equal(in_row_blocks(product, rows[:count], "test-variant 64x96"), whole[:count]), count
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float32-onednn"])
+def test_lowered_layers_give_the_same_bits_in_one_piece_or_in_blocks(kind: str, tmp_path, monkeypatch):
+    from lm2vec.quantization import Bf16Linear, OneDnnLinear, onednn_available
+
+    if kind == "float32-onednn" and not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(576, 1536)
+    layer = (Bf16Linear if kind == "bfloat16" else OneDnnLinear)(linear)
+    rows = torch.randn(700, 576, generator=generator)
+    rows[::50] *= 100
+    with torch.inference_mode():
+        whole = layer(rows)
+        for count in (1, 9, 128, 129, 400):
+            for start in (0, 11):
+                assert torch.equal(layer(rows[start : start + count].clone()), whole[start : start + count])

@@ -12,8 +12,9 @@ import functools
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 import torch
 
@@ -23,6 +24,7 @@ from .cache import atomic_write, cache_dir, cache_key
 CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
 SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
 SPEED_VERSION = 3  # bump when what linear_speeds() measures changes
+T = TypeVar("T")
 
 
 class CPUInfo(TypedDict):
@@ -72,19 +74,25 @@ def linear_speeds() -> dict[str, float]:
     activation quantization), best of 20 alternating rounds, once per machine, torch version and thread count
     (~1 s), and cached in ``<cache>/hardware/``.
     """
-    key = cache_key(SPEED_VERSION, cpu_info(), torch.__version__, torch.get_num_threads())
-    path = cache_dir() / "hardware" / f"linear-speeds-{key[:16]}.json"
+    return measured_once("linear-speeds", (SPEED_VERSION,), "speeds", _measure_linear_speeds)
+
+
+def measured_once(stem: str, parts: tuple, field: str, measure: Callable[[], T]) -> T:
+    """``measure()`` once per machine, torch version and thread count (and ``parts``), cached as JSON in
+    ``<cache>/hardware/<stem>-<key>.json`` under ``field``; a read-only cache means measuring again next time."""
+    key = cache_key(*parts, cpu_info(), torch.__version__, torch.get_num_threads())
+    path = cache_dir() / "hardware" / f"{stem}-{key[:16]}.json"
     try:
-        return json.loads(path.read_text())["speeds"]
+        return json.loads(path.read_text())[field]
     except (OSError, ValueError, KeyError):
         pass
-    speeds = _measure_linear_speeds()
-    record = {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(), "speeds": speeds}
+    value = measure()
+    record = {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(), field: value}
     try:
         atomic_write(path, json.dumps(record, indent=2) + "\n")
     except OSError:
-        pass  # a read-only cache: measured again next time
-    return speeds
+        pass
+    return value
 
 
 def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:

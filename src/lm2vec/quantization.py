@@ -14,8 +14,9 @@
   BLAS (MKL), which takes a slower path on AMD CPUs (Zen 5: 0.19 against 0.43 TFLOP/s); float32 throughout.
 - "float32": the layer as it was.
 
-The float products (bf16, oneDNN) run in blocks of a fixed row count (:func:`~lm2vec.invariance.in_row_blocks`)
-and the integer ones are exact, so a token's result never depends on how many rows share its product.
+The float products (bf16, oneDNN) run in blocks of a fixed row count (:func:`~lm2vec.invariance.in_row_blocks`;
+one piece where this machine measures the kernel row-invariant) and the integer ones are exact, so a token's
+result never depends on how many rows share its product.
 
 Which blocks may run in which is the model's to say, not a rule's: on the untrained bidirectional SmolLM2, one
 bf16 block among the first twelve moves some texts' embeddings to cosine 0.92 from float32, while any of the
@@ -117,6 +118,11 @@ class _FrozenLinear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().to(bias_dtype) if linear.bias is not None else None)
         return float_weight
 
+    @property
+    def probe(self) -> str:
+        """This layer's kernel and shape, as :func:`~lm2vec.invariance.in_row_blocks` probes it."""
+        return f"{self.kind} {self.in_features}x{self.out_features}"
+
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The bias added (float32 outputs), back in ``x``'s shape and dtype."""
         if self.bias is not None and out.dtype == torch.float32:
@@ -188,7 +194,7 @@ class OneDnnLinear(_FrozenLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        return self._finish(in_row_blocks(self._product, rows), x)
+        return self._finish(in_row_blocks(self._product, rows, self.probe), x)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
@@ -208,7 +214,8 @@ class Bf16Linear(_FrozenLinear):
         self.register_buffer("weight", self._take(linear, torch.bfloat16).to(torch.bfloat16).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(in_row_blocks(self._product, self.last_input.get(x, self.in_features)), x)
+        rows = self.last_input.get(x, self.in_features)
+        return self._finish(in_row_blocks(self._product, rows, self.probe), x)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(rows, self.weight, self.bias)

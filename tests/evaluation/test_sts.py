@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm2vec.datafiles import data_dir
-from lm2vec.evaluation import correlations, cosine_rows, evaluate_sts, load_sts
+from lm2vec.evaluation import correlations, cosine_rows, evaluate_sts, load_sts, sts_by_dimension
 from tests.support import needs_data, word_encoder
 
 STSB_DEV = data_dir() / "sts" / "stsb" / "dev.jsonl"
@@ -103,3 +103,19 @@ def test_evaluate_sts_end_to_end(monkeypatch):
     spearman = 100 * pearson(average_ranks(sims), average_ranks(pairs.scores))
     assert result.main_score == result.scores["spearman"] == pytest.approx(spearman, abs=1e-3)
     assert result.scores["pearson"] == pytest.approx(100 * pearson(sims, pairs.scores), abs=1e-3)
+
+
+@needs_stsb
+def test_sts_by_dimension_scores_the_truncated_embeddings():
+    pairs = load_sts("stsb", "dev", max_samples=40)
+    encoder = word_encoder(pairs.sentence1 + pairs.sentence2)
+    dim = encoder.encode(["a"]).shape[1]
+    scores = sts_by_dimension(encoder, [4, dim], split="dev", max_samples=40, batch_size=8)
+    assert scores[dim] == pytest.approx(evaluate_sts(encoder, split="dev", max_samples=40).main_score, abs=1e-9)
+    e1 = torch.from_numpy(encoder.encode(pairs.sentence1, truncate_dim=4)).double()
+    e2 = torch.from_numpy(encoder.encode(pairs.sentence2, truncate_dim=4)).double()
+    sims = torch.nn.functional.cosine_similarity(e1, e2, dim=1).numpy()
+    assert scores[4] == pytest.approx(100 * pearson(average_ranks(sims), average_ranks(pairs.scores)), abs=1e-3)
+    assert scores[4] != pytest.approx(scores[dim], abs=1e-3)
+    with pytest.raises(ValueError, match="dims must be integers"):
+        sts_by_dimension(encoder, [dim + 1], split="dev", max_samples=40)

@@ -12,7 +12,7 @@ from .pair_classification import evaluate_pair_classification
 from .report import load_results, write_report
 from .reranking import evaluate_reranking
 from .retrieval import evaluate_retrieval
-from .sts import STSPairs, correlations, cosine_rows, evaluate_sts, load_sts
+from .sts import STSPairs, correlations, cosine_rows, evaluate_sts, load_sts, sts_by_dimension
 from .tasks import DEFAULT_TASKS, TASKS, load_instructions, run_tasks
 from .word_probing import evaluate_word_probing
 
@@ -37,5 +37,6 @@ __all__ = [
     "load_results",
     "load_sts",
     "run_tasks",
+    "sts_by_dimension",
     "write_report",
 ]

@@ -101,3 +101,22 @@ def evaluate_sts(
         samples={"pairs": len(pairs.scores)},
         seconds=time.perf_counter() - start,
     )
+
+
+def sts_by_dimension(
+    encoder: TextEncoder,
+    dims: list[int],
+    split: str = "test",
+    name: str = "stsb",
+    data: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+) -> dict[int, float]:
+    """Spearman x100 with the embeddings cut to each of ``dims`` leading dimensions (``truncate_dim``), from one
+    encoding: how much a Matryoshka-trained encoder keeps when truncated."""
+    pairs = load_sts(name, split, data, max_samples)
+    n = len(pairs.sentence1)
+    embeddings = embed_unique(encoder, pairs.sentence1 + pairs.sentence2, None, batch_size)
+    if any(not isinstance(d, int) or not 1 <= d <= embeddings.shape[1] for d in dims):
+        raise ValueError(f"dims must be integers from 1 to the dimension {embeddings.shape[1]}, got {dims!r}")
+    return {d: correlations(cosine_rows(embeddings[:n, :d], embeddings[n:, :d]), pairs.scores)[0] for d in dims}
