@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 import lm2vec
 from lm2vec.hardware import describe_cpu
 from lm2vec.training import MNTPConfig, SimCSEConfig, SupervisedConfig, train_mntp, train_simcse, train_supervised
+from lm2vec.training.stage import TRAINING_DTYPE
 
 SETTINGS = {
     "simcse": [
@@ -28,7 +29,10 @@ SETTINGS = {
         dict(batch_size=32, max_length=32, bf16=False, lora_layers=10),
         dict(batch_size=32, max_length=32, bf16=False, lora_layers=5),
     ],
-    "supervised": [dict(batch_size=32, max_length=48, bf16=True), dict(batch_size=32, max_length=48, bf16=False)],
+    "supervised": [  # the cpu recipe's passes: 16 rows each
+        dict(batch_size=32, max_length=48, mini_batch_size=16, bf16=True),
+        dict(batch_size=32, max_length=48, mini_batch_size=16, bf16=False),
+    ],
     "mntp": [dict(batch_size=4, max_length=256, bf16=True), dict(batch_size=4, max_length=256, bf16=False)],
 }
 CONFIGS = {"simcse": SimCSEConfig, "supervised": SupervisedConfig, "mntp": MNTPConfig}
@@ -62,7 +66,7 @@ def main() -> None:
                     train_mntp(None, config, Path(out), callbacks=[timer])
                 else:
                     train = train_simcse if stage == "simcse" else train_supervised
-                    train(lm2vec.load(), config, Path(out), callbacks=[timer])
+                    train(lm2vec.load(dtype=TRAINING_DTYPE), config, Path(out), callbacks=[timer])
             steady = timer.times[1:]
             print(
                 json.dumps(
