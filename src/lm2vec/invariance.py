@@ -11,8 +11,8 @@ AMD EPYC Zen 4, not MKL's float32 there), the blocks are skipped: the same bits,
 
 Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on. The
 lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
-blocks, always; their integer products are exact and need none. Attention is the other half: see
-:mod:`lm2vec.packing`.
+blocks (or in one piece, where probed invariant); their integer products are exact and need none. Attention is
+the other half: see :mod:`lm2vec.packing`.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ def rows_invariant(probe: str, product: Product, like: torch.Tensor) -> bool:
     1,027 (rows with massive activations among them, two offsets), measured once per machine and thread count."""
     key = (probe, torch.get_num_threads())
     if key not in _invariant:
-        measure = lambda: _probe_rows(product, like.shape[1], like.dtype)  # noqa: E731
+        measure = lambda: _probe_rows(product, like)  # noqa: E731
         _invariant[key] = measured_once("rows-invariant", (PROBE_VERSION, probe), "invariant", measure)
     return _invariant[key]
 
 
-def _probe_rows(product: Product, features: int, dtype: torch.dtype) -> bool:
-    x = torch.randn(PROBE_ROWS[-1] + 3, features, generator=torch.Generator().manual_seed(0))
+def _probe_rows(product: Product, like: torch.Tensor) -> bool:
+    x = torch.randn(PROBE_ROWS[-1] + 3, like.shape[1], generator=torch.Generator().manual_seed(0))
     x[::37] *= 100  # a few rows of an LLM's massive activations
-    x = x.to(dtype)
+    x = x.to(like.device, like.dtype)
     full = product(x)
     return all(torch.equal(product(x[a : a + n]), full[a : a + n]) for n in PROBE_ROWS for a in (0, 3))
 
