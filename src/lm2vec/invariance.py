@@ -17,6 +17,7 @@ the other half: see :mod:`lm2vec.packing`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -54,7 +55,7 @@ def rows_invariant(probe: str, product: Product, like: torch.Tensor) -> bool:
     1,027 (rows with massive activations among them, two offsets), measured once per machine and thread count."""
     key = (probe, torch.get_num_threads())
     if key not in _invariant:
-        measure = lambda: _probe_rows(product, like)  # noqa: E731
+        measure = functools.partial(_probe_rows, product, like)
         _invariant[key] = measured_once("rows-invariant", (PROBE_VERSION, probe), "invariant", measure)
     return _invariant[key]
 
