@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm2vec.invariance import ROWS, BatchInvariant, blocked_linear, in_row_blocks, rows_invariant
+from lm2vec.invariance import ROWS, BatchInvariant, block_sizes, blocked_linear, in_row_blocks
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -50,20 +50,21 @@ def test_the_mode_reroutes_nn_linear_for_inference_only():
     assert calls == [False, True] and layer.weight.grad is not None
 
 
-def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_its_blocks(tmp_path, monkeypatch):
+def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_alike_blocks(tmp_path, monkeypatch):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(1))
 
     def product(rows: torch.Tensor) -> torch.Tensor:  # another summation order below 64 rows, like MKL's small path
         if rows.shape[0] < 64:
-            return (rows.double() @ weight.double().t()).float()
-        return rows @ weight.t()
+            return rows @ weight.t()
+        return (rows.double() @ weight.double().t()).float()
 
-    rows = torch.randn(300, 64, generator=torch.Generator().manual_seed(2))
-    assert not rows_invariant("test-variant 64x96", product, rows)
+    rows = torch.randn(1100, 64, generator=torch.Generator().manual_seed(2))
+    assert block_sizes("test-variant 64x96", product, rows) == (64, ROWS, 256, 512, 1024)
     assert (tmp_path / "hardware").is_dir()  # measured once, cached
     whole = in_row_blocks(product, rows, "test-variant 64x96")
-    for count in (1, 5, 63, 64, 200):
+    torch.testing.assert_close(whole, rows @ weight.t())
+    for count in (1, 5, 63, 64, 200, 300, 700, 1030):
         assert torch.equal(in_row_blocks(product, rows[:count], "test-variant 64x96"), whole[:count]), count
 
 
@@ -81,6 +82,6 @@ def test_lowered_layers_give_the_same_bits_in_one_piece_or_in_blocks(kind: str, 
     rows[::50] *= 100
     with torch.inference_mode():
         whole = layer(rows)
-        for count in (1, 9, 128, 129, 400):
+        for count in (1, 9, 40, 128, 129, 250, 400, 520):
             for start in (0, 11):
                 assert torch.equal(layer(rows[start : start + count].clone()), whole[start : start + count])

@@ -6,8 +6,10 @@ take another path, and with two threads the split changes with the row count). L
 amplify those one-ulp differences to ~3e-4 in SmolLM2's embeddings. Computing every linear layer in blocks
 of a fixed row count (the last block zero-padded) gives every token row the same kernel whatever the
 batch: bit-identical results, for 15-35% more matmul time on CPU (28% of SmolLM2 fp32 encoding time).
-Where a kernel is measured row-invariant on this machine (:func:`rows_invariant`: oneDNN's bf16 products on an
-AMD EPYC Zen 4, not MKL's float32 there), the blocks are skipped: the same bits, 7% faster encoding.
+Where a kernel is measured row-invariant on this machine (:func:`block_sizes`: oneDNN's bf16 products on an
+AMD EPYC Zen 4, not MKL's float32 there), the blocks are skipped: the same bits, 7% faster encoding. Where it is
+not, the probe finds which other block sizes give a row the same bits as a 128-row block (on an Intel Xeon with
+AMX, bf16 products of 64 to 512 rows mostly do), and the fewest, largest blocks are used.
 
 Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on. The
 lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
@@ -28,44 +30,58 @@ from .hardware import measured_once
 ROWS = 128  # the fixed row count of every product; measured invariant with MKL at 1 and 2 threads
 # The row counts a probe compares with one large product: kernel choices change at small and power-of-two counts.
 PROBE_ROWS = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1024)
-PROBE_VERSION = 1
+# Block sizes besides ROWS that a row-count dependent kernel may still compute alike (probed): small ones spare short
+# batches ROWS-row padding, large ones run AMX kernels near their peak (bf16 576x1536: 1.0 TFLOP/s at 128, 2.2 at 1024)
+SIZES = (16, 32, 64, 256, 512, 1024)
+PROBE_VERSION = 2
 Product = Callable[[torch.Tensor], torch.Tensor]
-_invariant: dict[tuple[str, int], bool] = {}  # (probe, threads) -> measured here, this process
+_sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measured here, this process
 
 
 def in_row_blocks(product: Product, rows: torch.Tensor, probe: str | None = None) -> torch.Tensor:
-    """``product(rows)`` for a row-wise product (a linear layer), computed on blocks of exactly :data:`ROWS` rows
-    (the last one zero-padded), so every row takes the same kernel whatever the row count. ``probe`` names the
-    product's kernel and shape (e.g. ``"bfloat16 576x1536"``): where :func:`rows_invariant` measured it invariant
-    up to this many rows (128 included, so blocks would give the same bits), it runs in one piece."""
+    """``product(rows)`` for a row-wise product (a linear layer), computed on blocks of fixed row counts (the last
+    one zero-padded), so every row takes the same kernel whatever the row count. ``probe`` names the product's kernel
+    and shape (e.g. ``"bfloat16 576x1536"``): :func:`block_sizes` measures which counts compute rows alike, the
+    largest of them are used, and where any count does (up to 1,024 rows) the product runs in one piece."""
     count = rows.shape[0]
-    if count == 0 or (probe and count <= PROBE_ROWS[-1] and rows_invariant(probe, product, rows)):
+    sizes = block_sizes(probe, product, rows) if probe and count else (ROWS,)
+    if count == 0 or (not sizes and count <= PROBE_ROWS[-1]):
         return product(rows)
-    full = count - count % ROWS
-    parts = [product(rows[start : start + ROWS]) for start in range(0, full, ROWS)]
-    if full < count:
-        tail = rows.new_zeros(ROWS, rows.shape[1])
-        tail[: count - full] = rows[full:]
-        parts.append(product(tail)[: count - full])
+    sizes = sizes or (ROWS,)
+    parts, start = [], 0
+    while start < count:
+        size = next((size for size in sizes if size >= count - start), sizes[-1])
+        block = rows[start : start + size]
+        if block.shape[0] < size:
+            block = torch.cat([block, block.new_zeros(size - block.shape[0], block.shape[1])])
+        parts.append(product(block)[: count - start])
+        start += size
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def rows_invariant(probe: str, product: Product, like: torch.Tensor) -> bool:
-    """Whether ``product`` gives every row the same bits in a product of any of :data:`PROBE_ROWS` rows as in one of
-    1,027 (rows with massive activations among them, two offsets), measured once per machine and thread count."""
+def block_sizes(probe: str, product: Product, like: torch.Tensor) -> tuple[int, ...]:
+    """The row counts (:data:`ROWS` and those of :data:`SIZES`, ascending) in whose products ``product`` gives every
+    row the bits it gets in a product of :data:`ROWS` rows; ``()`` where any of :data:`PROBE_ROWS` does. Rows with
+    massive activations among them, two offsets; measured once per machine and thread count, cached."""
     key = (probe, torch.get_num_threads())
-    if key not in _invariant:
-        measure = functools.partial(_probe_rows, product, like)
-        _invariant[key] = measured_once("rows-invariant", (PROBE_VERSION, probe), "invariant", measure)
-    return _invariant[key]
+    if key not in _sizes:
+        measure = functools.partial(_probe_sizes, product, like)
+        _sizes[key] = tuple(measured_once("row-blocks", (PROBE_VERSION, probe), "sizes", measure))
+    return _sizes[key]
 
 
-def _probe_rows(product: Product, like: torch.Tensor) -> bool:
-    x = torch.randn(PROBE_ROWS[-1] + 3, like.shape[1], generator=torch.Generator().manual_seed(0))
+def _probe_sizes(product: Product, like: torch.Tensor) -> list[int]:
+    x = torch.randn(PROBE_ROWS[-1] + ROWS, like.shape[1], generator=torch.Generator().manual_seed(0))
     x[::37] *= 100  # a few rows of an LLM's massive activations
     x = x.to(like.device, like.dtype)
-    full = product(x)
-    return all(torch.equal(product(x[a : a + n]), full[a : a + n]) for n in PROBE_ROWS for a in (0, 3))
+
+    def alike(counts: tuple[int, ...], reference: torch.Tensor) -> list[int]:
+        return [n for n in counts if all(torch.equal(product(x[a : a + n]), reference[a : a + n]) for a in (0, 3))]
+
+    if len(alike(PROBE_ROWS, product(x))) == len(PROBE_ROWS):
+        return []
+    blocks = torch.cat([product(x[start : start + ROWS]) for start in range(0, x.shape[0] - ROWS + 1, ROWS)])
+    return sorted({ROWS, *alike(SIZES, blocks)})
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

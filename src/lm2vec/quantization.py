@@ -14,9 +14,9 @@
   BLAS (MKL), which takes a slower path on AMD CPUs (Zen 5: 0.19 against 0.43 TFLOP/s); float32 throughout.
 - "float32": the layer as it was.
 
-The float products (bf16, oneDNN) run in blocks of a fixed row count (:func:`~lm2vec.invariance.in_row_blocks`;
-one piece where this machine measures the kernel row-invariant) and the integer ones are exact, so a token's
-result never depends on how many rows share its product.
+The float products (bf16, oneDNN) run in blocks of row counts this machine measures alike for the kernel
+(:func:`~lm2vec.invariance.in_row_blocks`; one piece where any count is) and the integer ones are exact, so a
+token's result never depends on how many rows share its product.
 
 Which blocks may run in which is the model's to say, not a rule's: on the untrained bidirectional SmolLM2, one
 bf16 block among the first twelve moves some texts' embeddings to cosine 0.92 from float32, while any of the
