@@ -64,7 +64,8 @@ def test_batch_invariance(smollm2: lm2vec.Encoder, padding_side: str):
     try:
         batch = smollm2.encode(texts, batch_size=32)
         alone = np.stack([smollm2.encode(text) for text in texts])
-        padded = smollm2.forward(smollm2.tokenization([""] * len(texts), texts)).detach().numpy()
+        with torch.inference_mode():  # inference: with autograd on, forward() is training's, without the blocks
+            padded = smollm2.forward(smollm2.tokenization([""] * len(texts), texts)).numpy()
         # Bit-identical: packed attention (no padding reaches the model) and linear layers in fixed row blocks.
         # Without the blocks, MKL's shape-dependent kernels and the model's massive activations gave up to 3e-4;
         # a padded batch of mixed lengths, up to 2e-3.
@@ -91,7 +92,8 @@ def test_default_path_is_batch_invariant(default_encoder: lm2vec.Encoder, paddin
     try:
         alone = enc.encode(target)
         in_batch = enc.encode(mixed, batch_size=33)[16]
-        padded = enc.forward(enc.tokenization([""] * len(mixed), mixed)).detach().numpy()[16]
+        with torch.inference_mode():
+            padded = enc.forward(enc.tokenization([""] * len(mixed), mixed)).numpy()[16]
     finally:
         enc.tokenizer.padding_side = "right"
     for row in (in_batch, padded):  # the bar is cosine >= 0.99999; packed, it is bit for bit

@@ -6,10 +6,11 @@ take another path, and with two threads the split changes with the row count). L
 amplify those one-ulp differences to ~3e-4 in SmolLM2's embeddings. Computing every linear layer in blocks
 of a fixed row count (the last block zero-padded) gives every token row the same kernel whatever the
 batch: bit-identical results, for 15-35% more matmul time on CPU (28% of SmolLM2 fp32 encoding time).
-Where a kernel is measured row-invariant on this machine (:func:`block_sizes`: oneDNN's bf16 products on an
-AMD EPYC Zen 4, not MKL's float32 there), the blocks are skipped: the same bits, 7% faster encoding. Where it is
-not, the probe finds which other block sizes give a row the same bits as a 128-row block (on an Intel Xeon with
-AMX, bf16 products of 64 to 512 rows mostly do), and the fewest, largest blocks are used.
+Where a float32 kernel is measured row-invariant on this machine (:func:`block_sizes`), the blocks are skipped;
+where it is not, the probe finds which other block sizes give a row the same bits as a 128-row block (on an Intel
+Xeon with AMX, MKL's 576x1536 product: all of 16-1,024 rows) and the fewest, largest blocks are used. Products
+with bf16 outputs are not probed: the output rounding hides most order differences from any probe (one passed
+16- and 256-row AMX products that differ on real rows), so they keep the fixed blocks.
 
 Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on. The
 lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
@@ -31,7 +32,7 @@ ROWS = 128  # the fixed row count of every product; measured invariant with MKL 
 # The row counts a probe compares with one large product: kernel choices change at small and power-of-two counts.
 PROBE_ROWS = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1024)
 # Block sizes besides ROWS that a row-count dependent kernel may still compute alike (probed): small ones spare short
-# batches ROWS-row padding, large ones run AMX kernels near their peak (bf16 576x1536: 1.0 TFLOP/s at 128, 2.2 at 1024)
+# batches ROWS-row padding, large ones run kernels nearer their peak
 SIZES = (16, 32, 64, 256, 512, 1024)
 PROBE_VERSION = 2
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -40,9 +41,10 @@ _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measu
 
 def in_row_blocks(product: Product, rows: torch.Tensor, probe: str | None = None) -> torch.Tensor:
     """``product(rows)`` for a row-wise product (a linear layer), computed on blocks of fixed row counts (the last
-    one zero-padded), so every row takes the same kernel whatever the row count. ``probe`` names the product's kernel
-    and shape (e.g. ``"bfloat16 576x1536"``): :func:`block_sizes` measures which counts compute rows alike, the
-    largest of them are used, and where any count does (up to 1,024 rows) the product runs in one piece."""
+    one zero-padded), so every row takes the same kernel whatever the row count. ``probe`` names the product's
+    kernel and shape (e.g. ``"float32 576x1536"``; float32 outputs only, see above): :func:`block_sizes` measures
+    which counts compute rows alike, the largest of them are used, and where any count does (up to 1,024 rows) the
+    product runs in one piece. Without ``probe``: blocks of :data:`ROWS` rows."""
     count = rows.shape[0]
     sizes = block_sizes(probe, product, rows) if probe and count else (ROWS,)
     if count == 0 or (not sizes and count <= PROBE_ROWS[-1]):

@@ -56,5 +56,8 @@ def pool(
     if mode is PoolingMode.WEIGHTED_MEAN:
         weights = weights * attention_mask.long().cumsum(-1).float()
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-9)
+    # A running sum in token order (CPU: accumulated in float64): the same additions whatever the padding side and
+    # the batch's padded length. A batched product (einsum) picks its kernel, and so its rounding, by that length:
+    # on an Intel Xeon with AMX, 49 of 300 texts moved in the last bit between batches of 64 and of 300.
     with torch.autocast(hidden.device.type, enabled=False):  # float32 under bf16 autocast too (training's dev scores)
-        return torch.einsum("bs,bsd->bd", weights, hidden)
+        return (weights.unsqueeze(-1) * hidden).cumsum(1)[:, -1]
