@@ -118,11 +118,6 @@ class _FrozenLinear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().to(bias_dtype) if linear.bias is not None else None)
         return float_weight
 
-    @property
-    def probe(self) -> str:
-        """This layer's kernel and shape, as :func:`~lm2vec.invariance.in_row_blocks` probes it."""
-        return f"{self.kind} {self.in_features}x{self.out_features}"
-
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The bias added (float32 outputs), back in ``x``'s shape and dtype."""
         if self.bias is not None and out.dtype == torch.float32:
@@ -191,6 +186,8 @@ class OneDnnLinear(_FrozenLinear):
     def __init__(self, linear: nn.Linear | Conv1D):
         super().__init__()
         self.register_buffer("weight", self._take(linear).float().contiguous())
+        # the kernel and shape, as :func:`~lm2vec.invariance.in_row_blocks` probes it (bf16 layers are not probed)
+        self.probe = f"{self.kind} {self.in_features}x{self.out_features}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
