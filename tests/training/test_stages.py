@@ -66,3 +66,27 @@ def test_cached_info_nce_has_the_loss_and_gradients_of_its_passes_run_with_a_gra
         torch.testing.assert_close(cached[1][name], plain[1][name], rtol=1e-4, atol=1e-6)
     other_masks = run(lambda: info_nce(embed(model, queries, 3), embed(model, documents, 3), 20.0), seed=2)
     assert not torch.allclose(other_masks[0], plain[0])  # dropout is on: the replay did restore the masks
+
+
+def test_cached_info_nce_replays_each_pass_under_the_autocast_it_was_cached_under():
+    """The Trainer back-propagates outside autocast: a replay in float32 would not be the pass it caches."""
+    encoder = tiny_encoder()
+    model = embedding_stage(encoder, SupervisedConfig(lora_dropout=0.0)).train()
+    texts = random_texts(8, seed=3, max_words=10)
+    queries, documents = (vars(encoder.tokenization([""] * 4, half)) for half in (texts[:4], texts[4:]))
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+
+    def gradients(loss_fn) -> list[torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn()
+        loss.backward()  # outside autocast, as in the Trainer
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = gradients(lambda: info_nce(embed(model, queries, 2), embed(model, documents, 2), 20.0))
+    seen.clear()
+    cached = gradients(lambda: cached_info_nce(model, queries, documents, 20.0, 2))
+    assert seen == [True] * 8  # 4 cached passes, then their 4 replays
+    for ours, theirs in zip(cached, plain, strict=True):  # bf16 rounds at other points in the two graphs
+        assert (ours - theirs).norm() <= 1e-2 * theirs.norm()

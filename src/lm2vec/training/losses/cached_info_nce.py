@@ -7,8 +7,8 @@ gradients of one graph for the whole batch, while holding the activations of one
    embedded without a graph, its RNG state saved;
 2. the loss and its gradient with respect to those embeddings are computed;
 3. the returned loss carries a backward hook: when the Trainer back-propagates it, each pass runs again with a
-   graph (RNG restored: the same dropout) and back-propagates the cached gradient times the incoming one.
-   Under DDP all passes but the last skip the gradient all-reduce (``no_sync``).
+   graph (RNG and autocast restored: the same dropout and precision) and back-propagates the cached gradient
+   times the incoming one. Under DDP all passes but the last skip the gradient all-reduce (``no_sync``).
 
 Inputs: ``model`` maps a sub-batch (``input_ids``, ``attention_mask``, ``pool_mask``) to pooled embeddings;
 ``queries`` and ``candidates`` are padded batches of such tensors (candidates: positives first, then hard
@@ -33,12 +33,17 @@ from .info_nce import info_nce
 Batch = dict[str, torch.Tensor]
 
 
-class RandomState:
-    """The RNG state of a forward pass, so that its replay draws the same dropout masks."""
+class PassState:
+    """What a forward pass ran under, so that its replay matches it: the RNG state (the same dropout masks) and
+    the autocast state (the Trainer back-propagates outside autocast; a float32 replay of a bf16 pass would
+    compute other embeddings, slower)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str) -> None:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.device_type = device_type
+        self.autocast = torch.is_autocast_enabled(device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(device_type)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
@@ -46,7 +51,8 @@ class RandomState:
             torch.set_rng_state(self.cpu)
             if self.cuda:
                 torch.cuda.set_rng_state_all(self.cuda)
-            yield
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast):
+                yield
 
 
 def cached_info_nce(
@@ -65,7 +71,7 @@ def cached_info_nce(
     states, cached = [], []
     with torch.no_grad():  # step 1: embeddings without a graph
         for part in passes:
-            states.append(RandomState())
+            states.append(PassState(part["input_ids"].device.type))
             cached.append(model(**part).detach().requires_grad_())
     count = len(sides[0])
     query_vectors = in_batch_order(cached[:count], sides[0])
@@ -82,7 +88,7 @@ def cached_info_nce(
 def _replay(
     model: nn.Module,
     passes: list[Batch],
-    states: list[RandomState],
+    states: list[PassState],
     gradients: tuple[torch.Tensor, ...],
     grad_output: torch.Tensor,
 ) -> None:
