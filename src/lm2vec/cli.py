@@ -168,10 +168,12 @@ def parse_settings(pairs: list[str]) -> dict[str, object]:
 def cmd_train(args: argparse.Namespace) -> int:
     from lm2vec import training
     from lm2vec.training.data import check_data
+    from lm2vec.training.stage import claim_stage_dir
 
     settings = json.loads(Path(args.config).read_text()) if args.config else {}
     config = training.stage_config(args.stage, settings | parse_settings(args.set))  # checked before loading
     check_data(config.data, args.data)
+    claim_stage_dir(args.output, config, args.resume)
     try:
         encoder = training.STAGES[args.stage].train(
             model_source(args.model), config, args.output, data_root=args.data, resume=args.resume

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,12 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
     assert sum("already finished" in line for line in lines) == 3
     assert resumed == rows  # the rows of the run that trained them: its wall times, not the time to reload
     np.testing.assert_allclose(again.encode(texts), encoder.encode(texts), atol=1e-5)
+    edited = replace(recipe, stages=[*recipe.stages[:2], ("supervised", replace(recipe.stages[2][1], steps=3))])
+    with pytest.raises(ValueError, match=r"3-supervised was trained with other settings \(steps: 2 there, 3 now\)"):
+        convert(str(causal_lm_dir), edited, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
+    with pytest.raises(FileExistsError, match="1-mntp holds an earlier run; pass resume=True"):
+        convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, log=lines.append)
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["stages"][2]["steps"] == 2  # left as it was
     card = (tmp_path / "out" / "encoder" / "README.md").read_text()
     assert "Recipe `tiny`" in card and "| mntp | 2 | 4 |" in card and "| supervised | 2 | 4 |" in card
     assert "| bidirectional + mntp + simcse + supervised | - | - |" in card  # not evaluated here

@@ -22,7 +22,7 @@ from ..loading import load
 from ..pooling import PoolingMode
 from .config import STAGES, Recipe, StageConfig, load_recipe
 from .data import check_data
-from .stage import ENCODER_DIR, TRAINING_DTYPE, Source, is_finished, saved_encoder
+from .stage import ENCODER_DIR, TRAINING_DTYPE, Source, claim_stage_dir, saved_encoder
 
 CAUSAL_BASELINE = "causal, weighted mean (baseline)"
 
@@ -120,17 +120,17 @@ def convert(
     for _, config in recipe.stages:
         check_data(config.data, data_root)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    stages = [(s, c) for s, c in recipe.stages if not (causal and s == "mntp")]
+    for i, (stage, config) in enumerate(stages, start=1):  # before anything runs: an edited recipe fails here
+        claim_stage_dir(output_dir / f"{i}-{stage}", config, resume)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     results = Results(output_dir, recipe, data_root, evaluate, log, resume)
     current = starting_point(source, causal, results if baselines and evaluate else None)
     chain = "causal (weighted mean)" if causal else "bidirectional"
-    stages = [(s, c) for s, c in recipe.stages if not (causal and s == "mntp")]
     for i, (stage, config) in enumerate(stages, start=1):
         start = time.perf_counter()
         stage_dir = output_dir / f"{i}-{stage}"
-        reused = resume and is_finished(stage_dir)
-        current = run_or_reuse(i, stage, config, current, source, stage_dir, data_root, resume, log)
+        current, reused = run_or_reuse(i, stage, config, current, source, stage_dir, data_root, resume, log)
         chain += f" + {stage}"
         results.record(chain, current, start, reused)
     final = current if isinstance(current, Encoder) else load(current, dtype=TRAINING_DTYPE)
@@ -234,16 +234,17 @@ def run_or_reuse(
     data_root: str | os.PathLike | None,
     resume: bool,
     log: Callable[[str], None],
-) -> Encoder:
-    """Stage ``i`` of the conversion on ``current``: trained, or the encoder it saved when resuming a finished one."""
+) -> tuple[Encoder, bool]:
+    """Stage ``i`` of the conversion on ``current``: trained, or (True) the encoder it saved when resuming a finished
+    one."""
     done = saved_encoder(stage_dir) if resume else None
     if done is not None:
         log(f"stage {i} ({stage}): already finished in {stage_dir}, reusing it")
-        return done
+        return done, True
     log(f"stage {i} ({stage}): {config.steps} steps of {config.batch_size}, lr {config.learning_rate}")
     if stage == "mntp" and isinstance(current, Encoder):  # MNTP loads the causal LM: from disk, or the source
         current = current.save(stage_dir / "input") if i > 1 else source
-    return STAGES[stage].train(current, config, stage_dir, data_root=data_root, resume=resume)
+    return STAGES[stage].train(current, config, stage_dir, data_root=data_root, resume=resume), False
 
 
 def fmt(value: float | None) -> str:

@@ -4,9 +4,11 @@ of the LoRA-wrapped model), running and resuming the Trainer, merging the adapte
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -235,6 +237,31 @@ def save_stage_encoder(encoder: Encoder, output_dir: str | os.PathLike, trainer:
         atomic_write(path / COMPLETE, '{"stage": "done"}')
     encoder.model.eval()
     return encoder
+
+
+SETTINGS = "stage-settings.json"
+
+
+def claim_stage_dir(output_dir: str | os.PathLike, config: StageConfig, resume: bool) -> None:
+    """Record the stage's settings in ``output_dir``. Refuse a folder an earlier run wrote unless resuming, and
+    when resuming one whose settings differ: an edited recipe never silently reuses (or continues) the old run."""
+    path = Path(output_dir) / SETTINGS
+    settings = json.loads(json.dumps(asdict(config)))  # as JSON gives them back: lists, not tuples
+    if not resume and path.is_file():
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run; pass resume=True (--resume) to continue it, "
+            "or choose another output directory"
+        )
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        keys = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
+        if keys:
+            changed = ", ".join(f"{k}: {earlier.get(k)!r} there, {settings.get(k)!r} now" for k in keys)
+            raise ValueError(
+                f"{output_dir} was trained with other settings ({changed}); choose another output folder or delete it"
+            )
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(settings, indent=2) + "\n")
 
 
 def is_finished(output_dir: str | os.PathLike) -> bool:
