@@ -130,7 +130,10 @@ class Encoder:
             if self.packs():
                 return packed_states(self.model, input_ids, attention_mask)
             out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_for(attention_mask),
+                use_cache=False,  # an encoder has no next token: a KV cache only holds every layer's keys and values
             )
         return out.last_hidden_state
 

@@ -22,6 +22,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, PretrainedC
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .invariance import BatchInvariant
+
 PACKED = "lm2vec_packed"
 Segments = list[tuple[int, torch.Tensor]]  # (length, the start offsets of the texts of that length)
 
@@ -75,6 +77,7 @@ def packed_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
         attention_mask=torch.ones(1, tokens, dtype=torch.long, device=input_ids.device),  # no packed-mask guessing
         position_ids=positions[None],
         segments=segments,
+        use_cache=False,  # no KV cache: it would hold every layer's keys and values for the whole pass
     )
     hidden = out.last_hidden_state
     states = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
@@ -113,12 +116,16 @@ def _packs_right(model: PreTrainedModel) -> bool:
     mask = torch.zeros_like(ids)
     for row, text in enumerate(texts):
         ids[row, : len(text)], mask[row, : len(text)] = text % vocab, 1
-    packed = packed_states(model, ids.to(device), mask.to(device))
-    for row, text in enumerate(texts):
-        n = len(text)
-        positions = torch.arange(n, device=device)[None]
-        hidden = model(input_ids=ids[row : row + 1, :n].to(device), position_ids=positions).last_hidden_state
-        scale = hidden.abs().amax().clamp(min=1e-6)
-        if ((packed[row, :n] - hidden[0]).abs().amax() / scale) > 1e-3:
-            return False
+    # Float32 products in fixed row blocks: otherwise a text's rows, alone and packed, take kernels of other row
+    # counts, whose rounding the model's massive activations and bf16 blocks amplify past the tolerance.
+    with BatchInvariant():
+        packed = packed_states(model, ids.to(device), mask.to(device))
+        for row, text in enumerate(texts):
+            n = len(text)
+            positions = torch.arange(n, device=device)[None]
+            alone = model(input_ids=ids[row : row + 1, :n].to(device), position_ids=positions, use_cache=False)
+            hidden = alone.last_hidden_state
+            scale = hidden.abs().amax().clamp(min=1e-6)
+            if ((packed[row, :n] - hidden[0]).abs().amax() / scale) > 1e-3:
+                return False
     return True

@@ -27,6 +27,7 @@ later ones stays above 0.998 (docs/performance.md). :mod:`lm2vec.calibration` me
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -85,7 +86,7 @@ def _float_weight(linear: nn.Linear | Conv1D) -> torch.Tensor:
 class _LastInput(Generic[T]):
     """The most recent converted input. q/k/v (and gate/up) projections are called on one tensor object, so one
     conversion (quantization, bf16 cast) serves them all; a new tensor (even at a reused address) is converted
-    afresh."""
+    afresh. The input is held weakly: keeping it would keep each layer's input alive until the next layer's."""
 
     def __init__(self, convert: Callable[[torch.Tensor], T]):
         self._convert = convert
@@ -94,8 +95,8 @@ class _LastInput(Generic[T]):
 
     def get(self, x: torch.Tensor, features: int) -> T:
         value = self.value
-        if value is None or self.key is None or self.key[0] is not x or self.key[1:] != (x.data_ptr(), x.shape):
-            self.key, value = (x, x.data_ptr(), x.shape), self._convert(x.reshape(-1, features))
+        if value is None or self.key is None or self.key[0]() is not x or self.key[1:] != (x.data_ptr(), x.shape):
+            self.key, value = (weakref.ref(x), x.data_ptr(), x.shape), self._convert(x.reshape(-1, features))
             self.value = value
         return value
 
