@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 # Tokens per forward pass on a CPU unless told otherwise. It bounds activation memory (200 SciFact abstracts, fp32:
-# peak 2.0 -> 1.3 GB against unbounded batches of 32); on 1000 STS-B sentences (default precision, AMD EPYC Zen 4)
-# 1024 ran as fast as 2048 (75.0 vs 76.8 sentences/s; 512: 70.6) with 130 MB less peak memory (946 vs 1070 MB).
-CPU_MAX_TOKENS = 1024
+# peak 2.0 -> 1.3 GB against unbounded batches of 32). On 1000 STS-B sentences, default precision, Intel Xeon with
+# AMX: 512 tokens peak at 813-818 MB, 1024 at 857-860 MB (the reference: 835-864 MB), 3-6% slower.
+CPU_MAX_TOKENS = 512
 # What one more forward pass costs on a CPU, in padded tokens (SmolLM2, 2 cores: 1 text of 10 tokens 163 ms, 32
 # of 10 1089 ms): mixed-length batches are cut where their padding would cost more (see ``length_batches``).
 CPU_PASS_COST = 48
