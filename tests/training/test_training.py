@@ -29,7 +29,7 @@ from lm2vec.training import (
 )
 from lm2vec.training.losses import info_nce, matryoshka
 from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
-from lm2vec.training.stage import embedding_stage, length_chunks
+from lm2vec.training.stage import claim_stage_dir, embedding_stage, length_chunks
 from tests.support import needs_data, random_texts, tiny_config, tiny_encoder, tiny_tokenizer, write_jsonl
 
 FAST = dict(save_steps=2, logging_steps=1, max_length=24, bf16=False)
@@ -153,6 +153,14 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(triplets: Path, tmp_path: P
     assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
 
 
+def test_a_folder_with_nothing_trained_in_it_is_taken_as_it_is(corpus: Path, tmp_path: Path):
+    """A run that failed before training left its settings only: a new run, with other settings, may use it."""
+    config = SimCSEConfig(data=[str(corpus)], steps=2, batch_size=8, learning_rate=1e-3, **FAST)
+    claim_stage_dir(tmp_path / "out", replace(config, steps=5), resume=False)
+    train_simcse(tiny_encoder(), config, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "stage-settings.json").read_text())["steps"] == 2
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(corpus: Path, tmp_path: Path):
     config = SimCSEConfig(data=[str(corpus)], steps=6, batch_size=8, learning_rate=1e-3, **FAST)
     train_simcse(tiny_encoder(), config, tmp_path / "straight")
@@ -167,6 +175,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(corpus: Path,
     assert last_checkpoint(tmp_path / "resumed").name == "checkpoint-4"
     with pytest.raises(FileExistsError, match="resume"):
         train_simcse(tiny_encoder(), config, tmp_path / "resumed")
+    with pytest.raises(ValueError, match=r"other settings \(steps: 6 there, 7 now\)"):  # the library checks too
+        train_simcse(tiny_encoder(), replace(config, steps=7), tmp_path / "resumed", resume=True)
     train_simcse(tiny_encoder(), config, tmp_path / "resumed", resume=True)
     straight, resumed = adapter(tmp_path / "straight" / "checkpoint-6"), adapter(tmp_path / "resumed" / "checkpoint-6")
     assert straight.keys() == resumed.keys()

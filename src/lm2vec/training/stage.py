@@ -204,6 +204,7 @@ def run_stage(
     batch_size: int | None = None,
 ) -> StageTrainer:
     """Train ``stage_model`` with the stage's Trainer, from the last checkpoint when resuming."""
+    claim_stage_dir(output_dir, config, resume)
     trainer = trainer_class(
         model=stage_model,
         args=training_arguments(config, output_dir, batch_size=batch_size),
@@ -218,16 +219,9 @@ def run_stage(
 
 
 def resume_point(output_dir: str | os.PathLike, resume: bool) -> str | None:
-    """The newest complete checkpoint when resuming; refuse to silently mix a new run into an old one."""
+    """The newest complete checkpoint when resuming (:func:`claim_stage_dir` has refused to mix runs)."""
     last = last_checkpoint(output_dir)
-    if resume:
-        return str(last) if last else None
-    if last:
-        raise FileExistsError(
-            f"{output_dir} already holds checkpoints ({last.name}); pass resume=True (--resume) "
-            "to continue that run, or choose another output directory"
-        )
-    return None
+    return str(last) if resume and last else None
 
 
 def save_stage_encoder(encoder: Encoder, output_dir: str | os.PathLike, trainer: StageTrainer) -> Encoder:
@@ -243,16 +237,20 @@ SETTINGS = "stage-settings.json"
 
 
 def claim_stage_dir(output_dir: str | os.PathLike, config: StageConfig, resume: bool) -> None:
-    """Record the stage's settings in ``output_dir``. Refuse a folder an earlier run wrote unless resuming, and
-    when resuming one whose settings differ: an edited recipe never silently reuses (or continues) the old run."""
-    path = Path(output_dir) / SETTINGS
+    """Record the stage's settings in ``output_dir``, refusing to mix runs: a folder holding an earlier run's
+    checkpoints or encoder is continued only when resuming, and only with the same settings (an edited recipe never
+    silently reuses or continues the old run). A folder with nothing trained in it is taken as it is. Every stage
+    run claims its folder; ``convert`` and ``lm2vec train`` also do so before anything loads."""
+    folder = Path(output_dir)
+    path = folder / SETTINGS
     settings = json.loads(json.dumps(asdict(config)))  # as JSON gives them back: lists, not tuples
-    if not resume and path.is_file():
+    trained = last_checkpoint(folder) is not None or is_finished(folder)
+    if trained and not resume:
         raise FileExistsError(
             f"{output_dir} holds an earlier run; pass resume=True (--resume) to continue it, "
             "or choose another output directory"
         )
-    if path.is_file():
+    if trained and path.is_file():
         earlier = json.loads(path.read_text())
         keys = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
         if keys:
@@ -260,7 +258,7 @@ def claim_stage_dir(output_dir: str | os.PathLike, config: StageConfig, resume: 
             raise ValueError(
                 f"{output_dir} was trained with other settings ({changed}); choose another output folder or delete it"
             )
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(settings, indent=2) + "\n")
 
 
