@@ -214,14 +214,9 @@ def run_stage(
         callbacks=callbacks,
         config=config,
     )
-    trainer.train(resume_from_checkpoint=resume_point(output_dir, resume))
+    last = last_checkpoint(output_dir) if resume else None  # claim_stage_dir has refused to mix runs
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     return trainer
-
-
-def resume_point(output_dir: str | os.PathLike, resume: bool) -> str | None:
-    """The newest complete checkpoint when resuming (:func:`claim_stage_dir` has refused to mix runs)."""
-    last = last_checkpoint(output_dir)
-    return str(last) if resume and last else None
 
 
 def save_stage_encoder(encoder: Encoder, output_dir: str | os.PathLike, trainer: StageTrainer) -> Encoder:
