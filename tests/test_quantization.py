@@ -152,6 +152,18 @@ def test_every_linear_layer_or_all_but_the_kept_blocks_whatever_the_architecture
     assert cosine_rows(encoder.encode(texts), before).min() > 0.98
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["int8x2", "bfloat16"])
+def test_a_lowered_model_reports_the_parameters_of_the_float_model(model_type: str, kind: str):
+    """The converted layers keep their weights as buffers; `info()` still counts them (and their biases)."""
+    encoder = tiny_encoder(model_type)
+    before = encoder.info()["parameters"]
+    assert before == sum(p.numel() for p in encoder.model.parameters())
+    lower_precision(encoder.model, kind, keep=(0,))
+    assert sum(p.numel() for p in encoder.model.parameters()) < before
+    assert encoder.info()["parameters"] == before
+
+
 @pytest.mark.parametrize("kind", ["int8", "bfloat16"])
 def test_lower_precision_encoder_refuses_to_save(tmp_path: Path, kind: str):
     enc = tiny_encoder()

@@ -26,7 +26,7 @@ from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
 from .packing import enable_packing, packed_states
 from .pooling import PoolingMode, parse_pooling, pool
-from .quantization import FLOAT32, block_plan, lower_kind
+from .quantization import FLOAT32, block_plan, lower_kind, parameter_count
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -365,7 +365,7 @@ class Encoder:
         config = self.model.config
         return {
             "architecture": config.model_type,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": parameter_count(self.model),
             "attention": "bidirectional" if self.bidirectional else "causal",
             "attn_implementation": config._attn_implementation,
             "pooling": self.pooling.value,

@@ -280,6 +280,14 @@ def block_plan(model: nn.Module) -> Plan:
     return tuple(plan)
 
 
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters, the converted layers' weights and biases included: those are buffers, not
+    ``nn.Parameter``s, so ``model.parameters()`` alone undercounts a lowered model."""
+    frozen = [m for m in model.modules() if isinstance(m, _FrozenLinear)]
+    weights = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for m in frozen)
+    return sum(p.numel() for p in model.parameters()) + weights
+
+
 def lower_kind(model: nn.Module) -> str | None:
     """The model's lower precision: of "int8" and "bfloat16", the one more blocks run in; else "int8x2" or
     "float32-onednn"; None for none (see :func:`block_plan` for each block's)."""
