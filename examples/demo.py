@@ -21,6 +21,7 @@ from lm2vec.evaluation import evaluate_sts
 from lm2vec.hardware import describe_cpu
 from lm2vec.training import convert
 from lm2vec.training.config import builtin_recipes
+from lm2vec.training.stage import TRAINING_DTYPE
 
 # STS-B test Spearman targets (issue "Training", means of 3 seeds on any CPU); the causal baseline is RECIPE.md's.
 TARGETS = {
@@ -33,11 +34,13 @@ TARGETS = {
 def other_poolings(data: Path) -> dict[tuple[str, str], float]:
     """STS-B test of the untrained model with the poolings ``convert``'s baselines do not use.
 
-    Each ``load`` proves its attention mode (causal / bidirectional) on the loaded model or raises.
+    In float32, as ``convert`` scores its rows: the four figures compare poolings, not precisions, and the default
+    precision would first calibrate each attention mode (minutes on a fresh machine). Each ``load`` proves its
+    attention mode (causal / bidirectional) on the loaded model or raises.
     """
     scores = {}
     for bidirectional, pooling in ((False, PoolingMode.MEAN), (True, PoolingMode.WEIGHTED_MEAN)):
-        encoder = lm2vec.load(bidirectional=bidirectional, pooling=pooling)
+        encoder = lm2vec.load(bidirectional=bidirectional, pooling=pooling, dtype=TRAINING_DTYPE)
         key = ("bidirectional" if bidirectional else "causal", pooling.value)
         scores[key] = evaluate_sts(encoder, "test", data=data, batch_size=64).scores["spearman"]
         print(f"untrained {key[0]} {key[1]} (attention verified): STS-B test {scores[key]:.1f}", flush=True)
