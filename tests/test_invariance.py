@@ -54,18 +54,34 @@ def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_alike_blocks(t
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(1))
 
-    def product(rows: torch.Tensor) -> torch.Tensor:  # another summation order below 64 rows, like MKL's small path
+    def kernel(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # another order below 64 rows, as MKL's
         if rows.shape[0] < 64:
             return rows @ weight.t()
         return (rows.double() @ weight.double().t()).float()
 
     rows = torch.randn(1100, 64, generator=torch.Generator().manual_seed(2))
-    assert block_sizes("test-variant 64x96", product, rows) == (64, ROWS, 256, 512, 1024)
+    assert block_sizes("test-variant 64x96", kernel, rows, weight) == (64, ROWS, 256, 512, 1024)
     assert (tmp_path / "hardware").is_dir()  # measured once, cached
-    whole = in_row_blocks(product, rows, "test-variant 64x96")
+    whole = in_row_blocks(kernel, rows, weight, "test-variant 64x96")
     torch.testing.assert_close(whole, rows @ weight.t())
     for count in (1, 5, 63, 64, 200, 300, 700, 1030):
-        assert torch.equal(in_row_blocks(product, rows[:count], "test-variant 64x96"), whole[:count]), count
+        assert torch.equal(in_row_blocks(kernel, rows[:count], weight, "test-variant 64x96"), whole[:count]), count
+
+
+def test_the_probe_sees_a_summation_order_through_bf16_outputs(tmp_path, monkeypatch):
+    """Rounding to bf16 hides most order differences of random rows; the probe's cancelling rows show them."""
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
+
+    def kernel(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # reversed order below 32 rows
+        if rows.shape[0] < 32:
+            return torch.nn.functional.linear(rows.flip(1), weight.flip(1))
+        return torch.nn.functional.linear(rows, weight)
+
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    rows = torch.randn(1152, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    rows[::37] *= 100
+    assert torch.equal(kernel(rows[:16], weight), kernel(rows[:128], weight)[:16])  # random rows: no difference
+    assert block_sizes("test-reversed 64x8", kernel, rows, weight) == (32, 64, ROWS, 256, 512, 1024)
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "float32-onednn"])
@@ -77,7 +93,7 @@ def test_lowered_layers_give_the_same_bits_in_one_piece_or_in_blocks(kind: str, 
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(576, 1536)
-    layer = (Bf16Linear if kind == "bfloat16" else OneDnnLinear)(linear)
+    layer = (Bf16Linear if kind == "bfloat16" else OneDnnLinear)(linear)  # probed for its block sizes
     rows = torch.randn(700, 576, generator=generator)
     rows[::50] *= 100
     with torch.inference_mode():

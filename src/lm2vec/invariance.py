@@ -6,11 +6,12 @@ take another path, and with two threads the split changes with the row count). L
 amplify those one-ulp differences to ~3e-4 in SmolLM2's embeddings. Computing every linear layer in blocks
 of a fixed row count (the last block zero-padded) gives every token row the same kernel whatever the
 batch: bit-identical results, for 15-35% more matmul time on CPU (28% of SmolLM2 fp32 encoding time).
-Where a float32 kernel is measured row-invariant on this machine (:func:`block_sizes`), the blocks are skipped;
-where it is not, the probe finds which other block sizes give a row the same bits as a 128-row block (on an Intel
-Xeon with AMX, MKL's 576x1536 product: all of 16-1,024 rows) and the fewest, largest blocks are used. Products
-with bf16 outputs are not probed: the output rounding hides most order differences from any probe (one passed
-16- and 256-row AMX products that differ on real rows), so they keep the fixed blocks.
+Where a kernel is measured row-invariant on this machine (:func:`block_sizes`), the blocks are skipped; where
+it is not, the probe finds which other block sizes give a row the same bits as a 128-row block (on an Intel Xeon
+with AMX, MKL's 576x1536 product: all of 16-1,024 rows) and the fewest, largest blocks are used. The probe's rows
+sum huge terms that cancel (:func:`_probe_inputs`), so any change of summation order moves the result by far
+more than an ulp, and a bf16 output's rounding no longer hides it: a bf16 576x1536 product summed in reverse
+order changed 15 of 98,304 outputs of random rows (massive ones among them), and 93,887 of these rows'.
 
 Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on. The
 lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
@@ -34,49 +35,74 @@ PROBE_ROWS = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 12
 # Block sizes besides ROWS that a row-count dependent kernel may still compute alike (probed): small ones spare short
 # batches ROWS-row padding, large ones run kernels nearer their peak
 SIZES = (16, 32, 64, 256, 512, 1024)
-PROBE_VERSION = 2
-Product = Callable[[torch.Tensor], torch.Tensor]
+PROBE_VERSION = 3
+BIG = 2.0**24  # the probe's cancelling terms: float32's ulp at BIG is 2, so order changes show in bf16 outputs too
+Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, weight) -> rows @ weight.T (a linear layer)
 _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measured here, this process
 
 
-def in_row_blocks(product: Product, rows: torch.Tensor, probe: str | None = None) -> torch.Tensor:
-    """``product(rows)`` for a row-wise product (a linear layer), computed on blocks of fixed row counts (the last
-    one zero-padded), so every row takes the same kernel whatever the row count. ``probe`` names the product's
-    kernel and shape (e.g. ``"float32 576x1536"``; float32 outputs only, see above): :func:`block_sizes` measures
-    which counts compute rows alike, the largest of them are used, and where any count does (up to 1,024 rows) the
-    product runs in one piece. Without ``probe``: blocks of :data:`ROWS` rows."""
+def in_row_blocks(kernel: Kernel, rows: torch.Tensor, weight: torch.Tensor, probe: str | None = None) -> torch.Tensor:
+    """``kernel(rows, weight)`` for a linear layer's product, computed on blocks of fixed row counts (the last one
+    zero-padded), so every row takes the same kernel whatever the row count. ``probe`` names the kernel and shape
+    (e.g. ``"float32 576x1536"``): :func:`block_sizes` measures which counts compute rows alike, the largest of them
+    are used, and where any count does (up to 1,024 rows) the product runs in one piece. Without ``probe``: blocks
+    of :data:`ROWS` rows."""
     count = rows.shape[0]
-    sizes = block_sizes(probe, product, rows) if probe and count else (ROWS,)
+    sizes = block_sizes(probe, kernel, rows, weight) if probe and count else (ROWS,)
     if count == 0 or (not sizes and count <= PROBE_ROWS[-1]):
-        return product(rows)
+        return kernel(rows, weight)
     sizes = sizes or (ROWS,)
     parts, start = [], 0
     while start < count:
-        size = next((size for size in sizes if size >= count - start), sizes[-1])
+        size = _block_size(sizes, count - start)
         block = rows[start : start + size]
         if block.shape[0] < size:
             block = torch.cat([block, block.new_zeros(size - block.shape[0], block.shape[1])])
-        parts.append(product(block)[: count - start])
+        parts.append(kernel(block, weight)[: count - start])
         start += size
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def block_sizes(probe: str, product: Product, like: torch.Tensor) -> tuple[int, ...]:
-    """The row counts (:data:`ROWS` and those of :data:`SIZES`, ascending) in whose products ``product`` gives every
-    row the bits it gets in a product of :data:`ROWS` rows; ``()`` where any of :data:`PROBE_ROWS` does. Rows with
-    massive activations among them, two offsets; measured once per machine and thread count, cached."""
+def _block_size(sizes: tuple[int, ...], left: int) -> int:
+    """The block for the ``left`` rows still to compute: the smallest of ``sizes`` that holds them where it pads at
+    most a quarter more (or is the smallest), else the largest that fits."""
+    holds = next((size for size in sizes if size >= left), None)
+    if holds is not None and (4 * holds <= 5 * left or holds == sizes[0]):
+        return holds
+    return max(size for size in sizes if size <= left)
+
+
+def block_sizes(probe: str, kernel: Kernel, rows: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    """The row counts (:data:`ROWS` and those of :data:`SIZES`, ascending) in whose products ``kernel`` gives every
+    row the bits it gets in a product of :data:`ROWS` rows; ``()`` where any of :data:`PROBE_ROWS` does. Measured
+    on :func:`_probe_inputs` shaped like ``rows`` and ``weight``, two offsets; once per machine and thread count,
+    cached."""
     key = (probe, torch.get_num_threads())
     if key not in _sizes:
-        measure = functools.partial(_probe_sizes, product, like)
+        x, w = _probe_inputs(rows, weight)
+        measure = functools.partial(_probe_sizes, lambda block: kernel(block, w), x)
         _sizes[key] = tuple(measured_once("row-blocks", (PROBE_VERSION, probe), "sizes", measure))
     return _sizes[key]
 
 
-def _probe_sizes(product: Product, like: torch.Tensor) -> list[int]:
-    x = torch.randn(PROBE_ROWS[-1] + ROWS, like.shape[1], generator=torch.Generator().manual_seed(0))
-    x[::37] *= 100  # a few rows of an LLM's massive activations
-    x = x.to(like.device, like.dtype)
+def _probe_inputs(rows: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and an (out, in) weight like the given ones whose products sum huge terms that cancel exactly: the
+    weight's input columns come in equal pairs, and each row holds +BIG and -BIG at three pairs. Which small terms
+    the huge partial sums round away depends on the summation order, so a kernel's order shows in its results at
+    any output precision."""
+    generator = torch.Generator().manual_seed(0)
+    count, features = PROBE_ROWS[-1] + ROWS, weight.shape[1]
+    w = torch.randn(weight.shape, generator=generator)
+    order = torch.randperm(features, generator=generator)
+    first, second = order[: features // 2], order[features // 2 : features // 2 * 2]
+    w[:, second] = w[:, first]
+    x = torch.randn(count, features, generator=generator)
+    pairs = torch.randint(0, features // 2, (count, 3), generator=generator)
+    x.scatter_(1, first[pairs], BIG).scatter_(1, second[pairs], -BIG)
+    return x.to(rows.device, rows.dtype), w.to(weight.device, weight.dtype).contiguous()
 
+
+def _probe_sizes(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> list[int]:
     def alike(counts: tuple[int, ...], reference: torch.Tensor) -> list[int]:
         return [n for n in counts if all(torch.equal(product(x[a : a + n]), reference[a : a + n]) for a in (0, 3))]
 
@@ -88,12 +114,15 @@ def _probe_sizes(product: Product, like: torch.Tensor) -> list[int]:
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` computed in products of exactly :data:`ROWS` rows (or in one, where measured the same)."""
-    wt = weight.t()
     probe = f"float32 {weight.shape[1]}x{weight.shape[0]}"
-    out = in_row_blocks(lambda block: torch.mm(block, wt), x.reshape(-1, x.shape[-1]), probe)
+    out = in_row_blocks(_mm_transposed, x.reshape(-1, x.shape[-1]), weight, probe)
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _mm_transposed(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.mm(rows, weight.t())
 
 
 class BatchInvariant(TorchFunctionMode):
@@ -106,7 +135,7 @@ class BatchInvariant(TorchFunctionMode):
             return blocked_linear(*args, **kwargs)
         if func is torch.addmm and not kwargs and len(args) == 3 and _applies(args[1], args[2]):
             bias, rows, weight = args
-            return in_row_blocks(lambda block: torch.addmm(bias, block, weight), rows)
+            return in_row_blocks(functools.partial(torch.addmm, bias), rows, weight)
         return func(*args, **kwargs)
 
 

@@ -14,9 +14,9 @@
   BLAS (MKL), which takes a slower path on AMD CPUs (Zen 5: 0.19 against 0.43 TFLOP/s); float32 throughout.
 - "float32": the layer as it was.
 
-The float products run in blocks: bf16 in blocks of 128 rows, float32 on oneDNN in blocks of the row counts this
-machine measures alike for the kernel (:func:`~lm2vec.invariance.in_row_blocks`; one piece where any count is),
-and the integer ones are exact, so a token's result never depends on how many rows share its product.
+The float products (bf16, float32 on oneDNN) run in blocks of the row counts this machine measures alike for the
+kernel and shape (:func:`~lm2vec.invariance.in_row_blocks`; one piece where any count is), and the integer ones
+are exact, so a token's result never depends on how many rows share its product.
 
 Which blocks may run in which is the model's to say, not a rule's: on the untrained bidirectional SmolLM2, one
 bf16 block among the first twelve moves some texts' embeddings to cosine 0.92 from float32, while any of the
@@ -187,15 +187,15 @@ class OneDnnLinear(_FrozenLinear):
     def __init__(self, linear: nn.Linear | Conv1D):
         super().__init__()
         self.register_buffer("weight", self._take(linear).float().contiguous())
-        # the kernel and shape, as :func:`~lm2vec.invariance.in_row_blocks` probes it (bf16 layers are not probed)
-        self.probe = f"{self.kind} {self.in_features}x{self.out_features}"
+        self.probe = f"{self.kind} {self.in_features}x{self.out_features}"  # as in_row_blocks probes it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        return self._finish(in_row_blocks(self._product, rows, self.probe), x)
+        return self._finish(in_row_blocks(_onednn_product, rows, self.weight, self.probe), x)
 
-    def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
+
+def _onednn_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, None, "none", [], "")
 
 
 class Bf16Linear(_FrozenLinear):
@@ -210,15 +210,14 @@ class Bf16Linear(_FrozenLinear):
         super().__init__()
         self.last_input = last_input or _LastInput(_to_bf16)
         self.register_buffer("weight", self._take(linear, torch.bfloat16).to(torch.bfloat16).contiguous())
+        self.probe = f"{self.kind} {self.in_features}x{self.out_features}"  # as in_row_blocks probes it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.last_input.get(x, self.in_features)
-        # Fixed blocks, never probed: the product's bf16 output hides most summation-order differences from a probe
-        # (on an Intel Xeon with AMX a probe passed 16- and 256-row products that differ on real rows).
-        return self._finish(in_row_blocks(self._product, rows), x)
+        return self._finish(in_row_blocks(self._product, rows, self.weight, self.probe), x)
 
-    def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(rows, self.weight, self.bias)
+    def _product(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(rows, weight, self.bias)
 
 
 def blocks(model: nn.Module) -> list[str]:
