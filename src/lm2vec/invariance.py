@@ -6,8 +6,9 @@ take another path, and with two threads the split changes with the row count). L
 amplify those one-ulp differences to ~3e-4 in SmolLM2's embeddings. Computing every linear layer in blocks
 of a fixed row count (the last block zero-padded) gives every token row the same kernel whatever the
 batch: bit-identical results, for 15-35% more matmul time on CPU (28% of SmolLM2 fp32 encoding time).
-Where a kernel is measured row-invariant on this machine (:func:`block_sizes`), the blocks are skipped; where
-it is not, the probe finds which other block sizes give a row the same bits as a 128-row block (on an Intel Xeon
+Where a kernel is measured row-invariant on this machine (:func:`block_sizes`), the blocks may take any size of
+:data:`LADDER` (a few sizes rather than one piece: each new shape costs oneDNN memory); where it is not, the probe
+finds which of those sizes give a row the same bits as a 128-row block (on an Intel Xeon
 with AMX, MKL's 576x1536 product: all of 16-1,024 rows) and the fewest, largest blocks are used. The probe's rows
 sum huge terms that cancel (:func:`_probe_inputs`), so any change of summation order moves the result by far
 more than an ulp, and a bf16 output's rounding no longer hides it: a bf16 576x1536 product summed in reverse
@@ -15,7 +16,7 @@ order changed 15 of 98,304 outputs of random rows (massive ones among them), and
 
 Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on. The
 lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
-blocks (or in one piece, where probed invariant); their integer products are exact and need none. Attention is
+blocks (of the sizes probed alike); their integer products are exact and need none. Attention is
 the other half: see :mod:`lm2vec.packing`.
 """
 
@@ -35,6 +36,7 @@ PROBE_ROWS = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 12
 # Block sizes besides ROWS that a row-count dependent kernel may still compute alike (probed): small ones spare short
 # batches ROWS-row padding, large ones run kernels nearer their peak
 SIZES = (16, 32, 64, 256, 512, 1024)
+LADDER = tuple(sorted((ROWS, *SIZES)))
 PROBE_VERSION = 3
 BIG = 2.0**24  # the probe's cancelling terms: float32's ulp at BIG is 2, so order changes show in bf16 outputs too
 Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, weight) -> rows @ weight.T (a linear layer)
@@ -44,14 +46,15 @@ _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measu
 def in_row_blocks(kernel: Kernel, rows: torch.Tensor, weight: torch.Tensor, probe: str | None = None) -> torch.Tensor:
     """``kernel(rows, weight)`` for a linear layer's product, computed on blocks of fixed row counts (the last one
     zero-padded), so every row takes the same kernel whatever the row count. ``probe`` names the kernel and shape
-    (e.g. ``"float32 576x1536"``): :func:`block_sizes` measures which counts compute rows alike, the largest of them
-    are used, and where any count does (up to 1,024 rows) the product runs in one piece. Without ``probe``: blocks
-    of :data:`ROWS` rows."""
+    (e.g. ``"float32 576x1536"``): :func:`block_sizes` measures which counts compute rows alike, and the rows run in
+    the largest of them (all of :data:`LADDER` where any count does). Without ``probe``: blocks of :data:`ROWS`
+    rows."""
     count = rows.shape[0]
-    sizes = block_sizes(probe, kernel, rows, weight) if probe and count else (ROWS,)
-    if count == 0 or (not sizes and count <= PROBE_ROWS[-1]):
+    if count == 0:
         return kernel(rows, weight)
-    sizes = sizes or (ROWS,)
+    # Where every count computes alike, still a few sizes: each new shape costs oneDNN a primitive and the allocator
+    # fragments (one piece per pass: SciFact 958 against 855 MB peak, no faster).
+    sizes = (block_sizes(probe, kernel, rows, weight) or LADDER) if probe else (ROWS,)
     parts, start = [], 0
     while start < count:
         size = _block_size(sizes, count - start)
