@@ -95,13 +95,15 @@ def _probe_inputs(rows: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tenso
     any output precision."""
     generator = torch.Generator().manual_seed(0)
     count, features = PROBE_ROWS[-1] + ROWS, weight.shape[1]
+    half = features // 2
     w = torch.randn(weight.shape, generator=generator)
-    order = torch.randperm(features, generator=generator)
-    first, second = order[: features // 2], order[features // 2 : features // 2 * 2]
-    w[:, second] = w[:, first]
     x = torch.randn(count, features, generator=generator)
-    pairs = torch.randint(0, features // 2, (count, 3), generator=generator)
-    x.scatter_(1, first[pairs], BIG).scatter_(1, second[pairs], -BIG)
+    if half:  # a one-input layer has no pairs: random rows then
+        order = torch.randperm(features, generator=generator)
+        first, second = order[:half], order[half : 2 * half]
+        w[:, second] = w[:, first]
+        pairs = torch.randint(0, half, (count, 3), generator=generator)
+        x.scatter_(1, first[pairs], BIG).scatter_(1, second[pairs], -BIG)
     return x.to(rows.device, rows.dtype), w.to(weight.device, weight.dtype).contiguous()
 
 
@@ -116,7 +118,7 @@ def _probe_sizes(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` computed in products of exactly :data:`ROWS` rows (or in one, where measured the same)."""
+    """``F.linear`` computed in row blocks of the sizes this machine's float32 kernel computes alike (probed)."""
     probe = f"float32 {weight.shape[1]}x{weight.shape[0]}"
     out = in_row_blocks(_mm_transposed, x.reshape(-1, x.shape[-1]), weight, probe)
     if bias is not None:
