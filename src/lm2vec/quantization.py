@@ -15,7 +15,7 @@
 - "float32": the layer as it was.
 
 The float products (bf16, float32 on oneDNN) run in blocks of the row counts this machine measures alike for the
-kernel and shape (:func:`~lm2vec.invariance.in_row_blocks`; one piece where any count is), and the integer ones
+kernel and shape (:func:`~lm2vec.invariance.in_row_blocks`), and the integer ones
 are exact, so a token's result never depends on how many rows share its product.
 
 Which blocks may run in which is the model's to say, not a rule's: on the untrained bidirectional SmolLM2, one
@@ -119,6 +119,11 @@ class _FrozenLinear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().to(bias_dtype) if linear.bias is not None else None)
         return float_weight
 
+    @property
+    def probe(self) -> str:
+        """The kernel and shape, as :func:`~lm2vec.invariance.in_row_blocks` probes the layer's float product."""
+        return f"{self.kind} {self.in_features}x{self.out_features}"
+
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The bias added (float32 outputs), back in ``x``'s shape and dtype."""
         if self.bias is not None and out.dtype == torch.float32:
@@ -187,7 +192,6 @@ class OneDnnLinear(_FrozenLinear):
     def __init__(self, linear: nn.Linear | Conv1D):
         super().__init__()
         self.register_buffer("weight", self._take(linear).float().contiguous())
-        self.probe = f"{self.kind} {self.in_features}x{self.out_features}"  # as in_row_blocks probes it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
@@ -210,7 +214,6 @@ class Bf16Linear(_FrozenLinear):
         super().__init__()
         self.last_input = last_input or _LastInput(_to_bf16)
         self.register_buffer("weight", self._take(linear, torch.bfloat16).to(torch.bfloat16).contiguous())
-        self.probe = f"{self.kind} {self.in_features}x{self.out_features}"  # as in_row_blocks probes it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.last_input.get(x, self.in_features)
