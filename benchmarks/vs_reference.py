@@ -8,8 +8,10 @@ runs in its own worker process (so peak RSS is per mode): the reference ``llm2ve
 (``make reference``, see ../shared/peers/official_llm2vec), lm2vec in this one. Modes:
 
 - ``reference``; ``fp32`` (lm2vec float32: bit-identical in any batch); ``default`` (``lm2vec.load()``, i.e.
-  ``dtype="auto"``: what this machine measures fastest and stays float32-grade); ``fp32-fast`` (float32 without
-  batch invariance); ``bf16`` and ``int8`` (lower-precision linear layers where calibration allows);
+  ``dtype="auto"``: what this machine measures fastest and stays float32-grade); ``default-compiled`` (the
+  default with each transformer block under ``torch.compile``, see :func:`compile_blocks`); ``fp32-fast``
+  (float32 without batch invariance); ``bf16`` and ``int8`` (lower-precision linear layers where calibration
+  allows);
 - engines tried on the exported ONNX graph: ``ort-fp32`` (ONNX Runtime), ``ort-int8`` (ONNX Runtime
   ``MatMulNBits``: 8-bit symmetric weights in blocks of 32, ``accuracy_level=4``, i.e. int8 activations
   quantized per block), ``openvino-int8`` (NNCF int8 symmetric weights, the CPU plugin's dynamic activation
@@ -43,6 +45,7 @@ REPLY = "RESULT "  # worker stdout lines carrying results start with this; anyth
 LM2VEC_MODES = {
     "fp32": "float32",
     "default": "auto",
+    "default-compiled": "auto",
     "fp32-fast": "float32",
     "bf16": "bfloat16",
     "int8": "int8",
@@ -53,7 +56,7 @@ LM2VEC_MODES = {
 NEEDS = {"ort": ("onnxruntime", "onnx"), "openvino": ("openvino", "nncf")}  # the optional extras per engine
 PEAK_OF = {"bf16": "bf16", "int8": "int8", "ort-int8": "int8", "openvino-int8": "int8"}  # others: fp32
 MODE_NAMES = ", ".join(["reference", *LM2VEC_MODES])
-DEFAULT_MODES = "reference,fp32,default,fp32-fast,bf16,int8,ort-fp32,ort-int8,openvino-int8"
+DEFAULT_MODES = "reference,fp32,default,default-compiled,fp32-fast,bf16,int8,ort-fp32,ort-int8,openvino-int8"
 REFERENCE_DIR = Path(os.environ.get("LM2VEC_REFERENCE_DIR", Path(__file__).resolve().parents[1] / ".peer-llm2vec"))
 
 
@@ -110,6 +113,12 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
     if args.worker == "fp32-fast":
         encoder.batch_invariant = False
     chosen = encoder.dtype
+    extra: dict = {}
+    if args.worker == "default-compiled":
+        start = time.perf_counter()
+        compile_blocks(encoder)
+        encoder.encode(texts, batch_size=args.batch_size, show_progress_bar=False)  # compiles every shape it meets
+        extra["compile_s"] = time.perf_counter() - start
     if args.worker.startswith(("ort-", "openvino-")):
         encoder, chosen = engine_encoder(encoder, args.worker), args.worker
     lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
@@ -124,8 +133,45 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
     def encode(batch: list[str]):
         return encoder.encode(batch, batch_size=args.batch_size, show_progress_bar=False)
 
-    extra = {"flops": flops, "dtype": chosen, "blocks": encoder.info()["blocks"]}
+    extra |= {"flops": flops, "dtype": chosen, "blocks": encoder.info()["blocks"]}
     serve(encode, sum(lengths), texts, args, extra)
+
+
+class _Opaque:
+    """A value handed through a compiled region untouched: dynamo guards on its type, not on its contents."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def compile_blocks(encoder) -> None:
+    """Regional ``torch.compile`` of the encoder's model (tried, not kept: docs/performance.md): every
+    transformer block compiled with dynamic shapes, so the element-wise work between the products (norms, rotary,
+    SiLU, residual sums) fuses. The lowered linear layers and packed attention stay eager (graph breaks: their row
+    blocks and per-length loops would specialise a graph per batch), and packing's segments pass as one opaque
+    object, so that no batch's segment lengths become guards."""
+    import torch
+    from transformers import AttentionInterface
+
+    from lm2vec import packing, quantization
+
+    lowered = (quantization.Int8Linear, quantization.Int8x2Linear, quantization.Bf16Linear, quantization.OneDnnLinear)
+    for layer in lowered:
+        layer.forward = torch.compiler.disable(layer.forward)
+    attention = packing.packed_attention
+
+    @torch.compiler.disable
+    def opaque_attention(module, query, key, value, attention_mask, segments=None, **kwargs):
+        segments = segments.value if segments is not None else None
+        return attention(module, query, key, value, attention_mask, segments=segments, **kwargs)
+
+    AttentionInterface.register(packing.PACKED, opaque_attention)
+    model = encoder.model
+    forward = model.forward
+    model.forward = lambda *a, segments=None, **kw: forward(*a, segments=segments and _Opaque(segments), **kw)
+    for prefix in quantization.blocks(model):
+        block = model.get_submodule(prefix.rstrip("."))
+        block.forward = torch.compile(block.forward, dynamic=True)
 
 
 def engine_encoder(encoder, mode: str):
@@ -340,11 +386,14 @@ def run(args: argparse.Namespace) -> None:
     best = {p: max(v for k, v in peaks.items() if k.startswith(p)) for p in ("fp32", "bf16", "int8")}
     if "default" in modes:
         print(f"default: dtype={setup['default']['dtype']}, blocks {setup['default']['blocks']}")
+    if "default-compiled" in modes:
+        compile_s = setup["default-compiled"]["compile_s"]
+        print(f"default-compiled: torch.compile and its first pass over the texts took {compile_s:.0f} s")
     print(f"model: {args.model or 'the built-in SmolLM2-135M-Instruct (untrained)'}\n")
     base = statistics.median(seconds["reference"]) if "reference" in modes else None
     anchor_mode = "fp32" if "fp32" in modes else modes[0]
     anchor = embeddings[anchor_mode]
-    header = f"{'mode':<14}{'sent/s':>8}{'tokens/s':>10}{'peak RSS':>10}{'vs ref':>8}{'TFLOP/s':>9}{'of peak':>9}"
+    header = f"{'mode':<18}{'sent/s':>8}{'tokens/s':>10}{'peak RSS':>10}{'vs ref':>8}{'TFLOP/s':>9}{'of peak':>9}"
     print(header + f"{'cos min':>9}{'cos mean':>10}   runs (s)")
     figures: dict[str, dict] = {}
     for mode in modes:
@@ -364,7 +413,7 @@ def run(args: argparse.Namespace) -> None:
         }
         f = figures[mode]
         print(
-            f"{mode:<14}{f['sentences_per_s']:>8.1f}{f['tokens_per_s']:>10.0f}{f['peak_rss_mb']:>7.0f} MB"
+            f"{mode:<18}{f['sentences_per_s']:>8.1f}{f['tokens_per_s']:>10.0f}{f['peak_rss_mb']:>7.0f} MB"
             f"{_fmt(f['vs_reference'], 'x'):>8}{_fmt(f['model_tflops'], ''):>9}{_fmt(f['fraction_of_peak'], '%'):>9}"
             f"{cosine.min():>9.4f}{cosine.mean():>10.5f}   " + ", ".join(f"{s:.1f}" for s in seconds[mode])
         )
@@ -380,7 +429,7 @@ def run(args: argparse.Namespace) -> None:
 
 def precision_of(mode: str, setup: dict) -> str:
     """The matmul precision a mode's speed is measured against (the default's: the dtype it chose)."""
-    if mode == "default":
+    if mode in ("default", "default-compiled"):
         return {"bfloat16": "bf16", "int8": "int8"}.get(setup["dtype"], "fp32")
     return PEAK_OF.get(mode, "fp32")
 
