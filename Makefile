@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py --data $(LM2VEC_DATA) --output outputs/demo --resume
 
-# The ablation of docs/results.md: the causal model trained for the same time (recipe cpu-no-mntp), after the demo.
+# The ablations of docs/results.md, after the demo: the causal model trained for the same time (recipe cpu-no-mntp),
+# and the untrained model with the poolings the demo rows do not use.
 ablation: $(STAMP)
 	$(PY) examples/demo.py --data $(LM2VEC_DATA) --output outputs/demo --resume --ablation
 

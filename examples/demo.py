@@ -3,7 +3,8 @@
 Scores STS-B after every stage (causal baseline, bidirectional untrained, +MNTP, +SimCSE, +supervised on
 SNLI triplets), prints the table with the targets, and writes it to ``--output/results.md``. With
 ``--ablation`` it then trains the causal model for the same time: the contrastive stages, SimCSE with MNTP's
-time added (the recipe ``<recipe>-no-mntp`` where one is packaged, e.g. ``cpu-no-mntp``).
+time added (the recipe ``<recipe>-no-mntp`` where one is packaged, e.g. ``cpu-no-mntp``), and scores the untrained
+model with the two poolings the rows do not use (causal mean, bidirectional weighted mean).
 
     python examples/demo.py --data ../shared/data [--output outputs/demo] [--ablation] [--resume]
 """
@@ -21,6 +22,7 @@ from lm2vec.evaluation import evaluate_sts
 from lm2vec.hardware import describe_cpu
 from lm2vec.training import convert
 from lm2vec.training.config import builtin_recipes
+from lm2vec.training.conversion import Row
 from lm2vec.training.stage import TRAINING_DTYPE
 
 # STS-B test Spearman targets (issue "Training", means of 3 seeds on any CPU); the causal baseline is RECIPE.md's.
@@ -38,7 +40,7 @@ def other_poolings(data: Path) -> dict[tuple[str, str], float]:
     precision would first calibrate each attention mode (minutes on a fresh machine). Each ``load`` proves its
     attention mode (causal / bidirectional) on the loaded model or raises.
     """
-    scores = {}
+    scores: dict[tuple[str, str], float] = {}
     for bidirectional, pooling in ((False, PoolingMode.MEAN), (True, PoolingMode.WEIGHTED_MEAN)):
         encoder = lm2vec.load(bidirectional=bidirectional, pooling=pooling, dtype=TRAINING_DTYPE)
         key = ("bidirectional" if bidirectional else "causal", pooling.value)
@@ -47,12 +49,23 @@ def other_poolings(data: Path) -> dict[tuple[str, str], float]:
     return scores
 
 
+def print_poolings(pooled: dict[tuple[str, str], float], rows: list[Row]) -> None:
+    """The untrained model's four poolings: ``pooled``'s two and the baseline rows' (the first two of ``rows``)."""
+    for key, row in zip((("causal", "weighted_mean"), ("bidirectional", "mean")), rows, strict=False):
+        pooled[key] = row.test if row.test is not None else float("nan")
+    print("\nuntrained model, STS-B test Spearman x100 (attention verified at every load):")
+    for mode in ("causal", "bidirectional"):
+        print(f"  {mode:<15}mean {pooled[(mode, 'mean')]:5.1f}   weighted mean {pooled[(mode, 'weighted_mean')]:5.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="the shared data folder (default: LM2VEC_DATA)")
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--recipe", default="cpu")
-    parser.add_argument("--ablation", action="store_true", help="also train the causal model for the same time")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also train the causal model for the same time; score other poolings"
+    )
     parser.add_argument("--resume", action="store_true", help="reuse finished stages of an earlier run")
     args = parser.parse_args()
     data = args.data or data_dir()
@@ -64,8 +77,8 @@ def main() -> None:
         equal_budget = f"{args.recipe}-no-mntp"
         ablation = equal_budget if equal_budget in builtin_recipes() else args.recipe
         runs.append(("causal ablation", args.output / f"causal-{ablation}", ablation, True))
-    pooled = other_poolings(data)
-    rows = []
+    pooled = other_poolings(data) if args.ablation else {}  # two more scorings: ~2 min on two cores
+    rows: list[Row] = []
     for name, output, recipe, causal in runs:
         start = time.perf_counter()
         _, table = convert(
@@ -81,10 +94,8 @@ def main() -> None:
         rows += table
         print(f"{name}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
-    pooled[("causal", "weighted_mean")], pooled[("bidirectional", "mean")] = rows[0].test, rows[1].test
-    print("\nuntrained model, STS-B test Spearman x100 (attention verified at every load):")
-    for mode in ("causal", "bidirectional"):
-        print(f"  {mode:<15}mean {pooled[(mode, 'mean')]:5.1f}   weighted mean {pooled[(mode, 'weighted_mean')]:5.1f}")
+    if pooled:
+        print_poolings(pooled, rows)
     print(f"\nSTS-B Spearman x100, recipe {args.recipe!r}, on {describe_cpu()}")
     print(f"{'model':<46}{'dev':>7}{'test':>7}{'minutes':>9}{'peak GB':>9}   target (test)")
     for row in rows:
