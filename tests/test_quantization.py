@@ -25,6 +25,7 @@ from lm2vec.quantization import (
     blocks,
     int_product,
     lower_precision,
+    lowered,
     onednn_available,
     quantize_rows,
     quantize_rows2,
@@ -162,6 +163,25 @@ def test_a_lowered_model_reports_the_parameters_of_the_float_model(model_type: s
     lower_precision(encoder.model, kind, keep=(0,))
     assert sum(p.numel() for p in encoder.model.parameters()) < before
     assert encoder.info()["parameters"] == before
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["bfloat16", pytest.param("float32-onednn", marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN"))],
+)
+def test_lowered_runs_the_precision_inside_and_gives_the_model_its_own_layers_back(kind: str):
+    encoder = tiny_encoder()
+    before = encoder.encode(TEXTS)
+    own = {name: m for name, m in encoder.model.named_modules() if isinstance(m, LINEAR)}
+    with lowered(encoder.model, kind):
+        assert encoder.dtype == kind and not any(isinstance(m, LINEAR) for m in encoder.model.layers.modules())
+        inside = encoder.encode(TEXTS)
+    assert {name: m for name, m in encoder.model.named_modules() if isinstance(m, LINEAR)} == own
+    np.testing.assert_array_equal(encoder.encode(TEXTS), before)  # the float32 model, bit for bit
+    assert cosine_rows(inside, before).min() > 0.99
+    with pytest.raises(KeyError), lowered(encoder.model, kind):
+        raise KeyError("a failure inside")
+    assert encoder.dtype == "float32"
 
 
 @pytest.mark.parametrize("kind", ["int8", "bfloat16"])

@@ -18,12 +18,11 @@ from bisect import bisect_left
 from importlib.resources import files
 
 import numpy as np
-from torch import nn
 
 from .cache import atomic_write, cache_dir, cache_key, fingerprint
 from .encoder import Encoder
 from .hardware import linear_speeds
-from .quantization import FLOAT32, ONEDNN, PRECISE, Plan, blocks, linear_layers, lower_precision
+from .quantization import FLOAT32, ONEDNN, PRECISE, Plan, blocks, lowered
 
 MIN_COSINE = 0.9998  # per calibration text, against float32; the bar on unseen texts is 0.99 (min), 0.999 (mean)
 VERSION = 2  # bump when the procedure changes: cached answers are then measured again
@@ -96,13 +95,8 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
 
     def worst(plan: Plan) -> float:
         """The lowest cosine to float32 with the model run by ``plan``."""
-        model = encoder.model
-        originals = {name: model.get_submodule(name) for name in linear_layers(model)}
-        lower_precision(model, plan)
-        try:
+        with lowered(encoder.model, plan):
             embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
-        finally:
-            _restore(model, originals)
         return float((embeddings * reference).sum(-1).min())
 
     def alone(block: int, kind: str) -> float:  # the block in ``kind``, every other in float32
@@ -134,9 +128,3 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
 
 def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
-    for name, module in originals.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)

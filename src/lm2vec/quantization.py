@@ -26,9 +26,10 @@ later ones stays above 0.998 (docs/performance.md). :mod:`lm2vec.calibration` me
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 import torch
@@ -270,6 +271,19 @@ def lower_precision(model: nn.Module, kind: str | Sequence[str], keep: tuple[int
         parent = model.get_submodule(parent_name)
         setattr(parent, child, makers[layer_kind](getattr(parent, child)))
     return model
+
+
+@contextlib.contextmanager
+def lowered(model: nn.Module, kind: str | Sequence[str]) -> Iterator[nn.Module]:
+    """``model`` run by :func:`lower_precision` (``kind``: a kind or a plan) inside the block, its own linear layers
+    put back afterwards: for measuring a precision on a model that goes on in float32 (calibration, scoring)."""
+    originals = {name: model.get_submodule(name) for name in linear_layers(model)}
+    try:
+        yield lower_precision(model, kind)
+    finally:
+        for name, module in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
 
 
 def block_plan(model: nn.Module) -> Plan:

@@ -16,6 +16,8 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import lm2vec
+from lm2vec.evaluation import evaluate_sts
+from lm2vec.evaluation.sts import load_sts
 from lm2vec.inputs import Tokenization
 from lm2vec.training import (
     MNTPConfig,
@@ -27,10 +29,19 @@ from lm2vec.training import (
     train_simcse,
     train_supervised,
 )
+from lm2vec.training.conversion import score
 from lm2vec.training.losses import info_nce, matryoshka
 from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
 from lm2vec.training.stage import claim_stage_dir, embedding_stage, length_chunks
-from tests.support import needs_data, random_texts, tiny_config, tiny_encoder, tiny_tokenizer, write_jsonl
+from tests.support import (
+    needs_data,
+    random_texts,
+    tiny_config,
+    tiny_encoder,
+    tiny_tokenizer,
+    word_encoder,
+    write_jsonl,
+)
 
 FAST = dict(save_steps=2, logging_steps=1, max_length=24, bf16=False)
 
@@ -382,6 +393,15 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
         "causal (weighted mean) + simcse",
         "causal (weighted mean) + simcse + supervised",
     ]
+
+
+@needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")
+def test_rows_are_scored_in_float32_on_the_fastest_kernels_and_the_encoder_is_left_as_it_was():
+    splits = {split: load_sts("stsb", split, max_samples=300) for split in ("dev", "test")}
+    encoder = word_encoder([s for pairs in splits.values() for s in pairs.sentence1 + pairs.sentence2])
+    plain = {split: evaluate_sts(encoder, split, max_samples=300).scores["spearman"] for split in splits}
+    assert score(encoder, None, max_samples=300) == pytest.approx(plain, abs=0.05)
+    assert encoder.dtype == "float32" and encoder.batch_invariant
 
 
 @needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")
