@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lm2vec
-from lm2vec.calibration import MIN_COSINE, best_plan, calibrate, calibration_texts, chain, plan_speed
+from lm2vec.calibration import MIN_COSINE, best_plan, calibrate, calibration_texts, chain, plan_speed, smoothing
 from lm2vec.evaluation import cosine_rows
 from lm2vec.loading.model import lower_cache_path
 from lm2vec.loading.source import resolve_source
@@ -21,6 +21,7 @@ from lm2vec.quantization import (
     Int8Linear,
     Int8x2Linear,
     OneDnnLinear,
+    _LastInput,
     block_plan,
     blocks,
     int_product,
@@ -29,6 +30,7 @@ from lm2vec.quantization import (
     onednn_available,
     quantize_rows,
     quantize_rows2,
+    smoothing_factors,
 )
 from tests.support import random_texts, tiny_encoder
 
@@ -108,6 +110,42 @@ def test_quantize_rows_round_trips_within_half_a_step():
     q, scale = quantize_rows(x)
     assert q.dtype == torch.int8 and q.abs().max() == 127
     assert ((q.float() * scale - x).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weights_and_keeps_the_product():
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(40, 64)
+    x[:, 5] *= 300  # a massive-activation channel: per-token int8 loses the other channels' resolution
+    factors = smoothing_factors(x.abs().amax(0), [linear])
+    assert factors.shape == (64,) and factors.min() == 1.0 and factors.argmax() == 5 and factors[5] > 10
+    exact = linear(x).detach()
+    plain = Int8Linear(linear)(x)
+    smooth = Int8Linear(linear, smooth=factors)(x)
+    assert (smooth - exact).abs().max() < (plain - exact).abs().max() / 3
+
+
+def test_layers_sharing_an_input_but_not_its_scales_each_get_their_own_product():
+    torch.manual_seed(3)
+    shared = _LastInput(quantize_rows)
+    a, b = torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)
+    x = torch.randn(9, 32) * torch.linspace(1, 50, 32)
+    factors = smoothing_factors(x.abs().amax(0), [a])
+    together = Int8Linear(a, shared, smooth=factors)(x), Int8Linear(b, shared)(x)
+    alone = Int8Linear(a, smooth=factors)(x), Int8Linear(b)(x)
+    assert all(torch.equal(t, s) for t, s in zip(together, alone, strict=True))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_smoothing_gives_layers_called_on_one_input_one_factor(model_type: str):
+    encoder = tiny_encoder(model_type)
+    factors = smoothing(encoder, random_texts(12, seed=5))
+    first = blocks(encoder.model)[0]
+    names = [n for n, m in encoder.model.named_modules() if isinstance(m, LINEAR) and f"{n}.".startswith(first)]
+    assert set(names) <= set(factors) and len(factors) == len(names) * len(blocks(encoder.model))
+    groups = {id(factors[n]) for n in names}
+    expected = {"llama": 4, "gpt2": 4}[model_type]  # q/k/v | o | gate/up | down; c_attn | c_proj | c_fc | c_proj
+    assert len(groups) == expected and all(f.min() == 1.0 for f in factors.values())
 
 
 def test_rows_do_not_depend_on_the_batch():

@@ -14,18 +14,22 @@ fingerprint) and chain.
 from __future__ import annotations
 
 import json
+import weakref
 from bisect import bisect_left
 from importlib.resources import files
+from typing import cast
 
 import numpy as np
+import torch
+from torch import nn
 
 from .cache import atomic_write, cache_dir, cache_key, fingerprint
 from .encoder import Encoder
 from .hardware import linear_speeds
-from .quantization import FLOAT32, ONEDNN, PRECISE, Plan, blocks, lowered
+from .quantization import FLOAT32, ONEDNN, PRECISE, Plan, blocks, linear_layers, lowered, smoothing_factors
 
 MIN_COSINE = 0.9998  # per calibration text, against float32; the bar on unseen texts is 0.99 (min), 0.999 (mean)
-VERSION = 2  # bump when the procedure changes: cached answers are then measured again
+VERSION = 3  # bump when the procedure changes: cached answers are then measured again
 
 
 def calibration_texts() -> list[str]:
@@ -88,14 +92,55 @@ def calibrate(encoder: Encoder, kind: str, min_cosine: float = MIN_COSINE) -> Pl
     return plan
 
 
+def smoothing(encoder: Encoder, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """SmoothQuant's factors (:class:`~lm2vec.quantization.Int8Linear`) for every float linear layer of the blocks,
+    from their inputs on the calibration texts; layers called on one input tensor (q/k/v, gate/up) share theirs."""
+    model, texts = encoder.model, texts or calibration_texts()
+    absmax: dict[str, torch.Tensor] = {}
+    leader: dict[str, str] = {}  # each layer -> the first layer of the group sharing its input
+    last: dict = {"input": lambda: None, "name": ""}
+
+    def record(name: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            peak = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+            absmax[name] = torch.maximum(absmax[name], peak) if name in absmax else peak
+            if name not in leader:
+                leader[name] = leader[last["name"]] if last["input"]() is args[0] else name
+            last["input"], last["name"] = weakref.ref(args[0]), name
+
+        return hook
+
+    names = [name for block in blocks(model) for name in linear_layers(model, block)]
+    hooks = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    try:
+        ids, prefix = encoder.tokenization.tokenize([""] * len(texts), texts)
+        encoder.embed_tokens(ids, prefix)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(leader.get(name, name), []).append(name)
+    factors: dict[str, torch.Tensor] = {}
+    for first, members in groups.items():
+        if first not in absmax:
+            continue
+        layers = [cast(nn.Linear, model.get_submodule(name)) for name in members]  # linear_layers: nn.Linear, Conv1D
+        shared = smoothing_factors(absmax[first], layers)
+        factors |= dict.fromkeys(members, shared)
+    return factors
+
+
 def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cosine: float) -> Plan:
     ids, prefix = encoder.tokenization.tokenize([""] * len(texts), texts)
     reference = _normalized(encoder.embed_tokens(ids, prefix).numpy())
     count = len(blocks(encoder.model))
+    smooth = smoothing(encoder, texts) if "int8" in kinds else None
 
     def worst(plan: Plan) -> float:
         """The lowest cosine to float32 with the model run by ``plan``."""
-        with lowered(encoder.model, plan):
+        with lowered(encoder.model, plan, smooth):
             embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
         return float((embeddings * reference).sum(-1).min())
 

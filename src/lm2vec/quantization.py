@@ -1,7 +1,8 @@
 """Linear layers in lower precision, block by block: each block of a model gets one of :data:`KINDS`.
 
 - :class:`Int8Linear` ("int8"): weights quantized once per output channel, activations per token (row) at run
-  time, the product done in integers (``torch._int_mm``: VNNI / AMX-int8 kernels on CPU) and scaled back to
+  time, after SmoothQuant's per-channel smoothing where calibration measured the inputs (:func:`smoothing_factors`,
+  :func:`lm2vec.calibration.smoothing`), the product done in integers (``torch._int_mm``: VNNI / AMX-int8 kernels on CPU) and scaled back to
   float32. Per-token scales keep LLMs' massive activations from crushing other tokens' resolution, and integer
   products are exact, so a text's embedding is bit-identical in any batch.
 - :class:`Bf16Linear` ("bfloat16"): bf16 weights and inputs, float32 out, so the residual stream, norms and
@@ -48,7 +49,7 @@ PRECISE = "int8x2"  # the near-float32 kind for blocks that cannot run in bf16 o
 
 QMAX = 127
 LOW = 254  # the second int8 level's step: the first level's step / LOW (|rounding error| <= step / 2)
-SCHEME = "lower-v3"  # names the cached layout of lowered models: change it when a layout changes
+SCHEME = "lower-v4"  # names the cached layout of lowered models: change it when a layout changes
 Plan = tuple[str, ...]  # one of KINDS per transformer block
 Quantized = tuple[torch.Tensor, torch.Tensor]  # int8 values, float32 scale per row
 T = TypeVar("T")
@@ -87,19 +88,31 @@ def _float_weight(linear: nn.Linear | Conv1D) -> torch.Tensor:
 class _LastInput(Generic[T]):
     """The most recent converted input. q/k/v (and gate/up) projections are called on one tensor object, so one
     conversion (quantization, bf16 cast) serves them all; a new tensor (even at a reused address) is converted
-    afresh. The input is held weakly: keeping it would keep each layer's input alive until the next layer's."""
+    afresh, as is one a layer multiplies by other input scales first (see :class:`Int8Linear`). The input is held
+    weakly: keeping it would keep each layer's input alive until the next layer's."""
 
     def __init__(self, convert: Callable[[torch.Tensor], T]):
         self._convert = convert
         self.key: tuple | None = None
         self.value: T | None = None
 
-    def get(self, x: torch.Tensor, features: int) -> T:
-        value = self.value
-        if value is None or self.key is None or self.key[0]() is not x or self.key[1:] != (x.data_ptr(), x.shape):
-            self.key, value = (weakref.ref(x), x.data_ptr(), x.shape), self._convert(x.reshape(-1, features))
-            self.value = value
+    def get(self, x: torch.Tensor, features: int, input_scale: torch.Tensor | None = None) -> T:
+        value, key = self.value, self.key
+        if (
+            value is None
+            or key is None
+            or key[0]() is not x
+            or key[1:3] != (x.data_ptr(), x.shape)
+            or not _same(key[3], input_scale)
+        ):
+            rows = x.reshape(-1, features)
+            value = self._convert(rows if input_scale is None else rows * input_scale)
+            self.key, self.value = (weakref.ref(x), x.data_ptr(), x.shape, input_scale), value
         return value
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -136,23 +149,49 @@ class _FrozenLinear(nn.Module):
 
 
 class Int8Linear(_FrozenLinear):
-    """A frozen ``nn.Linear`` with int8 weights (per output channel) and per-token int8 activations."""
+    """A frozen ``nn.Linear`` with int8 weights (per output channel) and per-token int8 activations.
+
+    ``smooth``, a factor per input channel (SmoothQuant, Xiao et al. 2023): the weight's columns are multiplied by
+    it before quantizing and the input divided by it at run time, the same product, with the activations' outlier
+    channels moved into the weights, where per-channel scales absorb them (:func:`smoothing_factors`).
+    """
 
     kind = "int8"
     weight_t: torch.Tensor
     weight_scale: torch.Tensor
+    input_scale: torch.Tensor
 
-    def __init__(self, linear: nn.Linear | Conv1D, last_input: _LastInput[Quantized] | None = None):
+    def __init__(
+        self,
+        linear: nn.Linear | Conv1D,
+        last_input: _LastInput[Quantized] | None = None,
+        smooth: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.last_input = last_input or _LastInput(quantize_rows)
-        weight, scale = quantize_rows(self._take(linear))
+        float_weight = self._take(linear).float()
+        smooth = torch.ones(self.in_features) if smooth is None else smooth.float()
+        weight, scale = quantize_rows(float_weight * smooth)
         self.register_buffer("weight_t", weight.t().contiguous())  # (in, out): _int_mm's layout
         self.register_buffer("weight_scale", scale.reshape(1, -1))
+        self.register_buffer("input_scale", smooth.reciprocal())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = self.last_input.get(x, self.in_features)
+        q, scale = self.last_input.get(x, self.in_features, self.input_scale)
         out = int_product(q, self.weight_t) * scale  # int32 x float32 -> float32, one pass
         return self._finish(out.mul_(self.weight_scale), x)
+
+
+def smoothing_factors(
+    input_absmax: torch.Tensor, layers: Sequence[nn.Linear | Conv1D], alpha: float = 0.5
+) -> torch.Tensor:
+    """SmoothQuant's factor per input channel for the layers that share one input: ``max|x_j|^alpha /
+    max|W_:,j|^(1 - alpha)`` over the layers' weights, so activations and weights split the outliers; relative to
+    the median channel and never below it, so that no channel quiet on the calibration texts is amplified (a text
+    that is loud there would otherwise crush the rest of its row)."""
+    weight_absmax = torch.stack([_float_weight(layer).float().abs().amax(0) for layer in layers]).amax(0)
+    factors = input_absmax.float().clamp_min(1e-5).pow(alpha) / weight_absmax.clamp_min(1e-5).pow(1 - alpha)
+    return (factors / factors.median()).clamp_min(1.0)
 
 
 class Int8x2Linear(_FrozenLinear):
@@ -242,9 +281,15 @@ def linear_layers(model: nn.Module, block: str = "") -> list[str]:
     ]
 
 
-def lower_precision(model: nn.Module, kind: str | Sequence[str], keep: tuple[int, ...] = ()) -> nn.Module:
+def lower_precision(
+    model: nn.Module,
+    kind: str | Sequence[str],
+    keep: tuple[int, ...] = (),
+    smoothing: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Put the linear layers in lower precision, in place, the LM head excepted. ``kind``: one of :data:`KINDS`
-    for every block but those numbered in ``keep`` (float32), or a plan: one kind per block. Returns the model."""
+    for every block but those numbered in ``keep`` (float32), or a plan: one kind per block. ``smoothing``: the
+    int8 layers' factors per input channel, by layer name (:class:`Int8Linear`). Returns the model."""
     prefixes = blocks(model)
     if isinstance(kind, str) and kind not in KINDS:
         raise ValueError(f"unknown precision {kind!r}; choose one of {KINDS}")
@@ -260,26 +305,30 @@ def lower_precision(model: nn.Module, kind: str | Sequence[str], keep: tuple[int
     }
     if not plan or not targets and set(plan) != {"float32"}:
         raise ValueError("the model has no transformer blocks with nn.Linear layers to put in lower precision")
-    makers: dict[str, Callable[[nn.Linear], nn.Module]] = {
+    makers: dict[str, Callable[..., nn.Module]] = {
         "int8": functools.partial(Int8Linear, last_input=_LastInput(quantize_rows)),
         "int8x2": functools.partial(Int8x2Linear, last_input=_LastInput(quantize_rows2)),
         "bfloat16": functools.partial(Bf16Linear, last_input=_LastInput(_to_bf16)),
         ONEDNN: OneDnnLinear,
     }
+    smoothing = smoothing or {}
     for name, layer_kind in targets.items():  # by name: each float layer is freed as soon as it is replaced
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, makers[layer_kind](getattr(parent, child)))
+        extra = {"smooth": smoothing[name]} if layer_kind == "int8" and name in smoothing else {}
+        setattr(parent, child, makers[layer_kind](getattr(parent, child), **extra))
     return model
 
 
 @contextlib.contextmanager
-def lowered(model: nn.Module, kind: str | Sequence[str]) -> Iterator[nn.Module]:
+def lowered(
+    model: nn.Module, kind: str | Sequence[str], smoothing: dict[str, torch.Tensor] | None = None
+) -> Iterator[nn.Module]:
     """``model`` run by :func:`lower_precision` (``kind``: a kind or a plan) inside the block, its own linear layers
     put back afterwards: for measuring a precision on a model that goes on in float32 (calibration, scoring)."""
     originals = {name: model.get_submodule(name) for name in linear_layers(model)}
     try:
-        yield lower_precision(model, kind)
+        yield lower_precision(model, kind, smoothing=smoothing)
     finally:
         for name, module in originals.items():
             parent, _, child = name.rpartition(".")

@@ -98,13 +98,13 @@ def load(
 def _lower(encoder: Encoder, source: Source, variant: object, chosen: str, cache: bool = True) -> None:
     """Run each block in the precision calibration measured for this model (cached), ``chosen`` being "int8",
     "bfloat16" or "auto" (the fastest plan of this CPU's fast precisions; float32 if none is fast enough)."""
-    from ..calibration import best_plan, calibrate, plan_speed
+    from ..calibration import best_plan, calibrate, plan_speed, smoothing
 
     plan = best_plan(encoder, auto_candidates()) if chosen == "auto" else calibrate(encoder, chosen)
     if chosen == "auto" and plan_speed(plan) < MIN_SPEEDUP or set(plan) == {"float32"}:
         return
     if chosen != "auto" and set(plan) <= set(FLOAT32):
         warnings.warn(f"no block of this model stays float32-grade in {chosen}: running float32", stacklevel=3)
-    lower_precision(encoder.model, plan)
+    lower_precision(encoder.model, plan, smoothing=smoothing(encoder) if "int8" in plan else None)
     if cache:
         cache_lower_model(source, variant, chosen, encoder.model, plan)
