@@ -2,9 +2,9 @@
 
 - :class:`Int8Linear` ("int8"): weights quantized once per output channel, activations per token (row) at run
   time, after SmoothQuant's per-channel smoothing where calibration measured the inputs (:func:`smoothing_factors`,
-  :func:`lm2vec.calibration.smoothing`), the product done in integers (``torch._int_mm``: VNNI / AMX-int8 kernels on CPU) and scaled back to
-  float32. Per-token scales keep LLMs' massive activations from crushing other tokens' resolution, and integer
-  products are exact, so a text's embedding is bit-identical in any batch.
+  :func:`lm2vec.calibration.smoothing`), the product done in integers (``torch._int_mm``: VNNI / AMX-int8 kernels
+  on CPU) and scaled back to float32. Per-token scales keep LLMs' massive activations from crushing other tokens'
+  resolution, and integer products are exact, so a text's embedding is bit-identical in any batch.
 - :class:`Bf16Linear` ("bfloat16"): bf16 weights and inputs, float32 out, so the residual stream, norms and
   attention stay float32.
 - :class:`Int8x2Linear` ("int8x2"): weights and activations as two int8 levels each (a value and its rounding
