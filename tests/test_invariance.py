@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from lm2vec.invariance import ROWS, BatchInvariant, block_sizes, blocked_linear, in_row_blocks
+from lm2vec.invariance import ELEMENTWISE, ROWS, BatchInvariant, block_sizes, blocked_linear, in_row_blocks
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -48,6 +49,20 @@ def test_the_mode_reroutes_nn_linear_for_inference_only():
     with Counting():  # training: autograd needs the plain op, and the mode leaves it alone
         layer(x).sum().backward()
     assert calls == [False, True] and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("width", [1, 3, 100])
+def test_narrow_elementwise_functions_give_a_row_its_bits_in_any_batch(width: int):
+    """ATen's scalar path for a tensor's last few elements rounds otherwise than its vector path (sigmoid of a
+    one-column gate: 31 of 39 row counts gave some row other bits); in whole vectors every row keeps its bits."""
+    rows = torch.randn(200, width, generator=torch.Generator().manual_seed(0))
+    functions = ELEMENTWISE - {torch.Tensor.sigmoid, torch.Tensor.tanh, torch.Tensor.exp}  # the same kernels
+    with torch.inference_mode(), BatchInvariant():
+        for function in [*functions, lambda x: x.sigmoid(), lambda x: nn.functional.gelu(x, approximate="tanh")]:
+            everything = function(rows)
+            torch.testing.assert_close(everything, function(rows.double()).float())  # still the function
+            for count in range(1, 40):
+                assert torch.equal(function(rows[:count]), everything[:count]), (function, count)
 
 
 def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_alike_blocks(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from . import st_format
 from .attention import position_ids_for, verify_attention
 from .inputs import Batch, Inputs, ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
-from .invariance import BatchInvariant
+from .invariance import BatchInvariant, eager_experts
 from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
@@ -285,11 +285,16 @@ class Encoder:
         return torch.cat(chunks).cpu()[torch.argsort(order)]
 
     def _invariance(self) -> contextlib.AbstractContextManager:
-        """Blocked float32 CPU matmuls (the lower-precision layers block their own; GPUs and export: off)."""
+        """Blocked float32 CPU matmuls, experts as linear layers (the lower-precision layers block their own; GPUs
+        and export: off)."""
         param = next(self.model.parameters())
         applies = self.batch_invariant and param.device.type == "cpu" and param.dtype == torch.float32
-        applies = applies and not torch.compiler.is_compiling()
-        return BatchInvariant() if applies else contextlib.nullcontext()
+        if not applies or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(eager_experts(self.model))
+        stack.enter_context(BatchInvariant())
+        return stack
 
     def late_chunks(
         self,

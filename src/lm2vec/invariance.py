@@ -14,19 +14,25 @@ sum huge terms that cancel (:func:`_probe_inputs`), so any change of summation o
 more than an ulp, and a bf16 output's rounding no longer hides it: a bf16 576x1536 product summed in reverse
 order changed 15 of 98,304 outputs of random rows (massive ones among them), and 93,887 of these rows'.
 
-Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on. The
-lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
+Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on, and
+the few element-wise functions whose vectorized and scalar paths round differently where a tensor's last dimension
+is narrower than the CPU's vectors (:data:`ELEMENTWISE`; e.g. Qwen2-MoE's one-column expert gate). Mixture-of-experts
+layers loop over their experts (:func:`eager_experts`) so that each expert's product is a blocked linear layer too.
+The lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
 blocks (of the sizes probed alike); their integer products are exact and need none. Attention is
 the other half: see :mod:`lm2vec.packing`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
+from transformers import PreTrainedModel
 
 from .hardware import measured_once
 
@@ -40,6 +46,14 @@ LADDER = tuple(sorted((ROWS, *SIZES)))
 PROBE_VERSION = 3
 BIG = 2.0**24  # the probe's cancelling terms: float32's ulp at BIG is 2, so order changes show in bf16 outputs too
 Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, weight) -> rows @ weight.T (a linear layer)
+# ATen computes an element-wise function in whole vectors and the tensor's last (numel mod vector width) elements on a
+# scalar path that rounds these differently: where the last dimension is not a multiple of the vector width, which
+# elements take it depends on how many rows there are.
+ELEMENTWISE = frozenset(
+    {torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh, torch.exp, torch.Tensor.exp}
+    | {nn.functional.silu, nn.functional.gelu}
+)
+LANES = 64  # elements: a multiple of every CPU vector width (AVX-512: 16 float32, 32 bf16)
 _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measured here, this process
 
 
@@ -141,7 +155,35 @@ class BatchInvariant(TorchFunctionMode):
         if func is torch.addmm and not kwargs and len(args) == 3 and _applies(args[1], args[2]):
             bias, rows, weight = args
             return in_row_blocks(functools.partial(torch.addmm, bias), rows, weight)
+        if func in ELEMENTWISE and len(args) == 1 and not kwargs.get("inplace") and _narrow(args[0]):
+            return _in_whole_vectors(func, args[0], kwargs)
         return func(*args, **kwargs)
+
+
+def _narrow(x: torch.Tensor) -> bool:
+    return _applies(x, x) and x.dim() > 0 and x.shape[-1] % LANES != 0
+
+
+def _in_whole_vectors(func: Callable, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``func(x)`` with the last dimension zero-padded to whole vectors, so every element takes the vector path."""
+    width = x.shape[-1]
+    return func(nn.functional.pad(x, (0, -width % LANES)), **kwargs)[..., :width]
+
+
+@contextlib.contextmanager
+def eager_experts(model: PreTrainedModel) -> Iterator[None]:
+    """Within: a mixture-of-experts model (transformers >= 5) loops over its experts, each a linear layer that
+    :class:`BatchInvariant` blocks, instead of its default grouped product (``grouped_mm``), whose sums for a
+    token change with how many tokens each expert gets (cosine 1 - 1e-7 between a text alone and in a batch)."""
+    current = getattr(model.config, "_experts_implementation", None)
+    if current in (None, "eager") or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    model.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(current)
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
