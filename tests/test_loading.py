@@ -7,17 +7,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import lm2vec
 from lm2vec.loading import ModelLoadError
 from lm2vec.loading.source import fix_special_tokens, resolve_source
-from tests.support import tiny_tokenizer
+from lm2vec.packing import PACKED
+from tests.support import ARCHITECTURES, random_texts, tiny_encoder, tiny_tokenizer
+
+TEXTS = random_texts(12, seed=2)
 
 
 def test_load_saved_directory_verifies(tiny_dir: Path):
     enc = lm2vec.load(tiny_dir)
     assert enc.info()["attention"] == "bidirectional"
     assert lm2vec.load(tiny_dir, bidirectional=False).info()["attention"] == "causal"
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_reloads_with_its_attention_and_weights(model_type: str, tmp_path: Path):
+    """``load`` takes SDPA where the model has it and eager where not (Gemma 2: transformers has no SDPA for it;
+    StableLM: SDPA would stay causal), and gives the saved model's embeddings back."""
+    attention = "eager" if model_type in ("gemma2", "stablelm") else "sdpa"
+    saved = tiny_encoder(model_type, attn_implementation=attention)
+    loaded = lm2vec.load(saved.save(tmp_path / model_type), dtype="float32")
+    assert loaded.model.config._attn_implementation in {attention, PACKED}
+    ids, prefix = saved.tokenization.tokenize([""] * len(TEXTS), TEXTS)  # transformers gives a saved qwen2 its own
+    assert torch.equal(loaded.embed_tokens(ids, prefix), saved.embed_tokens(ids, prefix))  # tokenizer class
 
 
 @pytest.mark.parametrize("missing", ["./no/such/model", "/no/such/dir", "missing.gguf"])

@@ -115,14 +115,16 @@ class Tokenization:
         return [row or filler for row in ids]
 
     def collate(self, ids: list[list[int]], prefix: list[int], width: int | None = None) -> Batch:
-        """Pad to ``width`` (default: the longest row) on the tokenizer's padding side; mark the tokens to pool."""
+        """Pad to ``width`` (default: the longest row) on the right, whatever the tokenizer's padding side; mark the
+        tokens to pool. Positions follow the real tokens, so the side only moves where attention meets the masked keys,
+        which changes its summation order (embeddings 1e-7 apart on models that run padded): one side gives a text
+        the same bits under either tokenizer setting."""
         longest = width or max(len(row) for row in ids)
         input_ids = torch.full((len(ids), longest), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for i, row in enumerate(ids):
-            cols = slice(longest - len(row), longest) if self.tokenizer.padding_side == "left" else slice(0, len(row))
-            input_ids[i, cols] = torch.tensor(row)
-            mask[i, cols] = 1
+            input_ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
         return Batch(input_ids, mask, exclude_prefix(mask, torch.tensor(prefix, dtype=torch.long)))
 
     def __call__(self, instructions: list[str], texts: list[str]) -> Batch:

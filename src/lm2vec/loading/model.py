@@ -36,9 +36,10 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False) -> PreTraine
     return tokenizer
 
 
-def default_attn_implementation(model_type: str) -> str:
-    """SDPA unless the architecture ignores the bidirectional switch under it."""
-    return "eager" if unsupported_reason(model_type, "sdpa") else "sdpa"
+def default_attn_implementation(model_type: str) -> str | None:
+    """Eager where the architecture ignores the bidirectional switch under SDPA, else transformers' own choice (None):
+    SDPA where the model has it, eager where not (Gemma 2)."""
+    return "eager" if unsupported_reason(model_type, "sdpa") else None
 
 
 def model_config(
