@@ -164,6 +164,21 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(triplets: Path, tmp_path: P
     assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_mixture_of_experts_models_train_lora_on_their_linear_layers(model_type: str, corpus: Path, tmp_path: Path):
+    """peft's "all-linear" would also wrap the experts' 3D weights, where LoRA dropout fails: they stay frozen."""
+    encoder = tiny_encoder(model_type)
+    experts = {name: p.detach().clone() for name, p in encoder.model.named_parameters() if p.dim() == 3}
+    config = SimCSEConfig(data=[str(corpus)], steps=2, batch_size=8, lora_dropout=0.05, **FAST)
+    trained = train_simcse(encoder, config, tmp_path / "out")
+    saved = adapter(last_checkpoint(tmp_path / "out"))
+    assert experts and saved and not any("experts" in key for key in saved)
+    assert any("q_proj" in key for key in saved)
+    reloaded = dict(lm2vec.load(tmp_path / "out" / "encoder", dtype="float32").model.named_parameters())
+    assert all(torch.equal(reloaded[name], weight) for name, weight in experts.items())
+    assert trained.encode(["w5 w6", "w7"]).shape == (2, 64)
+
+
 def test_a_folder_with_nothing_trained_in_it_is_taken_as_it_is(corpus: Path, tmp_path: Path):
     """A run that failed before training left its settings only: a new run, with other settings, may use it."""
     config = SimCSEConfig(data=[str(corpus)], steps=2, batch_size=8, learning_rate=1e-3, **FAST)

@@ -34,7 +34,7 @@ class StageConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: list[str] | str = "all-linear"  # q,k,v,o,gate,up,down on Llama-family models
+    lora_targets: list[str] | str = "all-linear"  # every linear layer but the head (q,k,v,o,gate,up,down on Llama)
     lora_layers: int | None = None  # LoRA on the top N layers only (a shorter backward pass); None: all
     bf16: bool | None = None  # None: where bf16 measures faster on this machine (trainer.bf16_pays)
     gradient_checkpointing: bool = False

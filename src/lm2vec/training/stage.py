@@ -39,17 +39,8 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
     LoRA on the upper layers only also shortens the backward pass: autograd stops at the lowest adapter.
     """
     targets = config.lora_targets
-    if config.lora_layers is not None:  # name every chosen linear layer: architecture-agnostic
-        total = model.config.get_text_config().num_hidden_layers
-        keep = set(range(max(total - config.lora_layers, 0), total))
-        targets = [
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear | Conv1D)
-            and (index := _layer_index(name)) is not None
-            and index in keep
-            and (config.lora_targets == "all-linear" or name.rsplit(".", 1)[-1] in config.lora_targets)
-        ]
+    if config.lora_layers is not None or targets == "all-linear":
+        targets = _linear_targets(model, config)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -59,6 +50,26 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
     )
     set_seed(config.seed)  # the adapter's initial weights follow the stage's seed, as the data order does
     return get_peft_model(model, lora)
+
+
+def _linear_targets(model: PreTrainedModel, config: StageConfig) -> list[str]:
+    """Every linear layer named by ``lora_targets`` ("all-linear": all), in the top ``lora_layers`` layers if set; the
+    output head never. Named here rather than by peft's "all-linear", which on mixture-of-experts models (Mixtral,
+    Qwen3-MoE in transformers >= 5) also wraps the experts' 3D weight tensors and the router's, where LoRA dropout
+    is not supported: those stay frozen, as every weight that is not a linear layer does."""
+    keep = None
+    if config.lora_layers is not None:
+        total = model.config.get_text_config().num_hidden_layers
+        keep = set(range(max(total - config.lora_layers, 0), total))
+    head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D)
+        and module is not head
+        and (keep is None or _layer_index(name) in keep)
+        and (config.lora_targets == "all-linear" or name.rsplit(".", 1)[-1] in config.lora_targets)
+    ]
 
 
 def _layer_index(name: str) -> int | None:
