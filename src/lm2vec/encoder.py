@@ -19,8 +19,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import st_format
 from .attention import position_ids_for, verify_attention
+from .experts import experts_implementation
 from .inputs import Batch, Inputs, ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
-from .invariance import BatchInvariant, eager_experts
+from .invariance import BatchInvariant
 from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
@@ -292,7 +293,7 @@ class Encoder:
         if not applies or torch.compiler.is_compiling():
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        stack.enter_context(eager_experts(self.model))
+        stack.enter_context(experts_implementation(self.model, "eager"))
         stack.enter_context(BatchInvariant())
         return stack
 

@@ -17,7 +17,8 @@ order changed 15 of 98,304 outputs of random rows (massive ones among them), and
 Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on, and
 the few element-wise functions whose vectorized and scalar paths round differently where a tensor's last dimension
 is narrower than the CPU's vectors (:data:`ELEMENTWISE`; e.g. Qwen2-MoE's one-column expert gate). Mixture-of-experts
-layers loop over their experts (:func:`eager_experts`) so that each expert's product is a blocked linear layer too.
+layers loop over their experts meanwhile (:mod:`lm2vec.experts`), so that each expert's product is a blocked linear
+layer too.
 The lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
 blocks (of the sizes probed alike); their integer products are exact and need none. Attention is
 the other half: see :mod:`lm2vec.packing`.
@@ -25,14 +26,12 @@ the other half: see :mod:`lm2vec.packing`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from transformers import PreTrainedModel
 
 from .hardware import measured_once
 
@@ -168,22 +167,6 @@ def _in_whole_vectors(func: Callable, x: torch.Tensor, kwargs: dict) -> torch.Te
     """``func(x)`` with the last dimension zero-padded to whole vectors, so every element takes the vector path."""
     width = x.shape[-1]
     return func(nn.functional.pad(x, (0, -width % LANES)), **kwargs)[..., :width]
-
-
-@contextlib.contextmanager
-def eager_experts(model: PreTrainedModel) -> Iterator[None]:
-    """Within: a mixture-of-experts model (transformers >= 5) loops over its experts, each a linear layer that
-    :class:`BatchInvariant` blocks, instead of its default grouped product (``grouped_mm``), whose sums for a
-    token change with how many tokens each expert gets (cosine 1 - 1e-7 between a text alone and in a batch)."""
-    current = getattr(model.config, "_experts_implementation", None)
-    if current in (None, "eager") or not hasattr(model, "set_experts_implementation"):
-        yield
-        return
-    model.set_experts_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_experts_implementation(current)
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

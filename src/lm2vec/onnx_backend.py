@@ -18,6 +18,7 @@ from torch import nn
 
 from .cache import atomic_write, cache_dir, fingerprint
 from .encoder import Encoder
+from .experts import experts_implementation
 from .inputs import Batch
 
 INPUTS = ("input_ids", "attention_mask", "pool_mask")
@@ -43,7 +44,7 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike) -> Path:
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     shapes = {name: {0: batch, 1: length} for name in INPUTS}
     graph = _EncoderGraph(encoder).eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), experts_implementation(encoder.model, "batched_mm"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph,
