@@ -33,6 +33,36 @@ def test_one_chunk_equals_plain_pooling(bos: bool):
     np.testing.assert_allclose(by_tokens.embeddings, chunks.embeddings, atol=1e-6)
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_instructions_are_taken_as_encode_takes_them(bos: bool):
+    """The default prompt, a named one or an explicit instruction precedes the document, unpooled, as in encode()."""
+    encoder = tiny_encoder(bos=bos, prompts={"document": "w5 w6 w7 "}, default_prompt_name="document")
+    document = words(20, seed=4)
+    whole = [[(0, len(document))]]
+    (default,) = encoder.late_chunks([document], spans=whole)
+    np.testing.assert_allclose(default.embeddings[0], encoder.encode(document), atol=1e-5)
+    (plain,) = encoder.late_chunks([document], spans=whole, prompt="")
+    np.testing.assert_allclose(plain.embeddings[0], encoder.encode(document, prompt=""), atol=1e-5)
+    assert not np.allclose(plain.embeddings[0], default.embeddings[0], atol=1e-4)  # the instruction counts
+    (other,) = encoder.late_chunks([document], spans=whole, instruction="w9 ")
+    np.testing.assert_allclose(other.embeddings[0], encoder.encode(document, instruction="w9 "), atol=1e-5)
+    (runs,) = encoder.late_chunks([document], chunk_tokens=5)
+    assert runs.spans == encoder.late_chunks([document], chunk_tokens=5, prompt="")[0].spans  # document offsets
+    assert runs.spans[0][0] == 0 and runs.spans[-1][1] == len(document)
+
+
+def test_long_documents_repeat_the_instruction_in_every_window():
+    encoder = tiny_encoder(bos=True, prompts={"query": "w5 w6 "})  # BOS + 2 instruction tokens open each window
+    document = words(150, seed=5)
+    (chunks,) = encoder.late_chunks([document], chunk_tokens=30, overlap=16, prompt_name="query")
+    head = " ".join(document.split()[:61])  # BOS + instruction + 61 words = max_length (64)
+    (alone,) = encoder.late_chunks([head], spans=[[chunks.spans[0]]], prompt_name="query")
+    np.testing.assert_allclose(chunks.embeddings[0], alone.embeddings[0], atol=1e-5)
+    (plain,) = encoder.late_chunks([document], chunk_tokens=30, overlap=16)
+    assert plain.spans == chunks.spans  # in the document's characters either way
+    assert not np.allclose(plain.embeddings[-1], chunks.embeddings[-1], atol=1e-4)  # the last window has it too
+
+
 def test_a_chunk_depends_on_the_text_outside_it():
     """Bidirectional: changing the second chunk moves the first; a causal model's first chunk stays put."""
     first, second, other = words(8, 1), words(8, 2), words(8, 3)

@@ -304,10 +304,16 @@ class Encoder:
         chunk_tokens: int | None = None,
         overlap: int | None = None,
         normalize_embeddings: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        instruction: str | None = None,
     ) -> list[Chunks]:
         """One vector per chunk, pooled from the whole document's token states (late chunking): chunks at the
-        character ``spans`` of each document, or runs of ``chunk_tokens`` tokens. See :mod:`lm2vec.late_chunking`."""
-        return late_chunks(self, documents, spans, chunk_tokens, overlap, normalize_embeddings)
+        character ``spans`` of each document, or runs of ``chunk_tokens`` tokens; instructions as :meth:`encode`
+        takes them. See :mod:`lm2vec.late_chunking`."""
+        return late_chunks(
+            self, documents, spans, chunk_tokens, overlap, normalize_embeddings, prompt_name, prompt, instruction
+        )
 
     def encode_query(self, sentences: Inputs, **kwargs) -> np.ndarray | torch.Tensor:
         """Encode with the ``query`` prompt, if the encoder has one."""

@@ -3,8 +3,10 @@
 A chunk embedded alone sees only itself; pooled from the document's states, each of its tokens has attended to
 the whole document (the encoder is bidirectional), so "it" and "the method" keep their referents. A document
 longer than the encoder's ``max_length`` runs in windows of ``max_length`` tokens that overlap by ``overlap``
-tokens (an eighth of the window unless told; its leading special tokens, e.g. BOS, begin every window); each
-token takes its state from the window where it has the most context on both sides.
+tokens (an eighth of the window unless told; its leading special tokens, e.g. BOS, and the instruction begin every
+window); each token takes its state from the window where it has the most context on both sides. An instruction
+(``prompt_name``, ``prompt``, or the encoder's default prompt, as :meth:`Encoder.encode` takes them) precedes the
+document and is never pooled.
 """
 
 from __future__ import annotations
@@ -40,11 +42,19 @@ def late_chunks(
     chunk_tokens: int | None = None,
     overlap: int | None = None,
     normalize_embeddings: bool = False,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
+    instruction: str | None = None,
 ) -> list[Chunks]:
     """Chunk vectors of each document: at the character ``spans`` given per document, or in consecutive runs of
     ``chunk_tokens`` tokens (exactly one of the two). A span's tokens are those whose characters overlap it.
     ``overlap``: tokens shared by consecutive windows of a long document (default: an eighth of ``max_length``)."""
     overlap = encoder.max_length // 8 if overlap is None else overlap
+    instruction = encoder.resolve_instruction(prompt_name, prompt, instruction) or ""
+    style = encoder.reference_style
+    if style is not None and style.marked(instruction, "x") != style.SEPARATOR + "x":  # it adds text around "x"
+        raise ValueError("late chunking takes no instruction, template or EOS text in the reference llm2vec's format")
+    prefix = encoder.tokenization.instruction_lengths([instruction])[0]
     if (spans is None) == (chunk_tokens is None):
         raise ValueError("give either spans (character offsets per document) or chunk_tokens, not both")
     if spans is not None and len(spans) != len(documents):
@@ -57,7 +67,7 @@ def late_chunks(
     for i, document in enumerate(documents):
         if not isinstance(document, str):
             raise TypeError(f"document {i} is {type(document).__name__}; expected str")
-        tokens = _tokens(encoder.tokenizer, document)
+        tokens = _tokens(encoder.tokenizer, document, instruction, prefix)
         if spans is not None:
             chunk_spans = [_check_span(span, len(document), i, j) for j, span in enumerate(spans[i])]
         else:
@@ -80,24 +90,30 @@ def chunk_spans(tokenizer: PreTrainedTokenizerBase, document: str, chunk_tokens:
 
 @dataclass
 class _Tokens:
-    """A whole document's token ids (no truncation), their character offsets and which are special; ``lead``:
-    the special tokens opening it (e.g. BOS), ``text_end``: the last text character a token covers."""
+    """A whole document's token ids (no truncation), their character offsets in the document and which are special
+    (an instruction's tokens count as such: no span pools them); ``lead``: the tokens opening it (e.g. BOS, the
+    instruction), pooled with a chunk at the document's start only where there is no instruction (as
+    :meth:`Encoder.encode` pools); ``text_end``: the last text character a token covers."""
 
     ids: list[int]
     offsets: list[Span]
     special: list[bool]
+    instructed: bool = False
 
     def __post_init__(self) -> None:
         self.lead = next((k for k, is_special in enumerate(self.special) if not is_special), len(self.special))
         self.text_end = max((b for (_, b), sp in zip(self.offsets, self.special, strict=True) if not sp), default=0)
 
 
-def _tokens(tokenizer: PreTrainedTokenizerBase, document: str) -> _Tokens:
+def _tokens(tokenizer: PreTrainedTokenizerBase, document: str, instruction: str = "", prefix: int = 0) -> _Tokens:
+    """``prefix``: the tokens the instruction takes at the start (BOS included), as :class:`Tokenization` counts."""
     if not tokenizer.is_fast:
         raise ValueError("late chunking needs a fast tokenizer (character offsets)")
-    encoded = tokenizer(document, return_offsets_mapping=True, return_special_tokens_mask=True)
-    offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
-    return _Tokens(encoded["input_ids"], offsets, [bool(m) for m in encoded["special_tokens_mask"]])
+    encoded = tokenizer(instruction + document, return_offsets_mapping=True, return_special_tokens_mask=True)
+    shift = len(instruction)
+    offsets = [(int(a) - shift, int(b) - shift) for a, b in encoded["offset_mapping"]]
+    special = [bool(m) or k < prefix for k, m in enumerate(encoded["special_tokens_mask"])]
+    return _Tokens(encoded["input_ids"], offsets, special, instructed=bool(instruction))
 
 
 def _check_span(span: Span, length: int, document: int, chunk: int) -> Span:
@@ -122,7 +138,7 @@ def _members(tokens: _Tokens, span: Span, document: int, chunk: int) -> list[int
     inside = [k for k, (a, b) in enumerate(tokens.offsets) if not tokens.special[k] and a < end and b > start]
     if not inside:
         raise ValueError(f"chunk {chunk} of document {document}: span {span!r} covers no token (only whitespace?)")
-    lead = tokens.lead if start == 0 else 0
+    lead = tokens.lead if start == 0 and not tokens.instructed else 0
     after = range(inside[-1] + 1, len(tokens.special))
     trail = [k for k in after if tokens.special[k]] if end >= tokens.text_end else []
     return list(range(lead)) + inside + trail

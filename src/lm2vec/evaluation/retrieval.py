@@ -347,14 +347,18 @@ def chunked_retrieval_scores(
 ) -> dict[str, float]:
     """Retrieval with each document split into runs of ``chunk_tokens`` tokens, a document scoring by its best
     chunk: chunk vectors pooled from the whole document (``late``: :mod:`lm2vec.late_chunking`) or each chunk
-    embedded alone. Documents get no instruction here (a late chunk has none to pool around)."""
+    embedded alone. Queries get ``instructions.query``; documents (or their chunks) ``instructions.document``."""
+    document = instructions.document
     if late:
         documents = tqdm(dataset.documents, desc="late chunks", unit="document")
-        chunks = [encoder.late_chunks([doc], chunk_tokens=chunk_tokens)[0].embeddings for doc in documents]
+        chunks = [
+            encoder.late_chunks([doc], chunk_tokens=chunk_tokens, instruction=document)[0].embeddings
+            for doc in documents
+        ]
     else:
         spans = [chunk_spans(encoder.tokenizer, doc, chunk_tokens) for doc in dataset.documents]
         texts = [doc[a:b] for doc, doc_spans in zip(dataset.documents, spans, strict=True) for a, b in doc_spans]
-        alone = np.asarray(encoder.encode(texts, show_progress_bar=True))
+        alone = np.asarray(encoder.encode(texts, instruction=document, show_progress_bar=True))
         chunks = np.split(alone, np.cumsum([len(s) for s in spans])[:-1])
     owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(chunks)])
     queries = unit_rows(embed(encoder, dataset.queries, instructions.query))
