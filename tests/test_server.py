@@ -102,6 +102,8 @@ def test_api_key(encoder: lm2vec.Encoder):
         assert post(f"{url}/v1/embeddings", {"model": "tiny", "input": "w4"})[0] == 401
         wrong = {"Authorization": "Bearer nope"}
         assert post(f"{url}/v1/embeddings", {"model": "tiny", "input": "w4"}, wrong)[0] == 401
+        status, refused = post(f"{url}/embed", {"inputs": "w4"})  # TEI's route: TEI's shape
+        assert status == 401 and refused == {"error": "missing or wrong API key", "error_type": "Validation"}
         client = OpenAI(base_url=f"{url}/v1", api_key="s3cret")
         assert len(client.embeddings.create(model="tiny", input=["w4", "w5"]).data) == 2
         with urllib.request.urlopen(f"{url}/health") as response:  # health needs no key
@@ -178,7 +180,8 @@ def test_tei_embed_and_info_match_the_openai_route(encoder: lm2vec.Encoder):
         np.testing.assert_allclose(raw, encoder.encode([TEXTS[0]], truncate_dim=8), atol=1e-5)
         long_text = " ".join(["w5"] * 100)  # over max_length=64: TEI refuses unless truncate is set
         status, refused = post(f"{url}/embed", {"inputs": [TEXTS[0], long_text]})
-        assert status == 413 and "input[1]" in refused["error"]["message"] and "truncate" in refused["error"]["message"]
+        assert status == 413 and "input[1]" in refused["error"] and "truncate" in refused["error"]  # TEI's shape
+        assert refused["error_type"] == "Validation"
         _, cut = post(f"{url}/embed", {"inputs": long_text, "truncate": True})
         np.testing.assert_allclose(cut, encoder.encode([long_text], normalize_embeddings=True), atol=1e-6)
         status, info = get(f"{url}/info")

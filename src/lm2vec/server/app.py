@@ -85,7 +85,7 @@ def _build(encoder: Encoder, settings: ServerSettings, executor: Executor | None
         service.close()
 
     app = FastAPI(title="lm2vec embeddings", lifespan=lifespan)
-    add_handlers(app)
+    add_handlers(app, tei_api.PATHS)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -100,7 +100,7 @@ def _build(encoder: Encoder, settings: ServerSettings, executor: Executor | None
 
     openai_api.add_routes(app, service, settings.model_name, settings.normalize)
     tei_api.add_routes(app, service, settings.model_name, max_batch_tokens)
-    return Gate(app, metrics, settings.max_body_bytes, settings.api_key), scheduler
+    return Gate(app, metrics, settings.max_body_bytes, settings.api_key, tei_api.PATHS), scheduler
 
 
 class _DrainingServer(uvicorn.Server):

@@ -1,4 +1,5 @@
-"""Every error the server gives, in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""Every error the server gives, in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``, or on
+text-embeddings-inference's routes in TEI's: ``{"error": message, "error_type": "Validation" | "Overloaded" | ...}``.
 
 Bodies are parsed here rather than by FastAPI, so that a body that is not UTF-8, not JSON, nested too deeply or
 holds numbers Python will not read gets the same shape (400) as a wrong field (422), not ``{"detail": ...}``.
@@ -36,9 +37,19 @@ def error_body(message: str, param: str | None = None, code: str | None = None, 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(err: APIError) -> JSONResponse:
+def error_response(err: APIError, tei: bool = False) -> JSONResponse:
+    """The error in OpenAI's shape, or in TEI's (``tei``), which its clients read."""
+    if tei:
+        return JSONResponse(
+            {"error": err.message, "error_type": tei_error_type(err.status)}, err.status, headers=err.headers
+        )
     kind = "invalid_request_error" if err.status < 500 else "server_error"
     return JSONResponse(error_body(err.message, err.param, err.code, kind), err.status, headers=err.headers)
+
+
+def tei_error_type(status: int) -> str:
+    """TEI's ``ErrorType`` for an HTTP status: too busy (429) or draining (503), a model failure, or the request."""
+    return {429: "Overloaded", 503: "Unhealthy"}.get(status, "Backend" if status >= 500 else "Validation")
 
 
 async def parse(request: Request, schema: type[Schema]) -> Schema:
@@ -62,17 +73,21 @@ async def parse(request: Request, schema: type[Schema]) -> Schema:
         raise APIError(422, message, param=where) from None
 
 
-def add_handlers(app: FastAPI) -> None:
-    """OpenAI's shape for our errors, unknown routes and methods (404/405), and anything unexpected (500)."""
+def add_handlers(app: FastAPI, tei_paths: frozenset[str] = frozenset()) -> None:
+    """OpenAI's shape (TEI's on ``tei_paths``) for our errors, unknown routes and methods (404/405), and anything
+    unexpected (500)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return error_response(err)
+        return error_response(err, request.url.path in tei_paths)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return error_response(APIError(err.status_code, str(err.detail), headers=err.headers))
+        return error_response(
+            APIError(err.status_code, str(err.detail), headers=err.headers), request.url.path in tei_paths
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        return error_response(APIError(500, f"internal error: {type(err).__name__}: {err}"))
+        failure = APIError(500, f"internal error: {type(err).__name__}: {err}")
+        return error_response(failure, request.url.path in tei_paths)

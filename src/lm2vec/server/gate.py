@@ -9,17 +9,18 @@ from __future__ import annotations
 import hmac
 import time
 
-from fastapi.responses import JSONResponse
-
-from .errors import error_body
+from .errors import APIError, error_response
 from .metrics import Metrics
 
 OPEN_PATHS = ("/health", "/metrics")  # no API key needed: probes and scrapers
 
 
 class Gate:
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int, api_key: str | None):
+    def __init__(
+        self, app, metrics: Metrics, max_body_bytes: int, api_key: str | None, tei_paths: frozenset[str] = frozenset()
+    ):
         self.app, self.metrics, self.max_body_bytes, self.api_key = app, metrics, max_body_bytes, api_key
+        self.tei_paths = tei_paths  # routes whose errors take TEI's shape
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -42,7 +43,7 @@ class Gate:
             given = dict(scope["headers"]).get(b"authorization", b"").removeprefix(b"Bearer ").strip()
             if not hmac.compare_digest(given, self.api_key.encode()):
                 await _drain(receive)
-                return await _reply(scope, send, 401, "missing or wrong API key", "invalid_api_key")
+                return await self._reply(scope, send, APIError(401, "missing or wrong API key", code="invalid_api_key"))
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _drain(receive)
@@ -70,14 +71,14 @@ class Gate:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, send) -> None:
-        await _reply(scope, send, 413, f"request body over the limit of {self.max_body_bytes} bytes", "body_too_large")
+        message = f"request body over the limit of {self.max_body_bytes} bytes"
+        await self._reply(scope, send, APIError(413, message, code="body_too_large"))
 
+    async def _reply(self, scope, send, err: APIError) -> None:
+        async def nothing():
+            return {"type": "http.disconnect"}
 
-async def _reply(scope, send, status: int, message: str, code: str) -> None:
-    async def nothing():
-        return {"type": "http.disconnect"}
-
-    await JSONResponse(error_body(message, code=code), status_code=status)(scope, nothing, send)
+        await error_response(err, scope["path"] in self.tei_paths)(scope, nothing, send)
 
 
 async def _drain(receive) -> None:

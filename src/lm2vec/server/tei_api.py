@@ -1,6 +1,7 @@
 """text-embeddings-inference's API beside OpenAI's, so clients written for TEI work unchanged:
 ``POST /embed`` (``inputs``, ``normalize``, ``truncate``, ``prompt_name``, ``dimensions``) answers a list of
-vectors; ``GET /info`` describes the model and the limits. Errors keep OpenAI's shape, as on every route.
+vectors; ``GET /info`` describes the model and the limits. Errors come in TEI's shape on these routes
+(``{"error", "error_type"}``, :mod:`.errors`), as its clients read them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from ..outputs import postprocess
 from .errors import parse
 from .service import Service, json_response
 
+PATHS = frozenset({"/embed", "/info"})
+
 
 class EmbedRequest(BaseModel):
     inputs: StrictStr | list[StrictStr] | list[list[StrictInt]]
@@ -28,7 +31,7 @@ class EmbedRequest(BaseModel):
 def add_routes(app: FastAPI, service: Service, model_name: str, max_batch_tokens: int) -> None:
     encoder = service.encoder
 
-    @app.get("/info")
+    @app.get("/info")  # the routes are PATHS
     async def info() -> dict:
         return {
             "model_id": model_name,
