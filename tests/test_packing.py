@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import lm2vec
 from lm2vec.packing import PACKED, enable_packing, packed_states
 
-from .support import random_texts, tiny_encoder
+from .support import random_texts, tiny_config, tiny_encoder, tiny_model, tiny_tokenizer
 
 TEXTS = random_texts(24, seed=5, max_words=30)  # 1 to 30 tokens: many lengths per batch
 
@@ -42,12 +43,31 @@ def test_causal_models_pack_too():
 
 @pytest.mark.parametrize("model_type", ["mistral", "gemma3_text"])
 def test_windowed_attention_is_not_packed_and_stays_batch_invariant(model_type: str):
-    """A sliding window matters for texts longer than it, which a short check cannot see: such models run padded,
-    in batches of one length."""
+    """A sliding window (4 tokens here) matters for texts longer than it, which a short check cannot see: such
+    models run padded, in batches of one length."""
     enc = tiny_encoder(model_type)
-    assert not enc.packs() and not enable_packing(enc.model)
+    assert not enc.packs() and not enable_packing(enc.model, enc.max_length)
     assert enc.model.config._attn_implementation == "sdpa"
     np.testing.assert_array_equal(enc.encode(TEXTS, batch_size=24), np.stack([enc.encode(t) for t in TEXTS]))
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma3_text", "starcoder2", "phi3"])
+def test_a_window_no_text_reaches_still_packs(model_type: str):
+    """max_length 64 below a 65-token window: no text meets its edge, so the model packs, with the padded path's
+    vectors; raising max_length to the window turns packing off."""
+
+    def windowed(attention: str) -> lm2vec.Encoder:
+        config = tiny_config(model_type, pad_token_id=3, attn_implementation=attention, sliding_window=65)
+        return lm2vec.Encoder(tiny_model(lm2vec.set_bidirectional(config)), tiny_tokenizer(), max_length=64)
+
+    texts = random_texts(16, seed=6, max_words=63)  # up to 63 words: the whole window's width
+    enc = windowed("sdpa")
+    assert enc.packs()
+    together = enc.encode(texts, batch_size=16)
+    np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
+    np.testing.assert_allclose(together, windowed("eager").encode(texts, batch_size=16), atol=2e-5)
+    enc.max_length = 65
+    assert not enc.packs()
 
 
 def test_training_mode_runs_padded_and_gradients_flow():

@@ -25,7 +25,7 @@ from .invariance import BatchInvariant
 from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
-from .packing import enable_packing, packed_states
+from .packing import enable_packing, packed_states, window_applies
 from .pooling import PoolingMode, parse_pooling, pool
 from .quantization import FLOAT32, block_plan, lower_kind, parameter_count
 
@@ -144,8 +144,8 @@ class Encoder:
         if self.device.type != "cpu" or self.model.training or torch.compiler.is_compiling():
             return False
         if self._packing is None:
-            self._packing = enable_packing(self.model)
-        return self._packing
+            self._packing = enable_packing(self.model, self.max_length)
+        return self._packing and not window_applies(self.model.config, self.max_length)  # max_length may grow
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Embed one tokenized batch (no normalization); differentiable, used by training too."""

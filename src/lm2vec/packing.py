@@ -11,8 +11,10 @@ The mechanism is transformers' own: an attention implementation registered as :d
 (which the model passes through its keyword arguments) it runs SDPA on each group of equal-length texts; without,
 it *is* SDPA, masks included, so padded batches, training and :func:`~lm2vec.attention.verify_attention` work as
 before. :func:`enable_packing` switches a model to it after checking, on that model, that packed states equal the
-states of each text alone (an architecture that drops the keyword arguments would mix texts). Models with
-sliding-window or chunked attention, or on other attention implementations, are left as they are.
+states of each text alone (an architecture that drops the keyword arguments would mix texts). Packed attention
+applies no window: models with sliding-window attention are packed only where no text can be longer than the
+window (``max_length`` below it: Mistral v0.1's 4,096, Phi-3's 2,047 against lm2vec's 512 tokens), those with
+chunked attention or on other attention implementations never.
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ def packed_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
 
 
 @torch.inference_mode()
-def enable_packing(model: PreTrainedModel) -> bool:
-    """Switch an SDPA model to :data:`PACKED` if packed states match each text's states alone (else leave it)."""
-    if model.config._attn_implementation not in ("sdpa", PACKED) or _windowed(model.config):
+def enable_packing(model: PreTrainedModel, max_length: int) -> bool:
+    """Switch an SDPA model to :data:`PACKED` if packed states match each text's states alone (else leave it);
+    ``max_length``: the longest text it will see (see :func:`window_applies`)."""
+    if model.config._attn_implementation not in ("sdpa", PACKED) or window_applies(model.config, max_length):
         return False
     try:
         model.set_attn_implementation(PACKED)
@@ -100,12 +103,12 @@ def enable_packing(model: PreTrainedModel) -> bool:
     return False
 
 
-def _windowed(config: PretrainedConfig) -> bool:
-    """Sliding-window or chunked attention: its masks matter for texts longer than the window, which a short check
-    cannot see, so such models are not packed."""
+def window_applies(config: PretrainedConfig, max_length: int) -> bool:
+    """Whether a text of up to ``max_length`` tokens can meet a sliding window's edge (a token at distance >= the
+    window is masked) or chunked attention: packed attention applies neither, and a short check cannot see them."""
     text = config.get_text_config()
-    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-    return bool(sliding or getattr(text, "attention_chunk_size", None))
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    return bool((window and max_length >= window) or getattr(text, "attention_chunk_size", None))
 
 
 def _packs_right(model: PreTrainedModel) -> bool:
