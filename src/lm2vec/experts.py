@@ -3,8 +3,8 @@
 transformers' default, one grouped product over all experts (``grouped_mm``), serves speed but neither of lm2vec's
 needs: a token's sums depend on how many tokens each expert got (so batch invariance loops over the experts,
 ``"eager"``, each a linear layer :class:`~lm2vec.invariance.BatchInvariant` blocks), and ``torch.onnx`` cannot
-convert it, nor trace the loop's data-dependent experts (so export computes every expert's weights per token,
-``"batched_mm"``). Models without experts, and older transformers, are left as they are.
+convert it, nor trace the loop's data-dependent experts (so export runs each token through its chosen experts'
+weights, gathered: ``"batched_mm"``). Models without experts, and older transformers, are left as they are.
 """
 
 from __future__ import annotations

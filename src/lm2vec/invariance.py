@@ -14,14 +14,13 @@ sum huge terms that cancel (:func:`_probe_inputs`), so any change of summation o
 more than an ulp, and a bf16 output's rounding no longer hides it: a bf16 576x1536 product summed in reverse
 order changed 15 of 98,304 outputs of random rows (massive ones among them), and 93,887 of these rows'.
 
-Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on, and
-the few element-wise functions whose vectorized and scalar paths round differently where a tensor's last dimension
-is narrower than the CPU's vectors (:data:`ELEMENTWISE`; e.g. Qwen2-MoE's one-column expert gate). Mixture-of-experts
-layers loop over their experts meanwhile (:mod:`lm2vec.experts`), so that each expert's product is a blocked linear
-layer too.
+Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on, and the few
+element-wise functions whose vectorized and scalar paths round differently where a tensor's last dimension is not a
+whole number of the CPU's vectors (:data:`ELEMENTWISE`; e.g. Qwen2-MoE's one-column expert gate). The encoder has
+mixture-of-experts layers loop over their experts meanwhile (:mod:`lm2vec.experts`), each a blocked linear layer.
 The lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
-blocks (of the sizes probed alike); their integer products are exact and need none. Attention is
-the other half: see :mod:`lm2vec.packing`.
+blocks (of the sizes probed alike); their integer products are exact and need none. Attention is the other half:
+see :mod:`lm2vec.packing`.
 """
 
 from __future__ import annotations
