@@ -61,6 +61,9 @@ def test_long_documents_repeat_the_instruction_in_every_window():
     (plain,) = encoder.late_chunks([document], chunk_tokens=30, overlap=16)
     assert plain.spans == chunks.spans  # in the document's characters either way
     assert not np.allclose(plain.embeddings[-1], chunks.embeddings[-1], atol=1e-4)  # the last window has it too
+    long_instruction = " ".join(["w7"] * 50)  # leaves 13 tokens a window: an overlap of 16 cannot fit
+    with pytest.raises(ValueError, match="overlap=16 must be smaller"):
+        encoder.late_chunks([document], chunk_tokens=30, overlap=16, instruction=long_instruction)
 
 
 def test_a_chunk_depends_on_the_text_outside_it():

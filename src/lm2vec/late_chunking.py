@@ -151,6 +151,11 @@ def _document_states(encoder: Encoder, ids: list[int], lead: int, overlap: int) 
     head, body = ids[:lead], ids[lead:]
     width = encoder.max_length - lead  # document tokens per window
     stride = width - overlap
+    if stride < 1:
+        raise ValueError(
+            f"the instruction and leading special tokens take {lead} of max_length={encoder.max_length} tokens, "
+            f"leaving {width} per window for the document: overlap={overlap} must be smaller"
+        )
     starts = [*range(0, len(body) - width, stride), len(body) - width]
     parts, best = [], torch.full((len(body),), -1)
     owner = torch.zeros(len(body), dtype=torch.long)
