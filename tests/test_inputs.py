@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast
 
 from lm2vec.inputs import Tokenization, length_batches, normalize
 from tests.support import tiny_tokenizer
@@ -132,3 +134,25 @@ def test_pass_cost_batches_cost_least_within_both_bounds():
     assert cost(least) < cost(filled)
     exhaustive = length_batches(lengths, batch_size=32, max_tokens=512, same_length=False, pass_cost=0)
     assert sum(len(b) * max(lengths[i] for i in b) for b in exhaustive) == sum(lengths)  # free passes: no padding
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen style): a space joins the word after it ("Ġcat")."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["query: What is a cat? Retrieve similar text: What is it?"] * 20, vocab_size=300)
+    end = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=end, pad_token=end)
+
+
+@pytest.mark.parametrize("instruction", ["query: ", "Retrieve similar text: ", "query:"])
+def test_an_instruction_ending_in_a_space_leaves_the_text_whole(instruction: str):
+    """Alone, "query: " tokenizes as ["query", ":", "Ġ"]; before a text the space joins its first word ("ĠWhat"):
+    counting the instruction alone left "What" out of the pool."""
+    tokenizer = byte_level_tokenizer()
+    tokenization = Tokenization(tokenizer, max_length=64)
+    text = "What is a cat?"
+    (ids,), (prefix,) = tokenization.tokenize([instruction], [text])
+    assert tokenizer.decode(ids[prefix:]).strip() == text  # every token of the text pooled, none of the instruction
+    assert tokenizer.decode(ids[:prefix]).strip() == instruction.strip()
+    alone = len(tokenizer(instruction)["input_ids"])
+    assert prefix == alone - instruction.endswith(" ")  # the trailing space is the text's now

@@ -102,11 +102,23 @@ class Tokenization:
         return [self._instruction_lengths[s] if s else 0 for s in instructions]
 
     def tokenize(self, instructions: list[str], texts: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Token ids (truncated; an empty text gets one EOS token) and instruction lengths, in one call."""
-        ids = self.tokenizer(
-            [p + t for p, t in zip(instructions, texts, strict=True)], truncation=True, max_length=self.max_length
-        )["input_ids"]
-        return self.filled(ids), self.instruction_lengths(instructions)
+        """Token ids (truncated; an empty text gets one EOS token) and instruction lengths, in one call.
+
+        An instruction's length is counted in each joined row where the tokenizer gives character offsets: its
+        leading tokens that cover no character of the text (:func:`instruction_tokens`). Counted alone, an
+        instruction ending in a space ("query: ") takes one token more than in the row, where byte-level BPE and
+        SentencePiece tokenizers join that space to the text's first word, which would then not be pooled.
+        """
+        lengths = self.instruction_lengths(instructions)  # also refuses an instruction that leaves no room
+        joined = [p + t for p, t in zip(instructions, texts, strict=True)]
+        by_offsets = self.tokenizer.is_fast and any(instructions)
+        encoded = self.tokenizer(joined, truncation=True, max_length=self.max_length, return_offsets_mapping=by_offsets)
+        if by_offsets:
+            lengths = [
+                instruction_tokens(row, len(p)) if p else 0
+                for row, p in zip(encoded["offset_mapping"], instructions, strict=True)
+            ]
+        return self.filled(encoded["input_ids"]), lengths
 
     def filled(self, ids: list[list[int]]) -> list[list[int]]:
         """An empty row (an empty text, no special tokens) becomes one EOS token: every row has a token to pool."""
@@ -272,6 +284,17 @@ def _least_padding(ordered: np.ndarray, rooms: list[int], pass_cost: int) -> lis
         i += int(step[i])
         ends.append(i)
     return ends
+
+
+def instruction_tokens(offsets: list[tuple[int, int]], chars: int) -> int:
+    """How many leading tokens of a row cover none of the text that starts at character ``chars`` (special tokens
+    before the instruction, the instruction's own): a token straddling the boundary holds text and is pooled."""
+    count = 0
+    for _, end in offsets:
+        if end > chars:
+            break
+        count += 1
+    return count
 
 
 def _prefix_special(full: list[int], bare: list[int]) -> int:

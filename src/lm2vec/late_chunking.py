@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .inputs import instruction_tokens
 from .pooling import pool
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def late_chunks(
     style = encoder.reference_style
     if style is not None and style.marked(instruction, "x") != style.SEPARATOR + "x":  # it adds text around "x"
         raise ValueError("late chunking takes no instruction, template or EOS text in the reference llm2vec's format")
-    prefix = encoder.tokenization.instruction_lengths([instruction])[0]
+    encoder.tokenization.instruction_lengths([instruction])  # refuses one that leaves no room for text
     if (spans is None) == (chunk_tokens is None):
         raise ValueError("give either spans (character offsets per document) or chunk_tokens, not both")
     if spans is not None and len(spans) != len(documents):
@@ -67,7 +68,7 @@ def late_chunks(
     for i, document in enumerate(documents):
         if not isinstance(document, str):
             raise TypeError(f"document {i} is {type(document).__name__}; expected str")
-        tokens = _tokens(encoder.tokenizer, document, instruction, prefix)
+        tokens = _tokens(encoder.tokenizer, document, instruction)
         if spans is not None:
             chunk_spans = [_check_span(span, len(document), i, j) for j, span in enumerate(spans[i])]
         else:
@@ -105,12 +106,13 @@ class _Tokens:
         self.text_end = max((b for (_, b), sp in zip(self.offsets, self.special, strict=True) if not sp), default=0)
 
 
-def _tokens(tokenizer: PreTrainedTokenizerBase, document: str, instruction: str = "", prefix: int = 0) -> _Tokens:
-    """``prefix``: the tokens the instruction takes at the start (BOS included), as :class:`Tokenization` counts."""
+def _tokens(tokenizer: PreTrainedTokenizerBase, document: str, instruction: str = "") -> _Tokens:
+    """The instruction's tokens counted as :class:`~lm2vec.inputs.Tokenization` counts them (BOS included)."""
     if not tokenizer.is_fast:
         raise ValueError("late chunking needs a fast tokenizer (character offsets)")
     encoded = tokenizer(instruction + document, return_offsets_mapping=True, return_special_tokens_mask=True)
     shift = len(instruction)
+    prefix = instruction_tokens(encoded["offset_mapping"], shift) if instruction else 0
     offsets = [(int(a) - shift, int(b) - shift) for a, b in encoded["offset_mapping"]]
     special = [bool(m) or k < prefix for k, m in enumerate(encoded["special_tokens_mask"])]
     return _Tokens(encoded["input_ids"], offsets, special, instructed=bool(instruction))

@@ -18,6 +18,8 @@ from ..cache import cache_key, fingerprint
 from ..encoder import Encoder
 from .base import embed
 
+VERSION = 2  # of what a text's embedding is, beyond the model (2: an instruction's tokens counted in each row)
+
 
 class CachedEncoder:
     """Wraps an :class:`~lm2vec.Encoder`; ``encode`` returns cached rows and computes only the missing ones."""
@@ -25,7 +27,7 @@ class CachedEncoder:
     def __init__(self, encoder: Encoder, directory: str | os.PathLike, chunk_size: int = 256):
         self.encoder = encoder
         self.chunk_size = chunk_size
-        self.path = Path(directory) / f"{fingerprint(encoder)}.sqlite"
+        self.path = Path(directory) / f"{fingerprint(encoder, VERSION)}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path)
         self.db.execute("CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")
