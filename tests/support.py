@@ -102,10 +102,16 @@ def tiny_tokenizer(padding_side: str = "right", bos: bool = False) -> PreTrained
     )
 
 
+def default_attention(model_type: str) -> str:
+    """SDPA, but eager where transformers has no SDPA (Gemma 2) or SDPA stays causal (StableLM)."""
+    return "eager" if model_type in ("gemma2", "stablelm") else "sdpa"
+
+
 def tiny_encoder(
     model_type: str = "llama", pooling: str = "mean", padding_side: str = "right", bos: bool = False, **kw
 ) -> lm2vec.Encoder:
-    config = tiny_config(model_type, pad_token_id=3, attn_implementation=kw.pop("attn_implementation", "sdpa"))
+    attention = kw.pop("attn_implementation", default_attention(model_type))
+    config = tiny_config(model_type, pad_token_id=3, attn_implementation=attention)
     lm2vec.set_bidirectional(config, kw.get("bidirectional", True))
     tokenizer = tiny_tokenizer(padding_side, bos)
     return lm2vec.Encoder(tiny_model(config), tokenizer, pooling=pooling, max_length=64, **kw)

@@ -29,7 +29,6 @@ def test_shapes_and_output_types():
 
 
 SIDES = ("left", "right")
-SDPA_MISSING = ("gemma2", "stablelm")  # no SDPA path in transformers / none lm2vec can make bidirectional
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
@@ -37,8 +36,7 @@ SDPA_MISSING = ("gemma2", "stablelm")  # no SDPA path in transformers / none lm2
 def test_batch_invariance(model_type: str, padding_side: str):
     """Every architecture, float32 and in lower precision: mixture-of-experts layers too (transformers' grouped
     expert product and Qwen2-MoE's one-column gate once moved a text by cosine 1e-7 between batches)."""
-    attention = "eager" if model_type in SDPA_MISSING else "sdpa"
-    enc = tiny_encoder(model_type, padding_side=padding_side, attn_implementation=attention)
+    enc = tiny_encoder(model_type, padding_side=padding_side)
     experts = getattr(enc.model.config, "_experts_implementation", None)
     for kind in ("float32", "lowered"):
         if kind != "float32":
@@ -60,8 +58,7 @@ def test_padding_side_does_not_matter(pooling):
 def test_padding_side_does_not_matter_on_any_architecture(model_type: str):
     """Bit for bit, also on the models that run padded (sliding windows, eager attention): where attention met the
     masked key once moved their embeddings by 1e-7 between a left- and a right-padding tokenizer."""
-    attention = "eager" if model_type in SDPA_MISSING else "sdpa"
-    left, right = (tiny_encoder(model_type, padding_side=side, attn_implementation=attention) for side in SIDES)
+    left, right = (tiny_encoder(model_type, padding_side=side) for side in SIDES)
     np.testing.assert_array_equal(left.encode(TEXTS, batch_size=8), right.encode(TEXTS, batch_size=8))
 
 

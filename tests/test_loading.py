@@ -13,7 +13,7 @@ import lm2vec
 from lm2vec.loading import ModelLoadError
 from lm2vec.loading.source import fix_special_tokens, resolve_source
 from lm2vec.packing import PACKED
-from tests.support import ARCHITECTURES, random_texts, tiny_encoder, tiny_tokenizer
+from tests.support import ARCHITECTURES, default_attention, random_texts, tiny_encoder, tiny_tokenizer
 
 TEXTS = random_texts(12, seed=2)
 
@@ -28,8 +28,8 @@ def test_load_saved_directory_verifies(tiny_dir: Path):
 def test_every_architecture_reloads_with_its_attention_and_weights(model_type: str, tmp_path: Path):
     """``load`` takes SDPA where the model has it and eager where not (Gemma 2: transformers has no SDPA for it;
     StableLM: SDPA would stay causal), and gives the saved model's embeddings back."""
-    attention = "eager" if model_type in ("gemma2", "stablelm") else "sdpa"
-    saved = tiny_encoder(model_type, attn_implementation=attention)
+    attention = default_attention(model_type)
+    saved = tiny_encoder(model_type)
     loaded = lm2vec.load(saved.save(tmp_path / model_type), dtype="float32")
     assert loaded.model.config._attn_implementation in {attention, PACKED}
     ids, prefix = saved.tokenization.tokenize([""] * len(TEXTS), TEXTS)  # transformers gives a saved qwen2 its own

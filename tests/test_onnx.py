@@ -32,7 +32,7 @@ def test_other_architectures_export(tmp_path: Path, model_type: str):
     """Eager attention, Conv1D layers, sliding windows, and mixture-of-experts models, whose experts export as
     transformers' batched_mm (torch.onnx converts neither the default grouped product nor the loop over the experts
     tokens chose). All 22 architectures exported when this test was written (5 s each: a sample runs here)."""
-    encoder = tiny_encoder(model_type, attn_implementation="eager" if model_type in ("gemma2", "stablelm") else "sdpa")
+    encoder = tiny_encoder(model_type)
     experts = getattr(encoder.model.config, "_experts_implementation", None)
     runtime = onnx_encoder(encoder, export_onnx(encoder, tmp_path / "model.onnx"))
     assert getattr(encoder.model.config, "_experts_implementation", None) == experts  # put back after export

@@ -77,17 +77,17 @@ def add_handlers(app: FastAPI, tei_paths: frozenset[str] = frozenset()) -> None:
     """OpenAI's shape (TEI's on ``tei_paths``) for our errors, unknown routes and methods (404/405), and anything
     unexpected (500)."""
 
+    def respond(request: Request, err: APIError) -> JSONResponse:
+        return error_response(err, request.url.path in tei_paths)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return error_response(err, request.url.path in tei_paths)
+        return respond(request, err)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return error_response(
-            APIError(err.status_code, str(err.detail), headers=err.headers), request.url.path in tei_paths
-        )
+        return respond(request, APIError(err.status_code, str(err.detail), headers=err.headers))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        failure = APIError(500, f"internal error: {type(err).__name__}: {err}")
-        return error_response(failure, request.url.path in tei_paths)
+        return respond(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
