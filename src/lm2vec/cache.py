@@ -1,5 +1,5 @@
-"""What lm2vec keeps on disk between runs: where (``cache_dir``), under which key (``cache_key``), written how
-(``atomic_write``: whole or not at all), and the key of what an encoder computes (``fingerprint``).
+"""What lm2vec keeps on disk between runs: where (``cache_dir``), under which key (``cache_key``; an encoder's own is
+:meth:`lm2vec.Encoder.fingerprint`), written how (``atomic_write``: whole or not at all).
 
 Converted GGUF models, int8 weights, ONNX graphs and evaluation embeddings all live under ``cache_dir()``.
 """
@@ -13,12 +13,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
-
-if TYPE_CHECKING:
-    from .encoder import Encoder
 
 
 def cache_dir() -> Path:
@@ -65,23 +59,3 @@ def atomic_write(path: Path, write: Callable[[Path], object] | str, *, directory
         else:
             tmp.unlink(missing_ok=True)
     return path
-
-
-def fingerprint(encoder: Encoder, extra: object = None) -> str:
-    """A 20-character key of what the encoder computes: its settings, tokenizer, ``extra`` and every weight.
-
-    Each weight enters as its sum and norm (float64, 10 digits) on its own device: one pass, no copy to
-    the CPU, stable when the thread count changes the order of additions, and different for every
-    training stage of one model without the user naming them.
-    """
-    info = encoder.info()
-    settings = {key: info[key] for key in ("architecture", "attention", "pooling", "max_length", "dtype")}
-    tokenizer = [type(encoder.tokenizer).__name__, len(encoder.tokenizer)]
-    weights = []
-    with torch.no_grad():
-        for name, weight in encoder.model.state_dict().items():  # parameters and saved buffers (int8 weights)
-            weight = weight if weight.is_floating_point() else weight.double()
-            total = weight.sum(dtype=torch.float64).item()
-            norm = torch.linalg.vector_norm(weight, dtype=torch.float64).item()
-            weights.append(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}")
-    return cache_key(settings, tokenizer, extra, weights)[:20]

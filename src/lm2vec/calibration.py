@@ -23,10 +23,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import atomic_write, cache_dir, cache_key, fingerprint
+from .cache import atomic_write, cache_dir, cache_key
 from .encoder import Encoder
-from .hardware import linear_speeds
-from .quantization import FLOAT32, ONEDNN, PRECISE, Plan, blocks, linear_layers, lowered, smoothing_factors
+from .quantization import (
+    FLOAT32,
+    ONEDNN,
+    PRECISE,
+    Plan,
+    blocks,
+    linear_layers,
+    linear_speeds,
+    lowered,
+    smoothing_factors,
+)
 
 MIN_COSINE = 0.9998  # per calibration text, against float32; the bar on unseen texts is 0.99 (min), 0.999 (mean)
 VERSION = 3  # bump when the procedure changes: cached answers are then measured again
@@ -78,7 +87,7 @@ def calibrate(encoder: Encoder, kind: str, min_cosine: float = MIN_COSINE) -> Pl
     precision it needs, and a few more, once per model and kind.
     """
     texts, tried = calibration_texts(), chain(kind)
-    key = cache_key(VERSION, tried, min_cosine, texts, fingerprint(encoder))
+    key = cache_key(VERSION, tried, min_cosine, texts, encoder.fingerprint())
     path = cache_dir() / "calibration" / f"{'-'.join(tried)}-{key[:20]}.json"
     try:
         return tuple(json.loads(path.read_text())["plan"])

@@ -16,11 +16,12 @@ import transformers
 import lm2vec
 from lm2vec.cache import cache_dir
 from lm2vec.datafiles import read_jsonl, read_lines
-from lm2vec.hardware import describe_cpu, linear_speeds
+from lm2vec.hardware import describe_cpu
 from lm2vec.inputs import Item
 from lm2vec.loading.dtype import CHOICES as DTYPES
 from lm2vec.loading.dtype import DEFAULT as DEFAULT_DTYPE
 from lm2vec.pooling import PoolingMode
+from lm2vec.quantization import linear_speeds
 from lm2vec.training.config import STAGES, builtin_recipes  # light: names and settings, not what trains them
 
 BUILTIN_ALIASES = ("default", "builtin")

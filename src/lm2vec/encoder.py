@@ -19,6 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import st_format
 from .attention import position_ids_for, verify_attention
+from .cache import cache_key
 from .experts import experts_implementation
 from .inputs import Batch, Inputs, ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
 from .invariance import BatchInvariant
@@ -392,6 +393,25 @@ class Encoder:
             "prompts": self.prompts,
             "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",
         }
+
+    def fingerprint(self, extra: object = None) -> str:
+        """A 20-character key of what this encoder computes: its settings, tokenizer, ``extra`` and every weight.
+
+        Each weight enters as its sum and norm (float64, 10 digits) on its own device: one pass, no copy to
+        the CPU, stable when the thread count changes the order of additions, and different for every
+        training stage of one model without the user naming them.
+        """
+        info = self.info()
+        settings = {key: info[key] for key in ("architecture", "attention", "pooling", "max_length", "dtype")}
+        tokenizer = [type(self.tokenizer).__name__, len(self.tokenizer)]
+        weights = []
+        with torch.no_grad():
+            for name, weight in self.model.state_dict().items():  # parameters and saved buffers (int8 weights)
+                weight = weight if weight.is_floating_point() else weight.double()
+                total = weight.sum(dtype=torch.float64).item()
+                norm = torch.linalg.vector_norm(weight, dtype=torch.float64).item()
+                weights.append(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}")
+        return cache_key(settings, tokenizer, extra, weights)[:20]
 
 
 def _save_adapter(model: PeftModel, path: Path) -> None:

@@ -1,9 +1,9 @@
-"""What this CPU does fast: its instruction sets, and the measured speed of each linear-layer precision.
+"""What this CPU is: its instruction sets, and a place to keep what is measured on it once (:func:`measured_once`).
 
 Speed and bf16/int8 behaviour differ a lot between the machines we run on, and flags alone mislead: one Xeon
 that reports avx512_bf16 without AMX multiplies bf16 at half its fp32 rate, while AMX machines do ~6x. So the
-``dtype="auto"`` policy (:mod:`lm2vec.loading.dtype`) decides on :func:`linear_speeds`, measured once per
-machine and cached.
+``dtype="auto"`` policy (:mod:`lm2vec.loading.dtype`) decides on speeds measured here
+(:func:`lm2vec.quantization.linear_speeds`), once per machine, and cached.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict, TypeVar
@@ -22,8 +21,6 @@ from .cache import atomic_write, cache_dir, cache_key
 
 # The instruction sets that decide bf16 and int8 speed on CPU (see RECIPE.md, section 6).
 CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
-SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
-SPEED_VERSION = 3  # bump when what linear_speeds() measures changes
 T = TypeVar("T")
 
 
@@ -67,16 +64,6 @@ def describe_cpu() -> str:
     return f"{info['model']} ({flags}), {torch.get_num_threads()} threads"
 
 
-def linear_speeds() -> dict[str, float]:
-    """Throughput of a model-sized linear layer per precision, relative to float32 (float32 = 1.0).
-
-    Measured on the layers the encoder runs (``nn.Linear`` and :mod:`lm2vec.quantization`'s layers with their
-    activation quantization), best of 20 alternating rounds, once per machine, torch version and thread count
-    (~1 s), and cached in ``<cache>/hardware/``.
-    """
-    return measured_once("linear-speeds", (SPEED_VERSION,), "speeds", _measure_linear_speeds)
-
-
 def measured_once(stem: str, parts: tuple, field: str, measure: Callable[[], T]) -> T:
     """``measure()`` once per machine, torch version and thread count (and ``parts``), cached as JSON in
     ``<cache>/hardware/<stem>-<key>.json`` under ``field``; a read-only cache means measuring again next time."""
@@ -93,25 +80,3 @@ def measured_once(stem: str, parts: tuple, field: str, measure: Callable[[], T])
     except OSError:
         pass
     return value
-
-
-def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
-    from .quantization import Bf16Linear, Int8Linear, Int8x2Linear, OneDnnLinear, onednn_available  # imports us
-
-    tokens, inputs, outputs = SPEED_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(inputs, outputs, bias=False)
-    x = torch.randn(tokens, inputs, generator=generator)
-    kinds = (Bf16Linear, Int8Linear, Int8x2Linear, *((OneDnnLinear,) if onednn_available() else ()))
-    layers = {"float32": linear} | {layer.kind: layer(linear) for layer in kinds}
-    seconds = dict.fromkeys(layers, float("inf"))
-    with torch.inference_mode():
-        for layer in layers.values():
-            layer(x.clone())  # warm-up: kernels chosen, buffers allocated
-        for _ in range(rounds):  # rounds alternate between precisions: a busy moment slows one round, not one kind
-            for name, layer in layers.items():
-                fresh = x.clone()  # a new tensor: the int8 layers quantize it, as they would a new batch
-                start = time.perf_counter()
-                layer(fresh)
-                seconds[name] = min(seconds[name], time.perf_counter() - start)
-    return {name: seconds["float32"] / value for name, value in seconds.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import atomic_write, cache_dir, fingerprint
+from .cache import atomic_write, cache_dir
 from .encoder import Encoder
 from .experts import experts_implementation
 from .inputs import Batch
@@ -83,7 +83,7 @@ class OnnxEncoder(Encoder):
 
 def onnx_graph(encoder: Encoder, path: str | os.PathLike | None = None) -> Path:
     """The encoder's ONNX graph at ``path`` (default: the cache, keyed by the weights), exported if not there."""
-    path = Path(path) if path is not None else cache_dir() / "onnx" / f"{fingerprint(encoder)}.onnx"
+    path = Path(path) if path is not None else cache_dir() / "onnx" / f"{encoder.fingerprint()}.onnx"
     if not path.is_file():
         export_onnx(encoder, path)
     return path

@@ -15,6 +15,9 @@
   BLAS (MKL), which takes a slower path on AMD CPUs (Zen 5: 0.19 against 0.43 TFLOP/s); float32 throughout.
 - "float32": the layer as it was.
 
+How fast each kind runs on this machine is measured once and cached (:func:`linear_speeds`): ``dtype="auto"`` and
+calibration choose by it.
+
 The float products (bf16, float32 on oneDNN) run in blocks of the row counts this machine measures alike for the
 kernel and shape (:func:`~lm2vec.invariance.in_row_blocks`), and the integer ones
 are exact, so a token's result never depends on how many rows share its product.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
@@ -37,7 +41,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .hardware import fast_int8
+from .hardware import fast_int8, measured_once
 from .invariance import in_row_blocks
 
 LINEAR = (nn.Linear, Conv1D)  # GPT-2-style models use Conv1D, a linear layer with its weight transposed
@@ -49,6 +53,8 @@ PRECISE = "int8x2"  # the near-float32 kind for blocks that cannot run in bf16 o
 
 QMAX = 127
 LOW = 254  # the second int8 level's step: the first level's step / LOW (|rounding error| <= step / 2)
+SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
+SPEED_VERSION = 3  # bump when what linear_speeds() measures changes
 SCHEME = "lower-v4"  # names the cached layout of lowered models: change it when a layout changes
 Plan = tuple[str, ...]  # one of KINDS per transformer block
 Quantized = tuple[torch.Tensor, torch.Tensor]  # int8 values, float32 scale per row
@@ -170,7 +176,7 @@ class Int8Linear(_FrozenLinear):
         super().__init__()
         self.last_input = last_input or _LastInput(quantize_rows)
         float_weight = self._take(linear).float()
-        smooth = torch.ones(self.in_features) if smooth is None else smooth.float()
+        smooth = torch.ones_like(float_weight[0]) if smooth is None else smooth.float()  # (on the meta device too)
         weight, scale = quantize_rows(float_weight * smooth)
         self.register_buffer("weight_t", weight.t().contiguous())  # (in, out): _int_mm's layout
         self.register_buffer("weight_scale", scale.reshape(1, -1))
@@ -261,6 +267,36 @@ class Bf16Linear(_FrozenLinear):
 
     def _product(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(rows, weight, self.bias)
+
+
+def linear_speeds() -> dict[str, float]:
+    """Throughput of a model-sized linear layer per precision, relative to float32 (float32 = 1.0).
+
+    Measured on the layers the encoder runs (``nn.Linear`` and :mod:`lm2vec.quantization`'s layers with their
+    activation quantization), best of 20 alternating rounds, once per machine, torch version and thread count
+    (~1 s), and cached in ``<cache>/hardware/``.
+    """
+    return measured_once("linear-speeds", (SPEED_VERSION,), "speeds", _measure_linear_speeds)
+
+
+def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
+    tokens, inputs, outputs = SPEED_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(inputs, outputs, bias=False)
+    x = torch.randn(tokens, inputs, generator=generator)
+    kinds = (Bf16Linear, Int8Linear, Int8x2Linear, *((OneDnnLinear,) if onednn_available() else ()))
+    layers = {"float32": linear} | {layer.kind: layer(linear) for layer in kinds}
+    seconds = dict.fromkeys(layers, float("inf"))
+    with torch.inference_mode():
+        for layer in layers.values():
+            layer(x.clone())  # warm-up: kernels chosen, buffers allocated
+        for _ in range(rounds):  # rounds alternate between precisions: a busy moment slows one round, not one kind
+            for name, layer in layers.items():
+                fresh = x.clone()  # a new tensor: the int8 layers quantize it, as they would a new batch
+                start = time.perf_counter()
+                layer(fresh)
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
+    return {name: seconds["float32"] / value for name, value in seconds.items()}
 
 
 def blocks(model: nn.Module) -> list[str]:

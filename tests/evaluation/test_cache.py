@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from lm2vec import PoolingMode
-from lm2vec.cache import fingerprint
 from lm2vec.evaluation.cache import CachedEncoder
 from tests.support import random_texts, tiny_encoder
 
@@ -63,11 +62,11 @@ def test_interrupted_run_resumes_from_the_last_chunk(tmp_path: Path):
 
 def test_fingerprint_tracks_weights_and_settings():
     enc = tiny_encoder()
-    base = fingerprint(enc)
-    assert fingerprint(tiny_encoder()) == base  # same seed, same weights
+    base = enc.fingerprint()
+    assert tiny_encoder().fingerprint() == base  # same seed, same weights
     enc.pooling = PoolingMode.WEIGHTED_MEAN
-    assert fingerprint(enc) != base
+    assert enc.fingerprint() != base
     other = tiny_encoder()
     with torch.no_grad():
         next(other.model.parameters()).add_(1e-3)
-    assert fingerprint(other) != base
+    assert other.fingerprint() != base

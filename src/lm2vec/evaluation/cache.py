@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..cache import cache_key, fingerprint
+from ..cache import cache_key
 from ..encoder import Encoder
 from .base import embed
 
@@ -27,7 +27,7 @@ class CachedEncoder:
     def __init__(self, encoder: Encoder, directory: str | os.PathLike, chunk_size: int = 256):
         self.encoder = encoder
         self.chunk_size = chunk_size
-        self.path = Path(directory) / f"{fingerprint(encoder, VERSION)}.sqlite"
+        self.path = Path(directory) / f"{encoder.fingerprint(VERSION)}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path)
         self.db.execute("CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")

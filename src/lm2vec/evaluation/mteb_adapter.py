@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..cache import fingerprint
 from ..encoder import Encoder
 
 if TYPE_CHECKING:
@@ -141,5 +140,5 @@ def _source_name(encoder: Encoder) -> str:
 
 
 def revision(encoder: Encoder, prompts: dict[str, str]) -> str:
-    """A short checksum of the settings, the prompts and every weight (see :func:`lm2vec.cache.fingerprint`)."""
-    return fingerprint(encoder, prompts)[:12]
+    """A short checksum of the settings, the prompts and every weight (see :meth:`lm2vec.Encoder.fingerprint`)."""
+    return encoder.fingerprint(prompts)[:12]

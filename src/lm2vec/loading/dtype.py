@@ -15,8 +15,8 @@ import warnings
 
 import torch
 
-from ..hardware import fast_int8, linear_speeds, native_bf16
-from ..quantization import LOWER
+from ..hardware import fast_int8, native_bf16
+from ..quantization import LOWER, linear_speeds
 
 DTYPES = {
     "float32": torch.float32,
@@ -38,7 +38,7 @@ Dtype = str | torch.dtype | None
 
 def auto_candidates() -> tuple[str, ...]:
     """The lower precisions "auto" tries on this CPU: those whose linear layers measure at least
-    :data:`MIN_SPEEDUP` times float32's here (:func:`lm2vec.hardware.linear_speeds`, cached)."""
+    :data:`MIN_SPEEDUP` times float32's here (:func:`lm2vec.quantization.linear_speeds`, cached)."""
     speeds = linear_speeds()
     return tuple(kind for kind in LOWER if speeds[kind] >= MIN_SPEEDUP)
 

@@ -18,8 +18,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from ..attention import set_bidirectional, unsupported_reason
 from ..cache import atomic_write, cache_dir, cache_key, file_stamps
 from ..calibration import VERSION as CALIBRATION_VERSION
-from ..hardware import linear_speeds
-from ..quantization import SCHEME, Plan, lower_precision
+from ..quantization import SCHEME, Plan, linear_speeds, lower_precision
 from .source import ModelLoadError, Source
 
 

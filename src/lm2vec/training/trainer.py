@@ -20,8 +20,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..cache import atomic_write
 from ..encoder import Encoder
 from ..evaluation.sts import STSPairs, score_pairs
-from ..hardware import linear_speeds, native_bf16
+from ..hardware import native_bf16
 from ..loading.dtype import MIN_SPEEDUP
+from ..quantization import linear_speeds
 from .config import StageConfig
 
 COMPLETE = "lm2vec-complete.json"  # written last, atomically: a checkpoint without it is ignored
@@ -35,7 +36,7 @@ class NonFiniteLossError(RuntimeError):
 
 def bf16_pays() -> bool:
     """bf16 autocast where it pays, the runtime's policy: a GPU that supports it; a CPU with bf16 instructions whose
-    bf16 linear layers measure at least ``MIN_SPEEDUP`` x float32 here (:func:`~lm2vec.hardware.linear_speeds`,
+    bf16 linear layers measure at least ``MIN_SPEEDUP`` x float32 here (:func:`~lm2vec.quantization.linear_speeds`,
     cached per machine). An Intel Xeon without AMX runs bf16 at half the float32 rate, an AMD Zen 5 at 4.5x."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
