@@ -33,7 +33,7 @@ from lm2vec.quantization import (
     quantize_rows2,
     smoothing_factors,
 )
-from tests.support import random_texts, tiny_encoder
+from tests.support import ARCHITECTURES, random_texts, tiny_encoder
 
 TEXTS = random_texts(24, seed=3)
 VARIANT = (True, "mean")  # bidirectional, mean pooling: what the int8 cache of a default load is keyed by
@@ -337,10 +337,7 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
     first = lm2vec.load(tiny_dir, dtype="int8")
     cached = lower_cache_path(resolve_source(tiny_dir), VARIANT, "int8")
     assert cached.is_file() and not list(cached.parent.glob("*.partial"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        again = lm2vec.load(tiny_dir, dtype="int8")  # built empty, weights from the cache
-    assert not [w for w in caught if "unreadable" in str(w.message)]  # read, not rebuilt
+    again = load_from_cache(tiny_dir, "int8")  # built empty, weights from the cache
     assert again.dtype == "int8" and again.bidirectional
     np.testing.assert_array_equal(again.encode(TEXTS), first.encode(TEXTS))
     causal = lm2vec.load(tiny_dir, dtype="int8", bidirectional=False)  # its own calibration and cache
@@ -356,6 +353,31 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
     weights = tiny_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # new mtime: the key changes, the stale cache is not used
     assert lower_cache_path(resolve_source(tiny_dir), VARIANT, "int8") != cached
+
+
+def load_from_cache(path: Path, dtype: str) -> lm2vec.Encoder:
+    """``lm2vec.load`` of a model whose lowered weights are cached, failing if the cache was not read back (an
+    unreadable cache only warns and is rebuilt, with the same vectors)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder = lm2vec.load(path, dtype=dtype)
+    assert not [w for w in caught if "unreadable" in str(w.message)], [str(w.message) for w in caught]
+    return encoder
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_reads_its_lowered_weights_back(
+    model_type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The cached load builds each architecture on the meta device (its computed buffers real) and assigns the
+    cached int8 weights: the same bits as the load that lowered and cached them."""
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    saved = tiny_encoder(model_type)
+    path = saved.save(tmp_path / model_type)
+    ids, prefix = saved.tokenization.tokenize([""] * len(TEXTS), TEXTS)  # token ids: see test_loading's reload test
+    first = lm2vec.load(path, dtype="int8")
+    assert lower_cache_path(resolve_source(path), VARIANT, "int8").is_file()
+    assert torch.equal(load_from_cache(path, "int8").embed_tokens(ids, prefix), first.embed_tokens(ids, prefix))
 
 
 def test_int8_loads_where_the_cache_cannot_be_written(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
