@@ -272,8 +272,8 @@ class Bf16Linear(_FrozenLinear):
 def linear_speeds() -> dict[str, float]:
     """Throughput of a model-sized linear layer per precision, relative to float32 (float32 = 1.0).
 
-    Measured on the layers the encoder runs (``nn.Linear`` and :mod:`lm2vec.quantization`'s layers with their
-    activation quantization), best of 20 alternating rounds, once per machine, torch version and thread count
+    Measured on the layers the encoder runs (``nn.Linear`` and this module's layers with their activation
+    quantization), best of 20 alternating rounds, once per machine, torch version and thread count
     (~1 s), and cached in ``<cache>/hardware/``.
     """
     return measured_once("linear-speeds", (SPEED_VERSION,), "speeds", _measure_linear_speeds)
