@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from tokenizers import ByteLevelBPETokenizer
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, PythonBackend
 
 from lm2vec.inputs import Tokenization, length_batches, normalize
 from tests.support import tiny_tokenizer
@@ -144,11 +146,44 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=end, pad_token=end)
 
 
+class SpaceJoiningSlowTokenizer(PythonBackend):
+    """A slow (Python) tokenizer, no character offsets, that joins a space to the word after it as byte-level BPE
+    does: "query: " alone is ["query", ":", " "], before a text ["query", ":", " What", ...]."""
+
+    def __init__(self, **kwargs):
+        words = ["query", ":", "Retrieve", "similar", "text", "What", "is", "a", "cat", "?"]
+        tokens = ["<|endoftext|>", " ", *(w for word in words for w in (word, f" {word}"))]
+        self.vocab = {token: i for i, token in enumerate(tokens)}
+        self.inverse = dict(enumerate(tokens))
+        super().__init__(eos_token="<|endoftext|>", pad_token="<|endoftext|>", **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return re.findall(r" ?\w+| ?[^\w\s]+| +", text)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.vocab[token]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.inverse[index]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+
+@pytest.mark.parametrize("make_tokenizer", [byte_level_tokenizer, SpaceJoiningSlowTokenizer])
 @pytest.mark.parametrize("instruction", ["query: ", "Retrieve similar text: ", "query:"])
-def test_an_instruction_ending_in_a_space_leaves_the_text_whole(instruction: str):
+def test_an_instruction_ending_in_a_space_leaves_the_text_whole(make_tokenizer, instruction: str):
     """Alone, "query: " tokenizes as ["query", ":", "Ġ"]; before a text the space joins its first word ("ĠWhat"):
-    counting the instruction alone left "What" out of the pool."""
-    tokenizer = byte_level_tokenizer()
+    counting the instruction alone left "What" out of the pool. Fast tokenizers count by character offsets,
+    slow ones by the ids the row shares with the instruction alone."""
+    tokenizer = make_tokenizer()
     tokenization = Tokenization(tokenizer, max_length=64)
     text = "What is a cat?"
     (ids,), (prefix,) = tokenization.tokenize([instruction], [text])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import lm2vec
 from lm2vec.packing import PACKED, enable_packing, packed_states
@@ -39,6 +42,22 @@ def test_causal_models_pack_too():
             alone = enc.model(input_ids=batch.input_ids[row : row + 1, :n]).last_hidden_state[0]
             torch.testing.assert_close(packed[row, :n], alone, atol=1e-5, rtol=1e-5)
             assert not packed[row, n:].any()  # zeros at the padding
+
+
+def test_the_packing_check_raises_no_padding_warning():
+    """The check's texts hold the tiny tokenizer's pad id (3): its single-text passes carry their attention mask,
+    so transformers (GPT-2 checks for pad ids without one) has nothing to warn a user about."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = transformers.utils.logging.get_logger("transformers")
+    transformers.utils.logging.warning_once.cache_clear()  # it warns once per process
+    logger.addHandler(handler)
+    try:
+        assert tiny_encoder("gpt2").packs()
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "attention_mask" in r.getMessage()]
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "gemma3_text"])

@@ -83,42 +83,49 @@ class Tokenization:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._instruction_lengths: dict[str, int] = {}
+        self._instruction_ids: dict[str, list[int]] = {}  # an instruction's ids as it starts a row, specials included
 
     def instruction_lengths(self, instructions: list[str]) -> list[int]:
         """Tokens an instruction occupies at the start of a text, leading special tokens included."""
-        new = sorted({s for s in instructions if s and s not in self._instruction_lengths})
+        new = sorted({s for s in instructions if s and s not in self._instruction_ids})
         if new:
             with_special = self.tokenizer(new)["input_ids"]
             plain = self.tokenizer(new, add_special_tokens=False)["input_ids"]
             for text, full, bare in zip(new, with_special, plain, strict=True):
-                length = _prefix_special(full, bare) + len(bare)
-                if length >= self.max_length:
+                ids = full[: _prefix_special(full, bare) + len(bare)]
+                if len(ids) >= self.max_length:
                     raise ValueError(
-                        f"instruction {text[:60]!r} is {length} tokens, which leaves no room for the text "
+                        f"instruction {text[:60]!r} is {len(ids)} tokens, which leaves no room for the text "
                         f"within max_length={self.max_length}"
                     )
-                self._instruction_lengths[text] = length
-        return [self._instruction_lengths[s] if s else 0 for s in instructions]
+                self._instruction_ids[text] = ids
+        return [len(self._instruction_ids[s]) if s else 0 for s in instructions]
 
     def tokenize(self, instructions: list[str], texts: list[str]) -> tuple[list[list[int]], list[int]]:
         """Token ids (truncated; an empty text gets one EOS token) and instruction lengths, in one call.
 
-        An instruction's length is counted in each joined row where the tokenizer gives character offsets: its
-        leading tokens that cover no character of the text (:func:`instruction_tokens`). Counted alone, an
-        instruction ending in a space ("query: ") takes one token more than in the row, where byte-level BPE and
-        SentencePiece tokenizers join that space to the text's first word, which would then not be pooled.
+        An instruction's length is counted in each joined row: counted alone, an instruction ending in a space
+        ("query: ") takes one token more than in the row, where byte-level BPE and SentencePiece tokenizers join that
+        space to the text's first word, which would then not be pooled. Where the tokenizer gives character offsets
+        (fast tokenizers), the row's leading tokens that cover no character of the text (:func:`instruction_tokens`);
+        elsewhere the leading tokens the row shares with the instruction alone (a merged token differs).
         """
-        lengths = self.instruction_lengths(instructions)  # also refuses an instruction that leaves no room
+        self.instruction_lengths(instructions)  # also refuses an instruction that leaves no room
         joined = [p + t for p, t in zip(instructions, texts, strict=True)]
         by_offsets = self.tokenizer.is_fast and any(instructions)
         encoded = self.tokenizer(joined, truncation=True, max_length=self.max_length, return_offsets_mapping=by_offsets)
+        rows = encoded["input_ids"]
         if by_offsets:
             lengths = [
-                instruction_tokens(row, len(p)) if p else 0
-                for row, p in zip(encoded["offset_mapping"], instructions, strict=True)
+                instruction_tokens(offsets, len(p)) if p else 0
+                for offsets, p in zip(encoded["offset_mapping"], instructions, strict=True)
             ]
-        return self.filled(encoded["input_ids"]), lengths
+        else:
+            lengths = [
+                _shared_prefix(row, self._instruction_ids[p]) if p else 0
+                for row, p in zip(rows, instructions, strict=True)
+            ]
+        return self.filled(rows), lengths
 
     def filled(self, ids: list[list[int]]) -> list[list[int]]:
         """An empty row (an empty text, no special tokens) becomes one EOS token: every row has a token to pool."""
@@ -292,6 +299,16 @@ def instruction_tokens(offsets: list[tuple[int, int]], chars: int) -> int:
     count = 0
     for _, end in offsets:
         if end > chars:
+            break
+        count += 1
+    return count
+
+
+def _shared_prefix(row: list[int], instruction: list[int]) -> int:
+    """How many leading ids ``row`` shares with ``instruction``."""
+    count = 0
+    for a, b in zip(row, instruction, strict=False):
+        if a != b:
             break
         count += 1
     return count

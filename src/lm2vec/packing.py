@@ -126,7 +126,12 @@ def _packs_right(model: PreTrainedModel) -> bool:
         for row, text in enumerate(texts):
             n = len(text)
             positions = torch.arange(n, device=device)[None]
-            alone = model(input_ids=ids[row : row + 1, :n].to(device), position_ids=positions, use_cache=False)
+            alone = model(
+                input_ids=ids[row : row + 1, :n].to(device),
+                attention_mask=torch.ones(1, n, dtype=torch.long, device=device),  # the text's ids may hold the pad id
+                position_ids=positions,
+                use_cache=False,
+            )
             hidden = alone.last_hidden_state
             scale = hidden.abs().amax().clamp(min=1e-6)
             if ((packed[row, :n] - hidden[0]).abs().amax() / scale) > 1e-3:
