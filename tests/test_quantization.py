@@ -18,6 +18,7 @@ from lm2vec.loading.model import lower_cache_path
 from lm2vec.loading.source import resolve_source
 from lm2vec.quantization import (
     LINEAR,
+    MLP_INPUTS,
     Bf16Linear,
     Int8Linear,
     Int8x2Linear,
@@ -387,3 +388,26 @@ def test_int8_loads_where_the_cache_cannot_be_written(tiny_dir: Path, tmp_path: 
     with pytest.warns(UserWarning, match="weights in lower precision not cached"):
         encoder = lm2vec.load(tiny_dir, dtype="int8")
     assert encoder.dtype == "int8" and encoder.encode(TEXTS).shape == (len(TEXTS), encoder.dim)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_a_bf16_block_keeps_its_mlp_in_bf16_and_everything_else_float32(model_type: str):
+    """The layers that open an MLP (:data:`MLP_INPUTS`) hand bf16 to the activation and the output projection;
+    every other layer, the MLP's output projection included, returns float32 to the residual stream and attention.
+    Each architecture with a dense MLP names its opening layers so (the MoE-only ones have none)."""
+    encoder = tiny_encoder(model_type)
+    reference = encoder.encode(TEXTS)
+    lower_precision(encoder.model, "bfloat16")
+    dtypes: dict[str, torch.dtype] = {}
+    layers = [(name, m) for name, m in encoder.model.named_modules() if isinstance(m, Bf16Linear)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _a, out, name=name: dtypes.setdefault(name, out.dtype) and None)
+        for name, m in layers
+    ]
+    lowered_vectors = encoder.encode(TEXTS)
+    for hook in hooks:
+        hook.remove()
+    opening = {name for name, _ in layers if name.rpartition(".")[2] in MLP_INPUTS}
+    assert dtypes == {name: torch.bfloat16 if name in opening else torch.float32 for name, _ in layers}
+    assert bool(opening) == (model_type not in ("mixtral", "qwen3_moe"))
+    assert cosine_rows(lowered_vectors, reference).min() > 0.99
