@@ -17,12 +17,14 @@ runs in its own worker process (so peak RSS is per mode): the reference ``llm2ve
   quantized per block), ``openvino-int8`` (NNCF int8 symmetric weights, the CPU plugin's dynamic activation
   quantization in groups of 32, f32 inference precision).
 
-All workers load and warm up on one batch first, one at a time (calibration measures speeds: alone); then the timed
-runs alternate between modes so drift in the machine's speed hits all alike. In the same run the parent measures
-the matmul peak of each precision (2048^3 products on the same threads, in torch and in ONNX Runtime; the better
-counts), and each mode's model FLOP/s is given as a fraction of its precision's peak. Model FLOPs: 2 x
-non-embedding parameters x real tokens, plus attention (4 x layers x hidden x length^2 per text). Accuracy:
-per-text cosine to lm2vec fp32.
+The modes that lower the model's precision load it once first, alone, each in a process of its own: calibration and
+conversion, cached per machine and model, are printed apart (seconds, peak RSS), and the table's peak RSS is that of
+a load from the cache and the encoding, as every later process sees it. All workers load and warm up on one batch
+first, one at a time; then the timed runs alternate between modes so drift in the machine's speed hits all alike. In
+the same run the parent measures the matmul peak of each precision (2048^3 products on the same threads, in torch
+and in ONNX Runtime; the better counts), and each mode's model FLOP/s is given as a fraction of its precision's
+peak. Model FLOPs: 2 x non-embedding parameters x real tokens, plus attention (4 x layers x hidden x length^2 per
+text). Accuracy: per-text cosine to lm2vec fp32.
 
     python benchmarks/vs_reference.py [--texts stsb|scifact] [--model DIR] [--repeats 3] [--modes ...]
 """
@@ -54,6 +56,7 @@ LM2VEC_MODES = {
     "openvino-int8": "float32",
 }
 NEEDS = {"ort": ("onnxruntime", "onnx"), "openvino": ("openvino", "nncf")}  # the optional extras per engine
+LOWERING = ("auto", "bfloat16", "int8")  # the dtypes whose first load calibrates the model
 PEAK_OF = {"bf16": "bf16", "int8": "int8", "ort-int8": "int8", "openvino-int8": "int8"}  # others: fp32
 MODE_NAMES = ", ".join(["reference", *LM2VEC_MODES])
 DEFAULT_MODES = "reference,fp32,default,default-compiled,fp32-fast,bf16,int8,ort-fp32,ort-int8,openvino-int8"
@@ -77,7 +80,11 @@ def serve(encode, tokens: int, texts: list[str], args: argparse.Namespace, extra
         embeddings = encode(texts)
         reply({"seconds": time.perf_counter() - start})
     np.save(args.embeddings, np.asarray(embeddings, dtype=np.float32))
-    reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # KiB on Linux
+    reply({"peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def reference_worker(args: argparse.Namespace, texts: list[str]) -> None:
@@ -109,7 +116,11 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
     import lm2vec
 
     torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     encoder = lm2vec.load(args.model, dtype=LM2VEC_MODES[args.worker], max_length=args.max_length)
+    if args.prepare:  # the one-time work of a first load (calibration, conversion), cached for later loads
+        reply({"load_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
+        return
     if args.worker == "fp32-fast":
         encoder.batch_invariant = False
     chosen = encoder.dtype
@@ -237,8 +248,11 @@ def load_texts(kind: str, count: int, data: Path) -> list[str]:
 class Worker:
     """A worker process for one mode, driven line by line over its stdin/stdout."""
 
-    def __init__(self, mode: str, python: str, texts: Path, embeddings: Path, args: argparse.Namespace):
+    def __init__(
+        self, mode: str, python: str, texts: Path, embeddings: Path, args: argparse.Namespace, prepare: bool = False
+    ):
         command = [python, __file__, "--worker", mode, "--texts-file", str(texts), "--embeddings", str(embeddings)]
+        command += ["--prepare"] if prepare else []
         command += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         command += ["--max-length", str(args.max_length), "--reference", str(args.reference)]
         command += ["--model", str(args.model)] if args.model else []
@@ -255,6 +269,14 @@ class Worker:
         self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
         return self.read()
+
+
+def first_load(mode: str, texts: Path, args: argparse.Namespace) -> dict:
+    """Load ``mode``'s model once in a process of its own: its seconds and peak RSS (see :func:`lm2vec_worker`)."""
+    worker = Worker(mode, sys.executable, texts, texts.with_name("unused.npy"), args, prepare=True)
+    result = worker.read()
+    worker.process.wait()
+    return result
 
 
 def matmul_peaks(threads: int, size: int = 2048, repeats: int = 3) -> dict[str, float]:
@@ -325,6 +347,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--texts-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--embeddings", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         texts = json.loads(args.texts_file.read_text())
@@ -355,6 +378,9 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         texts_file = Path(tmp) / "texts.json"
         texts_file.write_text(json.dumps(texts))
+        # A first load of a lowering mode calibrates and converts the model, once per machine and model (cached):
+        # done and reported here, so the timed workers' peak RSS is that of every later load.
+        first_loads = {mode: first_load(mode, texts_file, args) for mode in modes if LM2VEC_MODES.get(mode) in LOWERING}
         workers: dict[str, Worker] = {}
         setup = {}
         for mode in modes:  # one at a time: a worker that calibrates (the default's first run) measures alone
@@ -389,6 +415,11 @@ def run(args: argparse.Namespace) -> None:
     if "default-compiled" in modes:
         compile_s = setup["default-compiled"]["compile_s"]
         print(f"default-compiled: torch.compile and its first pass over the texts took {compile_s:.0f} s")
+    for mode, first in first_loads.items():
+        print(
+            f"{mode}: first load on this machine (calibration and conversion, cached for later loads) "
+            f"{first['load_s']:.0f} s, peak RSS {first['peak_rss_mb']:.0f} MB"
+        )
     print(f"model: {args.model or 'the built-in SmolLM2-135M-Instruct (untrained)'}\n")
     base = statistics.median(seconds["reference"]) if "reference" in modes else None
     anchor_mode = "fp32" if "fp32" in modes else modes[0]
@@ -422,7 +453,7 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         summary = {"cpu": cpu_info(), "texts": args.texts, "count": len(texts), "tokens": tokens, "flops": flops}
         summary |= {"batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats}
-        summary |= {"matmul_peaks": peaks, "modes": figures}
+        summary |= {"matmul_peaks": peaks, "modes": figures, "first_loads": first_loads}
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")
 

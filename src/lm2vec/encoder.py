@@ -407,11 +407,21 @@ class Encoder:
         weights = []
         with torch.no_grad():
             for name, weight in self.model.state_dict().items():  # parameters and saved buffers (int8 weights)
-                weight = weight if weight.is_floating_point() else weight.double()
-                total = weight.sum(dtype=torch.float64).item()
-                norm = torch.linalg.vector_norm(weight, dtype=torch.float64).item()
+                total, norm = _sum_and_norm(weight)
                 weights.append(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}")
         return cache_key(settings, tokenizer, extra, weights)[:20]
+
+
+def _sum_and_norm(weight: torch.Tensor, part: int = 1 << 20) -> tuple[float, float]:
+    """A tensor's sum and Euclidean norm in float64, a million elements at a time: float64 over the whole tensor
+    would copy it at twice float32's size (the built-in model's embedding matrix: 226 MB, a third of its load)."""
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    squares = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for piece in weight.reshape(-1).split(part):
+        piece = piece if piece.is_floating_point() else piece.double()
+        total += piece.sum(dtype=torch.float64)
+        squares += torch.linalg.vector_norm(piece, dtype=torch.float64).square()
+    return total.item(), squares.sqrt().item()
 
 
 def _save_adapter(model: PeftModel, path: Path) -> None:

@@ -70,3 +70,15 @@ def test_fingerprint_tracks_weights_and_settings():
     with torch.no_grad():
         next(other.model.parameters()).add_(1e-3)
     assert other.fingerprint() != base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_fingerprint_sums_weights_in_parts_as_a_whole(dtype):
+    """Summed a part at a time (no float64 copy of a whole matrix), a weight gives the whole tensor's sum and norm."""
+    from lm2vec.encoder import _sum_and_norm
+
+    weight = (torch.randn(301, 17, generator=torch.Generator().manual_seed(0)) * 50).to(dtype)
+    whole = weight.double()
+    total, norm = _sum_and_norm(weight, part=64)
+    assert total == pytest.approx(whole.sum().item(), rel=1e-12, abs=1e-9)
+    assert norm == pytest.approx(whole.norm().item(), rel=1e-12)
