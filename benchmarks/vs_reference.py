@@ -417,8 +417,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"default-compiled: torch.compile and its first pass over the texts took {compile_s:.0f} s")
     for mode, first in first_loads.items():
         print(
-            f"{mode}: first load on this machine (calibration and conversion, cached for later loads) "
-            f"{first['load_s']:.0f} s, peak RSS {first['peak_rss_mb']:.0f} MB"
+            f"{mode}: a first load, alone, {first['load_s']:.0f} s, peak RSS {first['peak_rss_mb']:.0f} MB "
+            "(calibration and conversion where not cached yet for this machine and model)"
         )
     print(f"model: {args.model or 'the built-in SmolLM2-135M-Instruct (untrained)'}\n")
     base = statistics.median(seconds["reference"]) if "reference" in modes else None
