@@ -378,12 +378,15 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         texts_file = Path(tmp) / "texts.json"
         texts_file.write_text(json.dumps(texts))
-        # A first load of a lowering mode calibrates and converts the model, once per machine and model (cached):
-        # done and reported here, so the timed workers' peak RSS is that of every later load.
-        first_loads = {mode: first_load(mode, texts_file, args) for mode in modes if LM2VEC_MODES.get(mode) in LOWERING}
+        # A first load in a lowering dtype calibrates and converts the model, once per machine and model (cached):
+        # done and reported here, once per dtype, so the timed workers' peak RSS is that of every later load.
+        by_dtype: dict[str | None, str] = {}
+        for mode in modes:
+            by_dtype.setdefault(LM2VEC_MODES.get(mode), mode)
+        first_loads = {m: first_load(m, texts_file, args) for dtype, m in by_dtype.items() if dtype in LOWERING}
         workers: dict[str, Worker] = {}
         setup = {}
-        for mode in modes:  # one at a time: a worker that calibrates (the default's first run) measures alone
+        for mode in modes:  # one at a time: each load and warm-up alone
             python = str(reference_python) if mode == "reference" else sys.executable
             workers[mode] = Worker(mode, python, texts_file, Path(tmp) / f"{mode}.npy", args)
             setup[mode] = workers[mode].read()  # loaded and warmed up, then idle until timed
