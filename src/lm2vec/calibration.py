@@ -33,7 +33,7 @@ from .quantization import (
     blocks,
     linear_layers,
     linear_speeds,
-    lowered,
+    lowered_in_turn,
     smoothing_factors,
 )
 
@@ -149,7 +149,7 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
 
     def worst(plan: Plan) -> float:
         """The lowest cosine to float32 with the model run by ``plan``."""
-        with lowered(encoder.model, plan, smooth):
+        with lowered_in_turn(encoder.model, plan, smooth):
             embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
         return float((embeddings * reference).sum(-1).min())
 

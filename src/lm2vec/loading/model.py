@@ -116,16 +116,19 @@ def cached_lower_model(
     return model
 
 
-def cache_lower_model(source: Source, variant: object, dtype: str, model: PreTrainedModel, plan: Plan) -> None:
-    """Cache a local model's weights in the precisions of ``plan`` (stored with them) for later loads."""
+def cache_lower_model(source: Source, variant: object, dtype: str, model: PreTrainedModel, plan: Plan) -> bool:
+    """Cache a local model's weights in the precisions of ``plan`` (stored with them) for later loads; True where
+    they were written."""
     path = lower_cache_path(source, variant, dtype)
     if path is None:
-        return
+        return False
     state = {name: t.contiguous() for name, t in model.state_dict().items()}
     try:
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"plan": json.dumps(list(plan))}))
     except (RuntimeError, ValueError, OSError) as err:  # shared tensors, a read-only or full disk: still loads
         warnings.warn(f"weights in lower precision not cached: {err}", stacklevel=2)
+        return False
+    return True
 
 
 def lower_cache_path(source: Source, variant: object, dtype: str) -> Path | None:
