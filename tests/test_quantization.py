@@ -4,6 +4,7 @@ loading with dtype="int8", "bfloat16" and "auto" does."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 import weakref
 from pathlib import Path
@@ -416,6 +417,19 @@ def test_a_first_load_ends_on_the_cached_weights_not_the_float_model(
     assert first.dtype == "int8"
     np.testing.assert_array_equal(first.encode(TEXTS), load_from_cache(tiny_dir, "int8").encode(TEXTS))
     assert len(floats) == 1  # the later load: from the cache alone
+
+
+def test_a_first_load_whose_cache_reads_back_unreadable_converts_again(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Should the cache just written not read back (a disk fault; it warns), the load converts in memory again."""
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    expected = lm2vec.load(tiny_dir, dtype="int8").encode(TEXTS)
+    shutil.rmtree(tmp_path / "cache" / "lower")
+    monkeypatch.setattr(loading, "cached_lower_model", lambda *args, **kwargs: None)  # as if unreadable
+    encoder = lm2vec.load(tiny_dir, dtype="int8")
+    assert encoder.dtype == "int8"
+    np.testing.assert_array_equal(encoder.encode(TEXTS), expected)
 
 
 def load_from_cache(path: Path, dtype: str) -> lm2vec.Encoder:

@@ -100,15 +100,14 @@ def load(
     if chosen in (*LOWER, "auto") and lower_kind(model) is None:
         if _lower(encoder, resolved, variant, chosen, cache=checkpoint is None):  # merged adapters: not the folder's
             # Until the first model is gone its float32 weights stay mapped from their file, resident: read the
-            # lowered weights back as every later load does (the built-in model: 1166 -> 786 MB held after loading).
+            # lowered weights back as every later load does (the built-in model: 1166 -> 684 MB held after loading).
             del encoder, model
-            model = cached()
-            if model is None:  # the cache just written is unreadable (warned): convert again, uncached
-                model = load_model(resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
-                encoder = build(model)
+            model = cached() or load_model(
+                resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code
+            )
+            encoder = build(model)
+            if lower_kind(model) is None:  # the cache just written was unreadable (warned): converted again, uncached
                 _lower(encoder, resolved, variant, chosen, cache=False)
-            else:
-                encoder = build(model)
     if verify:
         encoder.verify()
     return encoder
