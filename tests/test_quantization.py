@@ -15,7 +15,17 @@ import torch
 
 import lm2vec
 import lm2vec.loading as loading
-from lm2vec.calibration import MIN_COSINE, best_plan, calibrate, calibration_texts, chain, plan_speed, smoothing
+from lm2vec.calibration import (
+    MIN_COSINE,
+    _recorded,
+    _replayed,
+    best_plan,
+    calibrate,
+    calibration_texts,
+    chain,
+    plan_speed,
+    smoothing,
+)
 from lm2vec.evaluation import cosine_rows
 from lm2vec.loading.model import lower_cache_path
 from lm2vec.loading.source import resolve_source
@@ -30,6 +40,7 @@ from lm2vec.quantization import (
     block_plan,
     blocks,
     int_product,
+    linear_layers,
     lower_precision,
     lowered,
     lowered_in_turn,
@@ -308,12 +319,47 @@ def test_calibration_moves_every_block_that_does_not_hold_the_bar(tmp_path: Path
     assert calibrate(encoder, "int8", min_cosine=1.0) == (top,) * count  # int8 and int8x2 are never exact
     assert calibrate(encoder, "int8", min_cosine=-1.0) == ("int8",) * count
     np.testing.assert_array_equal(encoder.encode(TEXTS), before)  # measuring left the float model as it was
+    assert encoder.batch_invariant
     assert encoder.dtype == "float32"
     assert chain("int8")[0] == "int8"
     plan = calibrate(encoder, "int8", min_cosine=0.99999)  # a bar between: some blocks move up the chain
     assert set(plan) <= set(chain("int8"))
     lower_precision(encoder.model, plan)
     assert cosine_rows(encoder.encode(calibration_texts()), tiny_encoder().encode(calibration_texts())).min() >= 0.99999
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_calibration_replays_the_float32_blocks_before_the_first_lowered_one(model_type: str):
+    """A calibration trial takes the reference pass's outputs of the float32 blocks before its first lowered block
+    instead of computing them again: on every architecture the same bits as the whole pass, over several passes
+    (replayed in call order), with nothing computed in the replayed blocks."""
+    encoder = tiny_encoder(model_type)
+    ids, prefix = encoder.tokenization.tokenize([""] * len(TEXTS), TEXTS)
+    prefixes = blocks(encoder.model)
+    modules = [encoder.model.get_submodule(name.rstrip(".")) for name in prefixes]
+    encoder.packs()
+
+    def embed() -> torch.Tensor:
+        return encoder.embed_tokens(ids, prefix, batch_size=8, max_tokens=64)
+
+    with _recorded(modules) as outputs:
+        reference = embed()
+    assert all(len(kept) > 1 for kept in outputs)  # several passes
+    plan = ("float32", "bfloat16", *("float32",) * (len(modules) - 2))
+    with lowered_in_turn(encoder.model, plan):
+        whole = embed()
+    calls: list[str] = []
+    first = [encoder.model.get_submodule(name) for name in linear_layers(encoder.model, prefixes[0])]
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append("called")) for layer in first]
+    with _replayed(modules[:1], outputs), lowered_in_turn(encoder.model, plan):
+        replayed = embed()
+    with _replayed(modules, outputs):
+        every = embed()
+    for hook in hooks:
+        hook.remove()
+    assert not calls and torch.equal(replayed, whole) and not torch.equal(whole, reference)
+    assert torch.equal(every, reference)
+    assert torch.equal(embed(), reference)  # the blocks compute again outside
 
 
 def test_plans_of_mixed_precisions_and_their_speed():

@@ -13,15 +13,18 @@ fingerprint) and chain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import weakref
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from importlib.resources import files
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from .cache import atomic_write, cache_dir, cache_key
 from .encoder import Encoder
@@ -84,7 +87,8 @@ def calibrate(encoder: Encoder, kind: str, min_cosine: float = MIN_COSINE) -> Pl
     """The precision of each block when the model runs in ``kind`` ("int8", "bfloat16"); cached per model.
 
     ``encoder`` must be float32; it is left as it was. Costs one encoding of 48 sentences per block and
-    precision it needs, and a few more, once per model and kind.
+    precision it needs, from that block on (the float32 blocks before it replay the reference pass), and a few
+    whole encodings more, once per model and kind.
     """
     texts, tried = calibration_texts(), chain(kind)
     key = cache_key(VERSION, tried, min_cosine, texts, encoder.fingerprint())
@@ -143,15 +147,27 @@ def smoothing(encoder: Encoder, texts: list[str] | None = None) -> dict[str, tor
 
 def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cosine: float) -> Plan:
     ids, prefix = encoder.tokenization.tokenize([""] * len(texts), texts)
-    reference = _normalized(encoder.embed_tokens(ids, prefix).numpy())
-    count = len(blocks(encoder.model))
-    smooth = smoothing(encoder, texts) if "int8" in kinds else None
+    modules = [encoder.model.get_submodule(name.rstrip(".")) for name in blocks(encoder.model)]
+    count = len(modules)
+    encoder.packs()  # decided (by running the model) before any pass is recorded
+    with _batch_variant(encoder):
+        smooth = smoothing(encoder, texts) if "int8" in kinds else None
+        with _recorded(modules) as outputs:
+            reference = _normalized(encoder.embed_tokens(ids, prefix).numpy())
 
-    def worst(plan: Plan) -> float:
-        """The lowest cosine to float32 with the model run by ``plan``."""
-        with lowered_in_turn(encoder.model, plan, smooth):
-            embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
-        return float((embeddings * reference).sum(-1).min())
+        def worst(plan: Plan) -> float:
+            """The lowest cosine to float32 with the model run by ``plan``; the float32 blocks before its first lowered
+            one replay their outputs (computed again, they would be the same bits)."""
+            start = next((b for b, kind in enumerate(plan) if kind != "float32"), count)
+            with _replayed(modules[:start], outputs), lowered_in_turn(encoder.model, plan, smooth):
+                embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
+            return float((embeddings * reference).sum(-1).min())
+
+        return _search(worst, count, kinds, min_cosine)
+
+
+def _search(worst: Callable[[Plan], float], count: int, kinds: tuple[str, ...], min_cosine: float) -> Plan:
+    """The plan of :func:`calibrate`, ``worst(plan)`` giving a plan's lowest cosine to float32."""
 
     def alone(block: int, kind: str) -> float:  # the block in ``kind``, every other in float32
         return 1.0 if kind in FLOAT32 else worst(tuple(kind if b == block else "float32" for b in range(count)))
@@ -178,6 +194,53 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
         return n == len(moves) or worst(plan_after(n)) >= min_cosine
 
     return plan_after(bisect_left(range(len(moves) + 1), True, key=holds))
+
+
+@contextlib.contextmanager
+def _batch_variant(encoder: Encoder) -> Iterator[None]:
+    """Float32 products in one piece rather than in row blocks (16% of a calibration pass on the built-in model):
+    calibration compares passes over the same batches, where a text's bits need not match its bits in other ones."""
+    was, encoder.batch_invariant = encoder.batch_invariant, False
+    try:
+        yield
+    finally:
+        encoder.batch_invariant = was
+
+
+@contextlib.contextmanager
+def _recorded(modules: list[nn.Module]) -> Iterator[list[list[Any]]]:
+    """Each module's outputs (copies), in call order, while inside."""
+    outputs: list[list[Any]] = [[] for _ in modules]
+
+    def keep(kept: list[Any]) -> Callable[..., None]:
+        return lambda _module, _args, out: kept.append(_copied(out))
+
+    handles = [module.register_forward_hook(keep(kept)) for module, kept in zip(modules, outputs, strict=True)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _replayed(modules: list[nn.Module], outputs: list[list[Any]]) -> Iterator[None]:
+    """``modules`` return copies of their :func:`_recorded` outputs, in call order, instead of computing: a pass that
+    changes nothing before a block need not run the blocks before it (half of calibration's block passes). Hooks
+    still run."""
+    for module, kept in zip(modules, outputs, strict=False):
+        replies = iter(kept)
+        module.forward = lambda *_args, replies=replies, **_kwargs: _copied(next(replies))
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def _copied(out: Any) -> Any:
+    """``out`` with its tensors copied: a later block may change its input in place."""
+    return tree_map_only(torch.Tensor, torch.clone, out)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
