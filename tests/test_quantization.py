@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import lm2vec
 import lm2vec.loading as loading
@@ -436,9 +437,13 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
     np.testing.assert_array_equal(rebuilt.encode(TEXTS), first)
     assert cached.stat().st_size > 1000  # written again
 
-    weights = tiny_dir / "model.safetensors"
-    weights.write_bytes(weights.read_bytes())  # new mtime: the key changes, the stale cache is not used
-    assert lower_cache_path(resolve_source(tiny_dir), VARIANT, "int8") != cached
+    moved = shutil.copytree(tiny_dir, tmp_path / "moved", copy_function=shutil.copy)  # another place, new times
+    assert lower_cache_path(resolve_source(moved), VARIANT, "int8") == cached  # the same model finds its cache
+    other = shutil.copytree(tiny_dir, tmp_path / "other")
+    tensors = load_file(other / "model.safetensors")
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1}, other / "model.safetensors", metadata={"format": "pt"})
+    assert lower_cache_path(resolve_source(other), VARIANT, "int8") != cached  # other weights: not that cache
 
 
 def test_a_first_load_ends_on_the_cached_weights_not_the_float_model(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import lm2vec
 from lm2vec.evaluation import cosine_rows
-from lm2vec.loading.source import resolve_source
+from lm2vec.loading.source import builtin_gguf_path, resolve_source
 
 DATA = Path(os.environ.get("LM2VEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 STSB_TEST = DATA / "sts" / "stsb" / "test.jsonl"
@@ -34,6 +35,15 @@ def test_gguf_special_tokens(smollm2: lm2vec.Encoder):
     ids = tok("The cat sat.").input_ids
     assert ids == tok("The cat sat.", add_special_tokens=False).input_ids  # no BOS prepended
     assert tok.convert_ids_to_tokens(79) == "_"  # the MNTP mask token of the recipe
+
+
+def test_a_copy_of_the_gguf_file_finds_its_conversion(smollm2: lm2vec.Encoder, tmp_path: Path):
+    """GGUF conversions are keyed by the file's content: a copy elsewhere, with a new time (another virtual
+    environment's wheel), reuses the converted directory instead of converting (and storing) it again."""
+    original = builtin_gguf_path()
+    copy = Path(shutil.copy(original, tmp_path / original.name))
+    assert copy.stat().st_mtime_ns != original.stat().st_mtime_ns
+    assert resolve_source(copy).path == resolve_source(None).path
 
 
 def test_lm_head_is_tied_and_the_model_still_talks():

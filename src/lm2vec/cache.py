@@ -1,11 +1,12 @@
 """What lm2vec keeps on disk between runs: where (``cache_dir``), under which key (``cache_key``; an encoder's own is
-:meth:`lm2vec.Encoder.fingerprint`), written how (``atomic_write``: whole or not at all).
+:meth:`lm2vec.Encoder.fingerprint`; a file's: ``file_digest``), written how (``atomic_write``: whole or not at all).
 
 Converted GGUF models, int8 weights, ONNX graphs and evaluation embeddings all live under ``cache_dir()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,10 +26,28 @@ def cache_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_stamps(folder: Path, suffixes: tuple[str, ...]) -> list[tuple[str, int, int]]:
-    """(name, size, mtime in ns) of the files in ``folder`` with these suffixes: changes when any of them does."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in suffixes)
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read whole once per place, size and time (remembered under ``cache_dir()``).
+
+    Caches keyed by it follow the content: a copy, a move or a reinstall of the same file finds them, where a key of
+    its path and time would convert or calibrate again (a 7B GGUF file: another 28 GB float32 conversion).
+    """
+    stat = path.stat()
+    memo = cache_dir() / "digests" / cache_key(str(path.resolve()), stat.st_size, stat.st_mtime_ns)[:32]
+    with contextlib.suppress(OSError):
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache: read whole again next time
+        atomic_write(memo, digest + "\n")
+    return digest
+
+
+def folder_digests(folder: Path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(name, :func:`file_digest`) of the files in ``folder`` with these suffixes: changes when any of them does."""
+    return [(p.name, file_digest(p)) for p in sorted(folder.iterdir()) if p.suffix in suffixes]
 
 
 def atomic_write(path: Path, write: Callable[[Path], object] | str, *, directory: bool = False) -> Path:

@@ -16,7 +16,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import set_bidirectional, unsupported_reason
-from ..cache import atomic_write, cache_dir, cache_key, file_stamps
+from ..cache import atomic_write, cache_dir, cache_key, folder_digests
 from ..calibration import VERSION as CALIBRATION_VERSION
 from ..quantization import SCHEME, Plan, linear_speeds, lower_precision
 from .source import ModelLoadError, Source
@@ -141,6 +141,6 @@ def lower_cache_path(source: Source, variant: object, dtype: str) -> Path | None
     if not source.local:
         return None
     folder = Path(source.path)
-    stamps = file_stamps(folder, (".safetensors", ".json"))
-    key = cache_key(SCHEME, CALIBRATION_VERSION, dtype, linear_speeds(), variant, str(folder.resolve()), stamps)
-    return cache_dir() / "lower" / f"{folder.name}-{dtype}-{key[:16]}.safetensors"
+    contents = folder_digests(folder, (".safetensors", ".json"))  # a copied or moved model finds its cache
+    key = cache_key(SCHEME, CALIBRATION_VERSION, dtype, linear_speeds(), variant, contents)
+    return cache_dir() / "lower" / f"{dtype}-{key[:20]}.safetensors"  # named by content alone, not by its folder
