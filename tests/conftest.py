@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 import lm2vec
 from tests.support import tiny_encoder
+
+# The suite's conversions, calibrations and kernel probes go to the checkout's ignored .cache/ (kept between runs),
+# not to the user's ~/.cache/lm2vec; the CLI and server processes the tests start inherit it.
+os.environ.setdefault("LM2VEC_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "tests"))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
+from tqdm.auto import tqdm
 
 from .cache import atomic_write, cache_dir, cache_key
 from .encoder import Encoder
@@ -150,7 +152,8 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
     modules = [encoder.model.get_submodule(name.rstrip(".")) for name in blocks(encoder.model)]
     count = len(modules)
     encoder.packs()  # decided (by running the model) before any pass is recorded
-    with _batch_variant(encoder):
+    description = f"Calibrating {kinds[0]} (once per model and machine)"
+    with _batch_variant(encoder), tqdm(desc=description, unit="pass", disable=not sys.stderr.isatty()) as bar:
         smooth = smoothing(encoder, texts) if "int8" in kinds else None
         with _recorded(modules) as outputs:
             reference = _normalized(encoder.embed_tokens(ids, prefix).numpy())
@@ -161,6 +164,7 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
             start = next((b for b, kind in enumerate(plan) if kind != "float32"), count)
             with _replayed(modules[:start], outputs), lowered_in_turn(encoder.model, plan, smooth):
                 embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
+            bar.update()
             return float((embeddings * reference).sum(-1).min())
 
         return _search(worst, count, kinds, min_cosine)
