@@ -38,6 +38,7 @@ from lm2vec.quantization import (
     Int8x2Linear,
     OneDnnLinear,
     _LastInput,
+    block_modules,
     block_plan,
     blocks,
     int_product,
@@ -255,7 +256,7 @@ def test_lowered_in_turn_converts_one_block_at_a_time_and_computes_as_the_lowere
     def seen(*_):
         converted.append({block for block, kind in enumerate(block_plan(encoder.model)) if kind != "float32"})
 
-    hooks = [encoder.model.get_submodule(p.rstrip(".")).register_forward_hook(seen) for p in blocks(encoder.model)]
+    hooks = [block.register_forward_hook(seen) for block in block_modules(encoder.model)]
     with lowered_in_turn(encoder.model, plan, smooth):
         in_turn = encoder.encode(TEXTS)
     for handle in hooks:
@@ -337,7 +338,7 @@ def test_calibration_replays_the_float32_blocks_before_the_first_lowered_one(mod
     encoder = tiny_encoder(model_type)
     ids, prefix = encoder.tokenization.tokenize([""] * len(TEXTS), TEXTS)
     prefixes = blocks(encoder.model)
-    modules = [encoder.model.get_submodule(name.rstrip(".")) for name in prefixes]
+    modules = block_modules(encoder.model)
     encoder.packs()
 
     def embed() -> torch.Tensor:
@@ -352,7 +353,7 @@ def test_calibration_replays_the_float32_blocks_before_the_first_lowered_one(mod
     calls: list[str] = []
     first = [encoder.model.get_submodule(name) for name in linear_layers(encoder.model, prefixes[0])]
     hooks = [layer.register_forward_pre_hook(lambda *_: calls.append("called")) for layer in first]
-    with _replayed(modules[:1], outputs), lowered_in_turn(encoder.model, plan):
+    with _replayed(modules[:1], outputs[:1]), lowered_in_turn(encoder.model, plan):
         replayed = embed()
     with _replayed(modules, outputs):
         every = embed()

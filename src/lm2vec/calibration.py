@@ -35,6 +35,7 @@ from .quantization import (
     ONEDNN,
     PRECISE,
     Plan,
+    block_modules,
     blocks,
     linear_layers,
     linear_speeds,
@@ -149,11 +150,11 @@ def smoothing(encoder: Encoder, texts: list[str] | None = None) -> dict[str, tor
 
 def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cosine: float) -> Plan:
     ids, prefix = encoder.tokenization.tokenize([""] * len(texts), texts)
-    modules = [encoder.model.get_submodule(name.rstrip(".")) for name in blocks(encoder.model)]
+    modules = block_modules(encoder.model)
     count = len(modules)
     encoder.packs()  # decided (by running the model) before any pass is recorded
     description = f"Calibrating {kinds[0]} (once per model and machine)"
-    with _batch_variant(encoder), tqdm(desc=description, unit="pass", disable=not sys.stderr.isatty()) as bar:
+    with encoder.batch_variant(), tqdm(desc=description, unit="pass", disable=not sys.stderr.isatty()) as bar:
         smooth = smoothing(encoder, texts) if "int8" in kinds else None
         with _recorded(modules) as outputs:
             reference = _normalized(encoder.embed_tokens(ids, prefix).numpy())
@@ -162,7 +163,7 @@ def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cos
             """The lowest cosine to float32 with the model run by ``plan``; the float32 blocks before its first lowered
             one replay their outputs (computed again, they would be the same bits)."""
             start = next((b for b, kind in enumerate(plan) if kind != "float32"), count)
-            with _replayed(modules[:start], outputs), lowered_in_turn(encoder.model, plan, smooth):
+            with _replayed(modules[:start], outputs[:start]), lowered_in_turn(encoder.model, plan, smooth):
                 embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
             bar.update()
             return float((embeddings * reference).sum(-1).min())
@@ -201,17 +202,6 @@ def _search(worst: Callable[[Plan], float], count: int, kinds: tuple[str, ...], 
 
 
 @contextlib.contextmanager
-def _batch_variant(encoder: Encoder) -> Iterator[None]:
-    """Float32 products in one piece rather than in row blocks (16% of a calibration pass on the built-in model):
-    calibration compares passes over the same batches, where a text's bits need not match its bits in other ones."""
-    was, encoder.batch_invariant = encoder.batch_invariant, False
-    try:
-        yield
-    finally:
-        encoder.batch_invariant = was
-
-
-@contextlib.contextmanager
 def _recorded(modules: list[nn.Module]) -> Iterator[list[list[Any]]]:
     """Each module's outputs (copies), in call order, while inside."""
     outputs: list[list[Any]] = [[] for _ in modules]
@@ -232,7 +222,7 @@ def _replayed(modules: list[nn.Module], outputs: list[list[Any]]) -> Iterator[No
     """``modules`` return copies of their :func:`_recorded` outputs, in call order, instead of computing: a pass that
     changes nothing before a block need not run the blocks before it (half of calibration's block passes). Hooks
     still run."""
-    for module, kept in zip(modules, outputs, strict=False):
+    for module, kept in zip(modules, outputs, strict=True):
         replies = iter(kept)
         module.forward = lambda *_args, replies=replies, **_kwargs: _copied(next(replies))
     try:

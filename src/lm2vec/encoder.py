@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,6 +286,17 @@ class Encoder:
             return torch.empty(0, self.dim)
         order = torch.from_numpy(np.concatenate(batches))
         return torch.cat(chunks).cpu()[torch.argsort(order)]
+
+    @contextlib.contextmanager
+    def batch_variant(self) -> Iterator[None]:
+        """Batch invariance off while inside: float32 products in one piece rather than in row blocks (faster), for
+        work that only compares or ranks embeddings of the same batches (calibration, scoring), where a text's bits
+        need not match its bits in other batches."""
+        was, self.batch_invariant = self.batch_invariant, False
+        try:
+            yield
+        finally:
+            self.batch_invariant = was
 
     def _invariance(self) -> contextlib.AbstractContextManager:
         """Blocked float32 CPU matmuls, experts as linear layers (the lower-precision layers block their own; GPUs

@@ -322,6 +322,11 @@ def blocks(model: nn.Module) -> list[str]:
     return [f"{name}.{i}." for i in range(size)]
 
 
+def block_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks themselves, in the order of :func:`blocks`."""
+    return [model.get_submodule(prefix.rstrip(".")) for prefix in blocks(model)]
+
+
 def linear_layers(model: nn.Module, block: str = "") -> list[str]:
     """Names of the float linear layers (in ``block`` if given), the LM head excepted."""
     return [
@@ -430,8 +435,7 @@ def lowered_in_turn(model: nn.Module, plan: Plan, smoothing: dict[str, torch.Ten
         originals.clear()
 
     handles = []
-    for prefix in blocks(model):
-        block = model.get_submodule(prefix.rstrip("."))
+    for prefix, block in zip(blocks(model), block_modules(model), strict=True):
         handles += [block.register_forward_pre_hook(convert(prefix)), block.register_forward_hook(restore)]
     try:
         yield
@@ -444,8 +448,7 @@ def lowered_in_turn(model: nn.Module, plan: Plan, smoothing: dict[str, torch.Ten
 def block_plan(model: nn.Module) -> Plan:
     """The kind each block runs in (see :func:`lower_precision`); "float32" for blocks without lower layers."""
     plan = []
-    for prefix in blocks(model):
-        block = model.get_submodule(prefix.rstrip("."))
+    for block in block_modules(model):
         kinds = {m.kind for m in block.modules() if isinstance(m, _FrozenLinear)}
         plan.append(kinds.pop() if len(kinds) == 1 else "float32")
     return tuple(plan)
