@@ -103,6 +103,7 @@ def test_save_reloads_identically_in_lm2vec_and_sentence_transformers(tmp_path: 
 def test_causal_encoder_reloads_causal(tmp_path: Path):
     enc = tiny_encoder(bidirectional=False, pooling="weighted_mean")
     path = enc.save(tmp_path / "causal")
+    assert "- Attention: causal\n- Pooling: weighted_mean" in (path / "README.md").read_text()  # the model card
     reloaded = lm2vec.load(path, dtype="float32")
     assert not reloaded.bidirectional
     np.testing.assert_allclose(reloaded.encode(TEXTS), enc.encode(TEXTS), atol=1e-5)
@@ -132,6 +133,8 @@ def test_saved_files(tmp_path: Path):
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_weightedmean_tokens"] and not pooling["include_prompt"]
     assert not list(path.glob("*.bin")) and list(path.glob("*.safetensors"))
+    card = (path / "README.md").read_text()
+    assert "- Attention: bidirectional" in card and f"; {tiny_encoder().dim} dimensions; at most 64 tokens" in card
     assert {"modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"} <= {
         p.name for p in path.iterdir()
     }

@@ -366,11 +366,12 @@ class Encoder:
             self.max_length,
             self.prompts,
             self.default_prompt_name,
+            bidirectional=self.bidirectional,
             reference_style=self.reference_style,
             matryoshka_dims=self.matryoshka_dims,
         )
         st_format.write(path, self.dim, settings)
-        write_card(path, self, training)
+        write_card(path, model.config, self.dim, settings, training)
         return path
 
     @property

@@ -5,26 +5,41 @@ the whole document (the encoder is bidirectional), so "it" and "the method" keep
 longer than the encoder's ``max_length`` runs in windows of ``max_length`` tokens that overlap by ``overlap``
 tokens (an eighth of the window unless told; its leading special tokens, e.g. BOS, and the instruction begin every
 window); each token takes its state from the window where it has the most context on both sides. An instruction
-(``prompt_name``, ``prompt``, or the encoder's default prompt, as :meth:`Encoder.encode` takes them) precedes the
+(``prompt_name``, ``prompt``, or the encoder's default prompt, as :meth:`lm2vec.Encoder.encode` takes them) precedes the
 document and is never pooled.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .inputs import instruction_tokens
-from .pooling import pool
-
-if TYPE_CHECKING:
-    from .encoder import Encoder
+from .inputs import ReferenceStyle, Tokenization, instruction_tokens
+from .pooling import PoolingMode, pool
 
 Span = tuple[int, int]
+
+
+class EncoderLike(Protocol):
+    """What late chunking uses of an encoder (:class:`lm2vec.Encoder`, which builds on this module)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokenization: Tokenization
+    max_length: int
+    pooling: PoolingMode
+    reference_style: ReferenceStyle | None
+
+    def resolve_instruction(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str | None:
+        """The instruction ``encode()`` would use."""
+        ...
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden) last-layer states."""
+        ...
 
 
 @dataclass
@@ -37,7 +52,7 @@ class Chunks:
 
 @torch.inference_mode()
 def late_chunks(
-    encoder: Encoder,
+    encoder: EncoderLike,
     documents: list[str],
     spans: list[list[Span]] | None = None,
     chunk_tokens: int | None = None,
@@ -94,7 +109,7 @@ class _Tokens:
     """A whole document's token ids (no truncation), their character offsets in the document and which are special
     (an instruction's tokens count as such: no span pools them); ``lead``: the tokens opening it (e.g. BOS, the
     instruction), pooled with a chunk at the document's start only where there is no instruction (as
-    :meth:`Encoder.encode` pools); ``text_end``: the last text character a token covers."""
+    :meth:`lm2vec.Encoder.encode` pools); ``text_end``: the last text character a token covers."""
 
     ids: list[int]
     offsets: list[Span]
@@ -135,7 +150,7 @@ def _token_runs(tokens: _Tokens, size: int) -> list[Span]:
 
 def _members(tokens: _Tokens, span: Span, document: int, chunk: int) -> list[int]:
     """The span's tokens; the special tokens that open (close) the document go with a span at its start (end), so
-    one chunk covering the document pools what :meth:`Encoder.encode` pools."""
+    one chunk covering the document pools what :meth:`lm2vec.Encoder.encode` pools."""
     start, end = span
     inside = [k for k, (a, b) in enumerate(tokens.offsets) if not tokens.special[k] and a < end and b > start]
     if not inside:
@@ -146,7 +161,7 @@ def _members(tokens: _Tokens, span: Span, document: int, chunk: int) -> list[int
     return list(range(lead)) + inside + trail
 
 
-def _document_states(encoder: Encoder, ids: list[int], lead: int, overlap: int) -> torch.Tensor:
+def _document_states(encoder: EncoderLike, ids: list[int], lead: int, overlap: int) -> torch.Tensor:
     """(tokens, dim) last-layer states of the whole document, in overlapping windows if it is too long."""
     if len(ids) <= encoder.max_length:
         return _states(encoder, ids)
@@ -174,11 +189,11 @@ def _document_states(encoder: Encoder, ids: list[int], lead: int, overlap: int) 
     return torch.cat([parts[0][:lead], torch.stack(rows)]) if rows else parts[0][:lead]
 
 
-def _states(encoder: Encoder, ids: list[int]) -> torch.Tensor:
+def _states(encoder: EncoderLike, ids: list[int]) -> torch.Tensor:
     return encoder.token_states(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
 
 
-def _pool_chunks(encoder: Encoder, states: torch.Tensor, members: list[list[int]]) -> torch.Tensor:
+def _pool_chunks(encoder: EncoderLike, states: torch.Tensor, members: list[list[int]]) -> torch.Tensor:
     """Each chunk pooled with the encoder's pooling mode, as if the rest of the document were its instruction."""
     length = states.shape[0]
     pool_mask = torch.zeros(len(members), length, dtype=torch.bool)

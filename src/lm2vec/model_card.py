@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .encoder import Encoder
+from transformers import PretrainedConfig
+
+from .st_format import STSettings
 
 
-def write_card(path: Path, encoder: Encoder, training: str | None = None) -> Path:
-    """Write ``path / "README.md"``; ``training``: markdown on how the encoder was trained."""
-    config = encoder.model.config
+def write_card(
+    path: Path, config: PretrainedConfig, dim: int, settings: STSettings, training: str | None = None
+) -> Path:
+    """Write ``path / "README.md"`` for an encoder of the model ``config`` with ``dim`` dimensions and ``settings``;
+    ``training``: markdown on how the encoder was trained."""
     base = config._name_or_path or config.model_type
     front = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity", "tags": ["lm2vec"]}
-    prompts = "\n".join(f"- `{name}`: {text!r}" for name, text in encoder.prompts.items()) or "none"
+    prompts = "\n".join(f"- `{name}`: {text!r}" for name, text in settings.prompts.items()) or "none"
     convention = (
         "the reference llm2vec's (instruction and text joined by a space, only the text's own tokens pooled; "
         "reproduced by lm2vec, not by sentence-transformers)"
-        if encoder.reference_style
+        if settings.reference_style
         else "a prefix, its tokens attended to but not pooled (sentence-transformers' prompts)"
     )
     lines = [
@@ -35,11 +37,11 @@ def write_card(path: Path, encoder: Encoder, training: str | None = None) -> Pat
         f"A text encoder made from the decoder-only LLM `{base}` ({config.model_type}) with lm2vec, following the "
         "LLM2Vec recipe (BehnamGhader et al., 2024).",
         "",
-        f"- Attention: {'bidirectional' if encoder.bidirectional else 'causal'}",
-        f"- Pooling: {encoder.pooling.value}; {encoder.dim} dimensions; at most {encoder.max_length} tokens per text",
+        f"- Attention: {'bidirectional' if settings.bidirectional else 'causal'}",
+        f"- Pooling: {settings.pooling.value}; {dim} dimensions; at most {settings.max_length} tokens per text",
         *(
-            [f"- Trained for truncation (Matryoshka) to {', '.join(map(str, encoder.matryoshka_dims))} dimensions"]
-            if encoder.matryoshka_dims
+            [f"- Trained for truncation (Matryoshka) to {', '.join(map(str, settings.matryoshka_dims))} dimensions"]
+            if settings.matryoshka_dims
             else []
         ),
         f"- Instructions: {convention}",
