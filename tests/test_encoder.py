@@ -166,12 +166,12 @@ def test_cpu_batches_are_bounded_by_tokens_by_default(monkeypatch: pytest.Monkey
     unbounded = enc.encode(texts, batch_size=8, max_tokens=10**9)
     monkeypatch.setattr(lm2vec.encoder, "CPU_MAX_TOKENS", 20)
     rows = []
-    hook = enc.model.register_forward_hook(  # texts per forward pass: packed, one segment each (see packing.py)
-        lambda module, args, kwargs, out: rows.append(sum(len(s) for _, s in kwargs["segments"])), with_kwargs=True
+    hook = enc.model.register_forward_hook(  # tokens per forward pass: packed (see packing.py)
+        lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
     bounded = enc.encode(texts, batch_size=8)
     hook.remove()
-    assert enc.packs() and rows == [2, 2, 2, 2]
+    assert enc.packs() and rows == [20, 20, 20, 20]
     np.testing.assert_array_equal(bounded, unbounded)
 
 

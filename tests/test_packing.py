@@ -44,6 +44,26 @@ def test_causal_models_pack_too():
             assert not packed[row, n:].any()  # zeros at the padding
 
 
+def test_texts_side_by_side_and_apart_give_the_same_bits():
+    """Texts of one length that lie side by side in the packed sequence (length-sorted, as encode() batches them)
+    run as views of it, the others are gathered: the same bits either way."""
+    enc = tiny_encoder()
+    assert enc.packs()
+    batch = enc.tokenization([""] * len(TEXTS), TEXTS)
+    order = torch.argsort(batch.attention_mask.sum(1), descending=True, stable=True)
+    kinds: list[set[type]] = []
+    hook = enc.model.register_forward_hook(
+        lambda module, args, kwargs, out: kinds.append({type(where) for _, where in kwargs["segments"]}),
+        with_kwargs=True,
+    )
+    with torch.inference_mode():
+        given = enc.token_states(batch.input_ids, batch.attention_mask)
+        side_by_side = enc.token_states(batch.input_ids[order], batch.attention_mask[order])
+    hook.remove()
+    assert torch.Tensor in kinds[0] and kinds[1] == {slice}  # both ways were taken
+    assert torch.equal(given[order], side_by_side)
+
+
 def test_the_packing_check_raises_no_padding_warning():
     """The check's texts hold the tiny tokenizer's pad id (3): its single-text passes carry their attention mask,
     so transformers (GPT-2 checks for pad ids without one) has nothing to warn a user about."""

@@ -8,7 +8,8 @@ row-invariant linear layers (:mod:`lm2vec.invariance`) a text's embedding is bit
 either padding side.
 
 The mechanism is transformers' own: an attention implementation registered as :data:`PACKED`. Given ``segments``
-(which the model passes through its keyword arguments) it runs SDPA on each group of equal-length texts; without,
+(which the model passes through its keyword arguments) it runs SDPA on each group of equal-length texts (views of
+the packed sequence where they lie side by side, as in ``encode``'s length-sorted batches); without,
 it *is* SDPA, masks included, so padded batches, training and :func:`~lm2vec.attention.verify_attention` work as
 before. :func:`enable_packing` switches a model to it after checking, on that model, that packed states equal the
 states of each text alone (an architecture that drops the keyword arguments would mix texts). Packed attention
@@ -27,7 +28,9 @@ from transformers.masking_utils import sdpa_mask
 from .invariance import BatchInvariant
 
 PACKED = "lm2vec_packed"
-Segments = list[tuple[int, torch.Tensor]]  # (length, the start offsets of the texts of that length)
+# Per text length: (length, the positions of those texts' tokens in the packed sequence, text after text): a slice
+# where the texts lie side by side, else an index.
+Segments = list[tuple[int, slice | torch.Tensor]]
 
 
 def packed_attention(
@@ -45,21 +48,21 @@ def packed_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     heads, dim = query.shape[1], value.shape[-1]
     out: torch.Tensor | None = None
-    for length, starts in segments:
-        index = (starts[:, None] + torch.arange(length, device=starts.device)).reshape(-1)
-        q, k, v = (_group(states, index, length) for states in (query, key, value))
+    for length, positions in segments:
+        q, k, v = (_group(states, positions, length) for states in (query, key, value))
         states, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
         if out is None:  # SDPA's dtype, which autocast may set
             out = states.new_empty(query.shape[2], heads, dim)
-        out[index] = states.reshape(-1, heads, dim)
+        out[positions] = states.reshape(-1, heads, dim)
     if out is None:
         raise ValueError("packed attention needs at least one segment")
     return out[None], None
 
 
-def _group(states: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
-    """(1, heads, tokens, dim) -> (texts, heads, length, dim): the texts of one length, side by side."""
-    return states[0][:, index].unflatten(1, (-1, length)).transpose(0, 1)
+def _group(states: torch.Tensor, positions: slice | torch.Tensor, length: int) -> torch.Tensor:
+    """(1, heads, tokens, dim) -> (texts, heads, length, dim): the texts of one length, side by side (a view where
+    ``positions`` is a slice, a copy where it is an index)."""
+    return states[0][:, positions].unflatten(1, (-1, length)).transpose(0, 1)
 
 
 AttentionInterface.register(PACKED, packed_attention)
@@ -73,7 +76,7 @@ def packed_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     starts = lengths.cumsum(0) - lengths
     tokens = int(lengths.sum())
     positions = torch.arange(tokens, device=input_ids.device) - starts.repeat_interleave(lengths)
-    segments = [(length, starts[lengths == length]) for length in lengths.unique().tolist() if length > 0]
+    segments = [_segment(starts[lengths == length], length) for length in lengths.unique().tolist() if length > 0]
     out = model(
         input_ids=input_ids[real][None],
         attention_mask=torch.ones(1, tokens, dtype=torch.long, device=input_ids.device),  # no packed-mask guessing
@@ -85,6 +88,16 @@ def packed_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     states = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
     states[real] = hidden[0]
     return states
+
+
+def _segment(starts: torch.Tensor, length: int) -> tuple[int, slice | torch.Tensor]:
+    """The segment of the texts of ``length`` tokens starting at ``starts``: computed once per pass, used in every
+    layer; a slice where they lie side by side (gathering them took a third of the attention's time on 1000 STS-B
+    sentences, 2% of the whole)."""
+    first, count = int(starts[0]), len(starts)
+    if int(starts[-1]) - first == (count - 1) * length:  # ascending starts, each text ``length`` long: no gaps
+        return length, slice(first, first + count * length)
+    return length, (starts[:, None] + torch.arange(length, device=starts.device)).reshape(-1)
 
 
 @torch.inference_mode()
