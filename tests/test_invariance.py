@@ -26,6 +26,22 @@ def test_rows_are_bit_identical_whatever_the_row_count(threads: int):
         torch.set_num_threads(previous)
 
 
+def test_row_blocks_are_for_cpus_only():
+    """Other devices (GPUs: here the meta device, which computes shapes only) take one product: fast, and their
+    batch invariance is not promised."""
+    calls: list[int] = []
+
+    def kernel(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(rows.shape[0])
+        return rows @ weight.t()
+
+    for device in ("meta", "cpu"):
+        calls.clear()
+        out = in_row_blocks(kernel, torch.ones(3 * ROWS + 5, 8, device=device), torch.ones(4, 8, device=device))
+        assert out.shape == (3 * ROWS + 5, 4)
+        assert calls == ([3 * ROWS + 5] if device == "meta" else [ROWS] * 4)
+
+
 def test_blocked_linear_is_linear_with_bias_and_any_leading_shape():
     x, weight, bias = torch.randn(3, 50, 32), torch.randn(24, 32), torch.randn(24)
     out = blocked_linear(x, weight, bias)

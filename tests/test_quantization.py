@@ -54,7 +54,7 @@ from lm2vec.quantization import (
 from tests.support import ARCHITECTURES, random_texts, tiny_encoder
 
 TEXTS = random_texts(24, seed=3)
-VARIANT = (True, "mean")  # bidirectional, mean pooling: what the int8 cache of a default load is keyed by
+VARIANT = (True, "mean", "cpu")  # bidirectional, mean pooling, a CPU: what the cache of a default load is keyed by
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 96), (5, 7, 3), (40, 576, 192)])
@@ -311,6 +311,15 @@ def test_load_in_lower_precision_keeps_what_calibration_says(
         lm2vec.load(tiny_dir, dtype="int4")
 
 
+def test_a_gpu_plan_falls_back_to_plain_float32():
+    """This CPU's measured speeds and oneDNN's CPU kernels say nothing of a GPU: there a block that cannot run in the
+    precision asked for runs in float32 (nn.Linear), and int8 (a CPU path) is refused up front."""
+    assert chain("bfloat16", "cuda") == ("bfloat16", "float32")
+    assert chain("int8", "cuda") == ("int8", "float32")  # as asked of calibrate(); load() refuses it:
+    with pytest.raises(ValueError, match="int8 runs on CPUs"):
+        lm2vec.load(dtype="int8", device="cuda")
+
+
 def test_calibration_moves_every_block_that_does_not_hold_the_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
     encoder = tiny_encoder()
@@ -429,7 +438,7 @@ def test_int8_weights_are_cached_and_reload_bit_identical(
     np.testing.assert_array_equal(again.encode(TEXTS), first)
     causal = lm2vec.load(tiny_dir, dtype="int8", bidirectional=False)  # its own calibration and cache
     assert not causal.bidirectional and cosine_rows(causal.encode(TEXTS), first).min() < 0.999
-    assert lower_cache_path(resolve_source(tiny_dir), (False, "mean"), "int8").is_file()
+    assert lower_cache_path(resolve_source(tiny_dir), (False, "mean", "cpu"), "int8").is_file()
 
     del again  # its weights are mapped from the cache file, which is overwritten in place next
     cached.write_bytes(b"not a safetensors file")

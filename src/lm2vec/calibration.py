@@ -56,9 +56,12 @@ def float_kind() -> str:
     return ONEDNN if linear_speeds().get(ONEDNN, 0.0) > 1.0 else "float32"
 
 
-def chain(kind: str) -> tuple[str, ...]:
-    """The precisions a block may get when a model runs in ``kind``, in the order tried: ``kind``, then
-    ``int8x2`` where it measures faster than float32 here, then float32 (:func:`float_kind`)."""
+def chain(kind: str, device: str = "cpu") -> tuple[str, ...]:
+    """The precisions a block may get when a model runs in ``kind`` on ``device`` (a device type), in the order
+    tried: ``kind``, then ``int8x2`` where it measures faster than float32 here, then float32 (:func:`float_kind`).
+    On a GPU: ``kind``, then float32 (this CPU's speeds and oneDNN's kernels say nothing of it)."""
+    if device != "cpu":
+        return (kind, "float32")
     speeds, top = linear_speeds(), float_kind()
     precise = (PRECISE,) if kind != PRECISE and speeds.get(PRECISE, 0.0) > speeds.get(top, 1.0) else ()
     return (kind, *precise, top)
@@ -87,14 +90,16 @@ def best_plan(encoder: Encoder, kinds: tuple[str, ...]) -> Plan:
 
 
 def calibrate(encoder: Encoder, kind: str, min_cosine: float = MIN_COSINE) -> Plan:
-    """The precision of each block when the model runs in ``kind`` ("int8", "bfloat16"); cached per model.
+    """The precision of each block when the model runs in ``kind`` ("int8", "bfloat16") on its device; cached per
+    model and device type.
 
     ``encoder`` must be float32; it is left as it was. Costs one encoding of 48 sentences per block and
     precision it needs, from that block on (the float32 blocks before it replay the reference pass), and a few
     whole encodings more, once per model and kind.
     """
-    texts, tried = calibration_texts(), chain(kind)
-    key = cache_key(VERSION, tried, min_cosine, texts, encoder.fingerprint())
+    device = encoder.device.type
+    texts, tried = calibration_texts(), chain(kind, device)
+    key = cache_key(VERSION, device, tried, min_cosine, texts, encoder.fingerprint())
     path = cache_dir() / "calibration" / f"{'-'.join(tried)}-{key[:20]}.json"
     try:
         return tuple(json.loads(path.read_text())["plan"])

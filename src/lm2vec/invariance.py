@@ -62,7 +62,7 @@ def in_row_blocks(kernel: Kernel, rows: torch.Tensor, weight: torch.Tensor, prob
     the largest of them (all of :data:`LADDER` where any count does). Without ``probe``: blocks of :data:`ROWS`
     rows."""
     count = rows.shape[0]
-    if count == 0:
+    if count == 0 or rows.device.type != "cpu":  # invariance is a CPU promise (GPU kernels: one product, fast)
         return kernel(rows, weight)
     # Where every count computes alike, still a few sizes: each new shape costs oneDNN a primitive and the allocator
     # fragments (one piece per pass: SciFact 958 against 855 MB peak, no faster).

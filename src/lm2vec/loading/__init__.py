@@ -67,7 +67,7 @@ def load(
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
     pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))
-    variant = (bidirectional, pooling.value)
+    variant = (bidirectional, pooling.value, torch.device(device or "cpu").type)  # a plan is per device type
     tokenizer = load_tokenizer(resolved, trust_remote_code)
 
     def build(model: PreTrainedModel) -> Encoder:

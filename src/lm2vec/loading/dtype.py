@@ -5,7 +5,8 @@ embeddings stay float32-grade).
 "int8x2" (near float32, where that is faster than float32) or float32, and keep the residual stream, norms and
 attention in float32 (:mod:`lm2vec.calibration` measures which blocks, per model), so every path "auto" may pick
 stays within cosine 0.99 of float32 on every text. On a CPU "auto" calibrates each precision this machine runs
-fast and keeps the plan with the fastest linear layers (:func:`lm2vec.calibration.best_plan`).
+fast and keeps the plan with the fastest linear layers (:func:`lm2vec.calibration.best_plan`). On a GPU "auto" is
+"bfloat16", the blocks that cannot carry it in float32; "int8" is for CPUs only.
 "float16" (and torch dtypes) convert the whole model, as transformers does.
 """
 
@@ -55,6 +56,8 @@ def resolve_dtype(dtype: Dtype, device: str | torch.device | None) -> str:
     if dtype != "int8" and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join([*DTYPES, 'int8', 'auto'])}")
     name = "int8" if dtype == "int8" else str(DTYPES[dtype]).removeprefix("torch.")
+    if not on_cpu and name == "int8":
+        raise ValueError("int8 runs on CPUs (their int8 dot-product instructions); on a GPU use 'auto' or 'bfloat16'")
     if on_cpu and name == "bfloat16" and not native_bf16():
         warnings.warn(
             "this CPU has no native bf16 (AMX or AVX512-BF16): bf16 will be far slower than float32", stacklevel=3
