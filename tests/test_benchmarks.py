@@ -1,8 +1,9 @@
-"""``benchmarks/gpu_encode.py`` on the CPU at a tiny size: the first GPU a session is lent (minutes of device time)
-should not be where it is found broken."""
+"""The benchmarks at a tiny size: ``gpu_encode.py`` on the CPU (the first GPU a session is lent, for minutes of
+device time, should not be where it is found broken) and ``vs_reference.py`` without the reference (its own venv)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,15 +15,30 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LM2VEC_DATA", ROOT.parent / "shared" / "data"))
 
 
-def test_gpu_encode_runs_its_code_paths_on_a_cpu():
-    needed = [DATA / "sts" / "stsb" / "test.jsonl", DATA / "corpus" / "wiki1m_10k.txt"]
-    if not all(path.is_file() for path in needed):
+def benchmark(name: str, *args: str, needs: tuple[str, ...] = ("sts/stsb/test.jsonl",)) -> str:
+    """Run ``benchmarks/<name>`` on the shared data; its standard output."""
+    if not all((DATA / path).is_file() for path in needs):
         pytest.skip(f"shared data not found at {DATA} (set LM2VEC_DATA)")
-    script = ROOT / "benchmarks" / "gpu_encode.py"
-    command = [sys.executable, str(script), "--device", "cpu", "--count", "32", "--wiki", "64", "--batch-sizes", "16"]
-    run = subprocess.run([*command, "--data", str(DATA)], capture_output=True, text=True, timeout=900)
+    command = [sys.executable, str(ROOT / "benchmarks" / name), *args, "--data", str(DATA)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = {line.split()[0] for line in run.stdout.splitlines() if line.split()[:2] in (["stsb", "16"], ["wiki", "16"])}
-    assert rows == {"stsb", "wiki"}, run.stdout
-    cosine = next(line for line in run.stdout.splitlines() if "cosine to CPU float32" in line)
+    return run.stdout
+
+
+def test_gpu_encode_runs_its_code_paths_on_a_cpu():
+    args = ("--device", "cpu", "--count", "32", "--wiki", "64", "--batch-sizes", "16")
+    out = benchmark("gpu_encode.py", *args, needs=("sts/stsb/test.jsonl", "corpus/wiki1m_10k.txt"))
+    rows = {line.split()[0] for line in out.splitlines() if line.split()[:2] in (["stsb", "16"], ["wiki", "16"])}
+    assert rows == {"stsb", "wiki"}, out
+    cosine = next(line for line in out.splitlines() if "cosine to CPU float32" in line)
     assert float(cosine.split("min ")[1].split(",")[0]) >= 0.99, cosine
+
+
+def test_vs_reference_measures_each_mode(tmp_path: Path):
+    figures = tmp_path / "figures.json"
+    benchmark("vs_reference.py", "--count", "8", "--repeats", "1", "--modes", "fp32,default", "--json", str(figures))
+    result = json.loads(figures.read_text())
+    assert result["cpu"]["model"] and set(result["modes"]) == {"fp32", "default"} and result["tokens"] > 8
+    default = result["modes"]["default"]
+    assert default["sentences_per_s"] > 0 and 0 < default["fraction_of_peak"] and default["peak_rss_mb"] > 0
+    assert default["cosine_to_anchor_min"] >= 0.99
