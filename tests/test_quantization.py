@@ -20,6 +20,7 @@ from lm2vec.calibration import (
     MIN_COSINE,
     _recorded,
     _replayed,
+    _search,
     best_plan,
     calibrate,
     calibration_texts,
@@ -337,6 +338,31 @@ def test_calibration_moves_every_block_that_does_not_hold_the_bar(tmp_path: Path
     assert set(plan) <= set(chain("int8"))
     lower_precision(encoder.model, plan)
     assert cosine_rows(encoder.encode(calibration_texts()), tiny_encoder().encode(calibration_texts())).min() >= 0.99999
+
+
+def test_a_block_raised_to_float32_takes_int8x2_where_that_pays_and_the_model_holds_the_bar():
+    """The search moves the least tolerant block all the way up first; once later moves have made room, that block
+    goes back to the chain's middle, where the middle is fast enough to pay for the trial. Errors here add up per
+    block (a model of what calibration measures)."""
+    kinds = ("int8", "int8x2", "float32")
+    errors = [  # block -> its error in each kind; the bar allows 0.01 in all
+        {"int8": 0.0085, "int8x2": 0.0015, "float32": 0.0},  # least tolerant: moved first, to float32
+        {"int8": 0.008, "int8x2": 0.0005, "float32": 0.0},
+        {"int8": 0.0025, "int8x2": 0.0, "float32": 0.0},
+    ]
+    trials: list[tuple[str, ...]] = []
+
+    def worst(plan: tuple[str, ...]) -> float:
+        trials.append(plan)
+        return 1.0 - sum(error[kind] for error, kind in zip(errors, plan, strict=True))
+
+    assert worst(("float32", "int8x2", "int8")) >= 0.99 > worst(("float32", "int8", "int8"))  # what the moves find
+    fast = {"int8": 4.0, "int8x2": 1.5, "float32": 1.0}  # an Intel Xeon without AMX, say
+    assert _search(worst, 3, kinds, 0.99, fast) == ("int8x2", "int8x2", "int8")
+    assert trials[-1] == ("int8x2", "int8x2", "int8")  # tried after the moves: not one of theirs
+    slow = fast | {"int8x2": 1.1}  # a trial pass buys too little
+    assert _search(worst, 3, kinds, 0.99, slow) == ("float32", "int8x2", "int8")
+    assert _search(worst, 3, ("int8", "float32"), 0.99, fast) == ("float32", "float32", "int8")  # no middle (a GPU)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
