@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export LM2VEC_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo ablation test lint bench reference reference-venv clean
+.PHONY: demo ablation test lint bench reference reference-venv device-kit clean
 
 # The reference llm2vec 0.2.3: its venv alone (about 2 minutes) for the migration tests, which build checkpoints
 # in its layout with its own code; `make reference` adds the converted built-in model for the benchmarks.
@@ -56,6 +56,17 @@ bench: $(STAMP) reference
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/vs_reference.py --texts stsb
 	$(PY) benchmarks/vs_reference.py --texts scifact
+
+# What a session lent a GPU carries over (docs/performance.md, "GPU"), in the git-ignored .device/: the built-in GGUF
+# in 25 MB parts (a call carries 64 MiB at most), its SHA-256, the benchmark's data and the gguf wheel.
+device-kit: $(STAMP)
+	rm -rf .device && mkdir -p .device/data/sts/stsb .device/data/corpus .device/wheels
+	GGUF=$$($(PY) -c 'from lm2vec.loading.source import builtin_gguf_path; print(builtin_gguf_path())') && \
+	split -b 25M "$$GGUF" .device/gguf.part. && sha256sum "$$GGUF" | cut -d' ' -f1 > .device/gguf.sha256
+	cp $(LM2VEC_DATA)/sts/stsb/test.jsonl .device/data/sts/stsb/
+	cp $(LM2VEC_DATA)/corpus/wiki1m_10k.txt .device/data/corpus/
+	$(PY) -m pip download --quiet --no-deps --dest .device/wheels "gguf==$$($(PY) -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+	ls -l .device .device/wheels
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -7,7 +7,7 @@ batches bounded by N texts and ``--max-tokens`` tokens (no padding beyond one co
 twice, alternating, after a warm-up; tokens/s counts real (non-padding) tokens. The lm2vec embeddings are
 checked against float32 CPU embeddings of the STS-B sentences (lowest cosine printed).
 
-    python benchmarks/gpu_encode.py [--batch-sizes 32,256,1024] [--wiki 100000] [--device cuda]
+    python benchmarks/gpu_encode.py [--batch-sizes 32,256,1024] [--wiki 100000] [--device cuda] [--model M]
 
 ``--device cpu --count 64 --wiki 256`` runs the same code paths on a CPU (for tests; speed means nothing).
 """
@@ -76,13 +76,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="32,256,1024")
     parser.add_argument("--max-tokens", type=int, default=32768, help="lm2vec's token bound per forward pass")
     parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--model", default=None, help="a model directory, .gguf file or hub id (default: built-in)")
     args = parser.parse_args()
     device = torch.device(args.device)
     data = args.data or data_dir()
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    encoder = lm2vec.load(dtype="bfloat16", device=device)
-    cpu_reference = lm2vec.load(dtype="float32")
+    encoder = lm2vec.load(args.model, dtype="bfloat16", device=device)
+    cpu_reference = lm2vec.load(args.model, dtype="float32")
     sets = {"stsb": stsb_sentences(data, args.count), "wiki": wiki_sentences(data, args.wiki)}
     reference = cpu_reference.encode(sets["stsb"], batch_size=32)
     del cpu_reference

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lm2vec.loading.source import builtin_gguf_path
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LM2VEC_DATA", ROOT.parent / "shared" / "data"))
 
@@ -26,7 +28,8 @@ def benchmark(name: str, *args: str, needs: tuple[str, ...] = ("sts/stsb/test.js
 
 
 def test_gpu_encode_runs_its_code_paths_on_a_cpu():
-    args = ("--device", "cpu", "--count", "32", "--wiki", "64", "--batch-sizes", "16")
+    gguf = str(builtin_gguf_path())  # as a GPU session passes the file it carried over (--model)
+    args = ("--device", "cpu", "--count", "32", "--wiki", "64", "--batch-sizes", "16", "--model", gguf)
     out = benchmark("gpu_encode.py", *args, needs=("sts/stsb/test.jsonl", "corpus/wiki1m_10k.txt"))
     rows = {line.split()[0] for line in out.splitlines() if line.split()[:2] in (["stsb", "16"], ["wiki", "16"])}
     assert rows == {"stsb", "wiki"}, out
