@@ -4,39 +4,37 @@ device time, should not be where it is found broken) and ``vs_reference.py`` wit
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
+from lm2vec.datafiles import data_dir
 from lm2vec.loading.source import builtin_gguf_path
+from tests.support import needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LM2VEC_DATA", ROOT.parent / "shared" / "data"))
 
 
-def benchmark(name: str, *args: str, needs: tuple[str, ...] = ("sts/stsb/test.jsonl",)) -> str:
+def benchmark(name: str, *args: str) -> str:
     """Run ``benchmarks/<name>`` on the shared data; its standard output."""
-    if not all((DATA / path).is_file() for path in needs):
-        pytest.skip(f"shared data not found at {DATA} (set LM2VEC_DATA)")
-    command = [sys.executable, str(ROOT / "benchmarks" / name), *args, "--data", str(DATA)]
+    command = [sys.executable, str(ROOT / "benchmarks" / name), *args, "--data", str(data_dir())]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
 
 
+@needs_data("sts/stsb/test.jsonl", "corpus/wiki1m_10k.txt")
 def test_gpu_encode_runs_its_code_paths_on_a_cpu():
     gguf = str(builtin_gguf_path())  # as a GPU session passes the file it carried over (--model)
     args = ("--device", "cpu", "--count", "32", "--wiki", "64", "--batch-sizes", "16", "--model", gguf)
-    out = benchmark("gpu_encode.py", *args, needs=("sts/stsb/test.jsonl", "corpus/wiki1m_10k.txt"))
+    out = benchmark("gpu_encode.py", *args)
     rows = {line.split()[0] for line in out.splitlines() if line.split()[:2] in (["stsb", "16"], ["wiki", "16"])}
     assert rows == {"stsb", "wiki"}, out
     cosine = next(line for line in out.splitlines() if "cosine to CPU float32" in line)
     assert float(cosine.split("min ")[1].split(",")[0]) >= 0.99, cosine
 
 
+@needs_data("sts/stsb/test.jsonl")
 def test_vs_reference_measures_each_mode(tmp_path: Path):
     figures = tmp_path / "figures.json"
     benchmark("vs_reference.py", "--count", "8", "--repeats", "1", "--modes", "fp32,default", "--json", str(figures))
