@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,58 @@ def test_missing_sources(missing: str):
 def test_hub_ids_are_left_to_from_pretrained():
     source = resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert source.path == "HuggingFaceTB/SmolLM2-135M-Instruct" and not source.local
+
+
+# Two loads of a hub id in a fresh process (the Hugging Face cache and offline mode are read at import), then the
+# same model from a folder of its own.
+HUB_LOADS = """
+import json, sys
+import lm2vec
+from lm2vec.loading.model import lower_cache_path
+from lm2vec.loading.source import resolve_source
+repo, folder, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+first = lm2vec.load(repo, dtype="int8")
+variant = (True, first.pooling.value, "cpu")
+cached = lower_cache_path(resolve_source(repo), variant, "int8")
+again = lm2vec.load(repo, dtype="int8")
+print(json.dumps({
+    "pooling": first.pooling.value, "prompts": first.prompts, "dtype": again.dtype,
+    "cached": str(cached) if cached and cached.is_file() else None,
+    "same cache for the folder": lower_cache_path(resolve_source(folder), variant, "int8") == cached,
+    "first": first.encode(texts).tolist(), "again": again.encode(texts).tolist(),
+    "folder": lm2vec.load(folder, dtype="int8").encode(texts).tolist(),
+}))
+"""
+
+
+def as_downloaded(folder: Path, repo: str, hub_cache: Path) -> None:
+    """Lay ``folder`` out as the Hugging Face cache holds a downloaded hub model: ``refs/main`` naming a snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    stored = hub_cache / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(folder, stored / "snapshots" / commit)
+    (stored / "refs").mkdir()
+    (stored / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_model_keeps_its_saved_settings_and_caches_its_lowered_weights(tmp_path: Path):
+    """A hub id is read from its snapshot in the Hugging Face cache (offline here; online, its JSON files are fetched
+    first): the pooling and prompts an encoder was saved with apply as they do to its folder, and its int8 weights
+    are cached like a folder's (the second load reads them back; the same files in a folder find the same cache)."""
+    folder = tiny_encoder(pooling="weighted_mean", prompts={"query": "w5 w6 "}).save(tmp_path / "tiny")
+    as_downloaded(folder, "lm2vec-tests/tiny", tmp_path / "hub")
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env["LM2VEC_CACHE"] = str(tmp_path / "cache")
+    arguments = ["lm2vec-tests/tiny", str(folder), json.dumps(TEXTS)]
+    run = subprocess.run([sys.executable, "-c", HUB_LOADS, *arguments], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["pooling"] == "weighted_mean" and result["prompts"] == {"query": "w5 w6 "}
+    assert (
+        result["dtype"] == "int8" and result["cached"] and Path(result["cached"]).parent == tmp_path / "cache" / "lower"
+    )
+    assert result["same cache for the folder"]
+    np.testing.assert_array_equal(result["again"], result["first"])
+    np.testing.assert_array_equal(result["folder"], result["first"])
 
 
 def test_a_plain_file_is_not_a_model(tmp_path: Path):

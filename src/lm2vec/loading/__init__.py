@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -63,7 +62,7 @@ def load(
     if checkpoint is not None:
         saved: STSettings | None = checkpoint.settings
     else:
-        saved = read_saved_settings(Path(resolved.path)) if resolved.local else None
+        saved = read_saved_settings(resolved.folder) if resolved.folder else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
     pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))

@@ -117,7 +117,7 @@ def cached_lower_model(
 
 
 def cache_lower_model(source: Source, variant: object, dtype: str, model: PreTrainedModel, plan: Plan) -> bool:
-    """Cache a local model's weights in the precisions of ``plan`` (stored with them) for later loads; True where
+    """Cache a model's weights in the precisions of ``plan`` (stored with them) for later loads; True where
     they were written."""
     path = lower_cache_path(source, variant, dtype)
     if path is None:
@@ -132,15 +132,14 @@ def cache_lower_model(source: Source, variant: object, dtype: str, model: PreTra
 
 
 def lower_cache_path(source: Source, variant: object, dtype: str) -> Path | None:
-    """Where a local model's weights in ``dtype`` ("int8", "bfloat16", "auto") are cached (None for hub ids: they
-    are calibrated and converted at each load).
+    """Where a model's weights in ``dtype`` ("int8", "bfloat16", "auto") are cached, keyed by the contents of its
+    folder (a hub model's: its snapshot, :attr:`Source.folder`); None where it has no folder yet.
 
     ``variant``: what else the calibrated plan depends on (attention mode, pooling); the machine's measured
     speeds decide the plan too.
     """
-    if not source.local:
+    if source.folder is None:
         return None
-    folder = Path(source.path)
-    contents = folder_digests(folder, (".safetensors", ".json"))  # a copied or moved model finds its cache
+    contents = folder_digests(source.folder, (".safetensors", ".json"))  # a copied or moved model finds its cache
     key = cache_key(SCHEME, CALIBRATION_VERSION, dtype, linear_speeds(), variant, contents)
     return cache_dir() / "lower" / f"{dtype}-{key[:20]}.safetensors"  # named by content alone, not by its folder

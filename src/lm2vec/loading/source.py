@@ -7,6 +7,7 @@ downstream (lm2vec, sentence-transformers, training) sees a plain Hugging Face d
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -50,6 +51,25 @@ class Source:
     @property
     def name(self) -> str:
         return Path(self.path).name if self.local else self.path
+
+    @functools.cached_property
+    def folder(self) -> Path | None:
+        """The folder holding the model's files: a local model's own; a hub model's snapshot in the Hugging Face
+        cache (:func:`hub_snapshot`), into which ``from_pretrained`` fetches the rest."""
+        return Path(self.path) if self.local else hub_snapshot(self.path)
+
+
+def hub_snapshot(repo: str) -> Path | None:
+    """A hub model's snapshot folder in the Hugging Face cache with its JSON files fetched: the model's config and the
+    settings a saved encoder carries (pooling, prompts, lm2vec's own), which lm2vec reads itself. Fetched as
+    ``from_pretrained`` fetches (the network, unless offline or cached). None where nothing can be had: the hub is
+    unreachable and nothing cached, or it has no such repository (the loaders then say which)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json"]))
+    except Exception:  # offline, unknown repository, no access: loading the tokenizer says which, in its words
+        return None
 
 
 def resolve_source(source: str | os.PathLike | None) -> Source:
