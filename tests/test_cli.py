@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 
 import numpy as np
+import pytest
 
 import lm2vec
 from tests.support import random_texts
@@ -84,3 +88,36 @@ def test_train_simcse_from_the_command_line(tiny_dir, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     again = run("train", "simcse", tiny_dir, "-o", out, "--set", f"data={json.dumps([str(corpus)])}", *settings)
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_cache_lists_each_kind_and_prunes_what_has_gone_unused(tiny_dir, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """`lm2vec cache` lists what loads leave (lowered weights, calibrations, ...) by kind; `--prune DAYS` removes
+    what has not been used for that long (an older version's leftovers) and keeps the lowered weights a load has just
+    read back, from which the model loads again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LM2VEC_CACHE", str(cache))
+    expected = lm2vec.load(tiny_dir, dtype="int8").encode(random_texts(4, seed=3))
+    (lowered,) = (cache / "lower").iterdir()
+    (cache / "lower" / "int8-an-older-version.safetensors").write_bytes(b"x" * 1000)
+    (cache / "gguf" / "an-older-conversion").mkdir(parents=True)
+    (cache / "gguf" / "an-older-conversion" / "model.safetensors").write_bytes(b"x" * 1000)
+    month_ago = time.time() - 40 * 86400
+    for path in [cache, *cache.rglob("*")]:
+        os.utime(path, (month_ago, month_ago))
+    lm2vec.load(tiny_dir, dtype="int8")  # reads the lowered weights back: used now
+
+    listed = run("cache")
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^lower\s+2\s", listed.stdout, re.M) and re.search(r"^gguf\s+1\s", listed.stdout, re.M)
+    assert re.search(r"^calibration\s+[1-9]", listed.stdout, re.M)
+    dry = run("cache", "--prune", 30, "--dry-run")
+    assert "would remove" in dry.stdout and "an-older-conversion" in dry.stdout
+    assert (cache / "gguf" / "an-older-conversion").is_dir()  # a dry run removes nothing
+
+    pruned = run("cache", "--prune", 30)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed" in pruned.stdout and str(lowered) not in pruned.stdout
+    assert lowered.is_file() and not (cache / "gguf" / "an-older-conversion").exists()
+    assert not (cache / "lower" / "int8-an-older-version.safetensors").exists()
+    np.testing.assert_array_equal(lm2vec.load(tiny_dir, dtype="int8").encode(random_texts(4, seed=3)), expected)
+    assert run("cache", "--prune", 0).returncode == 0 and not [p for p in cache.rglob("*") if p.is_file()]

@@ -14,7 +14,7 @@ import numpy as np
 import transformers
 
 import lm2vec
-from lm2vec.cache import cache_dir
+from lm2vec.cache import cache_dir, cache_entries, prune
 from lm2vec.datafiles import read_jsonl, read_lines
 from lm2vec.hardware import describe_cpu
 from lm2vec.inputs import Item
@@ -263,6 +263,32 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List the cache by kind, or remove what has not been used for ``--prune`` days."""
+    if args.prune is not None:
+        removed = prune(args.prune, dry_run=args.dry_run)
+        for entry in removed:
+            print(f"{'would remove' if args.dry_run else 'removed'} {entry.path} ({gigabytes(entry.size)})")
+        print(f"{len(removed)} entries, {gigabytes(sum(e.size for e in removed))}, unused for {args.prune:g}+ days")
+        return 0
+    entries = cache_entries()
+    print(f"{cache_dir()}: {len(entries)} entries, {gigabytes(sum(e.size for e in entries))}")
+    print(f"{'kind':<14}{'entries':>8}{'size':>11}   least / most recently used")
+    for kind in sorted({e.kind for e in entries}):
+        of_kind = [e for e in entries if e.kind == kind]  # least recently used first
+        oldest, newest = (when(e.last_used) for e in (of_kind[0], of_kind[-1]))
+        print(f"{kind:<14}{len(of_kind):>8}{gigabytes(sum(e.size for e in of_kind)):>11}   {oldest} / {newest}")
+    return 0
+
+
+def when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2vec", description=lm2vec.__doc__)
     parser.add_argument("--version", action="version", version=f"lm2vec {lm2vec.__version__}")
@@ -373,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     corpus.add_argument("--address", help="a Ray cluster (ray://host:10001 or auto); default: a local instance")
     corpus.set_defaults(run=cmd_embed_corpus)
+
+    cache = commands.add_parser("cache", help=f"what lm2vec keeps on disk ({cache_dir()}), and removing it")
+    cache.add_argument("--prune", type=float, metavar="DAYS", help="remove entries unused for DAYS days (0: all)")
+    cache.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, remove nothing")
+    cache.set_defaults(run=cmd_cache)
 
     info = commands.add_parser("info", parents=[model], help="load a model, verify its attention, describe it")
     info.add_argument("--json", action="store_true", help="print the description as JSON")

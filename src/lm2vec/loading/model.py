@@ -16,7 +16,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import set_bidirectional, unsupported_reason
-from ..cache import atomic_write, cache_dir, cache_key, folder_digests
+from ..cache import atomic_write, cache_dir, cache_key, folder_digests, mark_used
 from ..calibration import VERSION as CALIBRATION_VERSION
 from ..quantization import SCHEME, Plan, linear_speeds, lower_precision
 from .source import ModelLoadError, Source
@@ -113,6 +113,7 @@ def cached_lower_model(
     except (SafetensorError, RuntimeError, OSError, KeyError, ValueError) as err:
         warnings.warn(f"rebuilding the unreadable cache {path}: {err}", stacklevel=2)
         return None
+    mark_used(path)
     return model
 
 

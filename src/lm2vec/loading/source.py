@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ..cache import atomic_write, cache_dir, file_digest
+from ..cache import atomic_write, cache_dir, file_digest, mark_used
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,7 +108,9 @@ def check_directory(path: Path) -> None:
 def gguf_to_directory(gguf: Path) -> Path:
     """Convert a GGUF file into a cached safetensors directory, once per content (:func:`~lm2vec.cache.file_digest`)."""
     target = cache_dir() / "gguf" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
-    if not (target / "config.json").is_file():
+    if (target / "config.json").is_file():
+        mark_used(target)
+    else:
         atomic_write(target, lambda tmp: _convert(gguf, tmp), directory=True)
     return target
 
