@@ -130,8 +130,8 @@ def prune(unused_days: float, root: Path | None = None, dry_run: bool = False) -
     cutoff = time.time() - unused_days * 86400
     removed = [e for e in cache_entries(root) if e.last_used <= cutoff]
     for entry in [] if dry_run else removed:
-        if S_ISDIR(entry.path.lstat().st_mode):
+        if entry.path.is_dir() and not entry.path.is_symlink():
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
-            entry.path.unlink(missing_ok=True)
+            entry.path.unlink(missing_ok=True)  # gone meanwhile: nothing to do
     return removed
