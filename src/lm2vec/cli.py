@@ -268,16 +268,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.prune is not None:
         removed = prune(args.prune, dry_run=args.dry_run)
         for entry in removed:
-            print(f"{'would remove' if args.dry_run else 'removed'} {entry.path} ({gigabytes(entry.size)})")
-        print(f"{len(removed)} entries, {gigabytes(sum(e.size for e in removed))}, unused for {args.prune:g}+ days")
+            print(f"{'would remove' if args.dry_run else 'removed'} {entry.path} ({size_text(entry.size)})")
+        print(f"{len(removed)} entries, {size_text(sum(e.size for e in removed))}, unused for {args.prune:g}+ days")
         return 0
     entries = cache_entries()
-    print(f"{cache_dir()}: {len(entries)} entries, {gigabytes(sum(e.size for e in entries))}")
+    print(f"{cache_dir()}: {len(entries)} entries, {size_text(sum(e.size for e in entries))}")
     print(f"{'kind':<14}{'entries':>8}{'size':>11}   least / most recently used")
     for kind in sorted({e.kind for e in entries}):
         of_kind = [e for e in entries if e.kind == kind]  # least recently used first
         oldest, newest = (when(e.last_used) for e in (of_kind[0], of_kind[-1]))
-        print(f"{kind:<14}{len(of_kind):>8}{gigabytes(sum(e.size for e in of_kind)):>11}   {oldest} / {newest}")
+        print(f"{kind:<14}{len(of_kind):>8}{size_text(sum(e.size for e in of_kind)):>11}   {oldest} / {newest}")
     return 0
 
 
@@ -285,7 +285,7 @@ def when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
 
-def gigabytes(size: int) -> str:
+def size_text(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
