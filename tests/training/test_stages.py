@@ -9,11 +9,13 @@ import typing
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from lm2vec.cli import main
 from lm2vec.training import STAGES, SupervisedConfig, load_recipe, stage_config
 from lm2vec.training.losses import cached_info_nce, info_nce
-from lm2vec.training.stage import embed, embedding_stage
+from lm2vec.training.stage import FLOAT32_SDPA, Dropout, embed, embedding_stage, float32_sdpa, merge_lora
+from lm2vec.training.trainer import float32_attention_pays
 from tests.support import random_texts, tiny_encoder
 
 
@@ -38,6 +40,53 @@ def test_listing_the_stages_imports_neither_peft_nor_the_trainer():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_lora_dropout_on_a_cpu_drops_as_nn_dropout_does_from_fewer_draws():
+    """Four elements share a 64-bit draw: each must still drop alone, at rate p, scaled by 1 / (1 - p)."""
+    p, size = 0.05, 4_000_000
+    dropout = Dropout(p).train()
+    torch.manual_seed(0)
+    x = torch.ones(size, requires_grad=True)
+    y = dropout(x)
+    dropped = (y == 0).reshape(-1, 4).float()
+    sigma = (p * (1 - p) / (size / 4)) ** 0.5
+    assert all(abs(rate - p) < 5 * sigma for rate in dropped.mean(0).tolist())  # each of a draw's four lanes
+    both = (dropped[:, 0] * dropped[:, 1]).mean().item()  # lanes independent: p * p, not p
+    assert abs(both - p * p) < 5 * (p * p / (size / 4)) ** 0.5
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, y.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # seeded: GradCache's replays redraw the same masks
+    assert dropout.eval()(x) is x
+    model = embedding_stage(tiny_encoder(), SupervisedConfig(lora_dropout=0.1))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(type(d) is Dropout and d.p == 0.1 for m in layers for d in m.lora_dropout.values())
+
+
+def test_bf16_training_runs_attention_in_float32_where_this_cpu_runs_it_faster_so():
+    encoder = tiny_encoder()
+    model = embedding_stage(encoder, SupervisedConfig(bf16=True))
+    assert encoder.model.config._attn_implementation == (FLOAT32_SDPA if float32_attention_pays() else "sdpa")
+    assert merge_lora(model.peft).config._attn_implementation == "sdpa"  # the trained model attends as it did
+    assert embedding_stage(tiny_encoder(), SupervisedConfig(bf16=False)).peft.config._attn_implementation == "sdpa"
+
+    attention = encoder.model.layers[0].self_attn
+    config = encoder.model.config
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 6, 8, generator=generator).bfloat16() for n in heads)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states, _ = float32_sdpa(attention, q, k, v, mask, dropout=0.0, scaling=0.125)
+        dropped = [float32_sdpa(attention, q, k, v, mask, dropout=0.5, scaling=0.125)[0] for _ in range(2)]
+    inputs = (q.float(), k.float(), v.float())
+    expected = torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=mask, scale=0.125, enable_gqa=True)
+    assert states.dtype == torch.bfloat16
+    torch.testing.assert_close(states, expected.transpose(1, 2).to(torch.bfloat16), rtol=0, atol=0)
+    assert not torch.equal(dropped[0], dropped[1])  # attention dropout still drops
 
 
 def test_cached_info_nce_has_the_loss_and_gradients_of_its_passes_run_with_a_graph():

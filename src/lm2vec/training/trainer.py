@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..cache import atomic_write
 from ..encoder import Encoder
 from ..evaluation.sts import STSPairs, score_pairs
-from ..hardware import native_bf16
+from ..hardware import measured_once, native_bf16
 from ..loading.dtype import MIN_SPEEDUP
 from ..quantization import linear_speeds
 from .config import StageConfig
@@ -41,6 +41,28 @@ def bf16_pays() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return native_bf16() and linear_speeds()["bfloat16"] >= MIN_SPEEDUP
+
+
+def float32_attention_pays() -> bool:
+    """Whether attention's forward and backward run faster in float32 than in bf16 on this CPU (measured once per
+    machine, cached): torch's CPU flash attention ran 2.8-5.3x slower in bf16 than in float32 on an Intel Xeon with
+    AMX, at the shapes the ``cpu`` recipe trains on."""
+    return measured_once("attention-speeds", (1,), "float32_faster", _float32_attention_faster)
+
+
+def _float32_attention_faster(rounds: int = 5) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(16, 8, 64, 64, generator=generator) for _ in range(3))
+    mask = torch.ones(16, 1, 64, 64, dtype=torch.bool)
+    mask[::2, ..., 48:] = False  # padded texts, as training batches have
+    seconds = {dtype: float("inf") for dtype in (torch.float32, torch.bfloat16)}
+    for _ in range(rounds + 1):  # the first round warms up; rounds alternate, so a busy moment slows both
+        for dtype in seconds:
+            query, key, value = (t.to(dtype).requires_grad_() for t in (q, k, v))
+            start = time.perf_counter()
+            nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask).sum().backward()
+            seconds[dtype] = min(seconds[dtype], time.perf_counter() - start)
+    return seconds[torch.float32] * MIN_SPEEDUP <= seconds[torch.bfloat16]
 
 
 def training_arguments(
