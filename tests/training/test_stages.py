@@ -12,6 +12,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from lm2vec.cli import main
+from lm2vec.packing import PACKED
 from lm2vec.training import STAGES, SupervisedConfig, load_recipe, stage_config
 from lm2vec.training.losses import cached_info_nce, info_nce
 from lm2vec.training.stage import FLOAT32_SDPA, Dropout, embed, embedding_stage, float32_sdpa, merge_lora
@@ -71,6 +72,11 @@ def test_bf16_training_runs_attention_in_float32_where_this_cpu_runs_it_faster_s
     assert encoder.model.config._attn_implementation == (FLOAT32_SDPA if float32_attention_pays() else "sdpa")
     assert merge_lora(model.peft).config._attn_implementation == "sdpa"  # the trained model attends as it did
     assert embedding_stage(tiny_encoder(), SupervisedConfig(bf16=False)).peft.config._attn_implementation == "sdpa"
+    scored = tiny_encoder()
+    scored.encode(["w1 w2", "w3"])  # scoring packs it: a stage after scoring still trains with plain SDPA
+    assert scored.model.config._attn_implementation == PACKED
+    packed_at_start = embedding_stage(scored, SupervisedConfig(bf16=True)).peft.config._attn_implementation
+    assert packed_at_start == (FLOAT32_SDPA if float32_attention_pays() else PACKED)
 
     attention = encoder.model.layers[0].self_attn
     config = encoder.model.config

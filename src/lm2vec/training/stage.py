@@ -25,6 +25,7 @@ from ..encoder import Encoder
 from ..evaluation.sts import STSPairs, load_sts
 from ..inputs import Batch, Tokenization
 from ..loading import load
+from ..packing import PACKED
 from .config import SimCSEConfig, StageConfig, SupervisedConfig
 from .trainer import (
     COMPLETE,
@@ -123,7 +124,7 @@ def float32_attention_helps(model: PreTrainedModel, config: StageConfig) -> bool
     """Train an SDPA model's attention in float32 where the stage runs in bf16 autocast on a CPU that measures
     float32 attention faster; :func:`merge_lora` switches it back."""
     bf16 = bf16_pays() if config.bf16 is None else config.bf16
-    sdpa = model.config._attn_implementation == "sdpa"
+    sdpa = model.config._attn_implementation in ("sdpa", PACKED)  # packed by scoring: plain SDPA in training
     return bf16 and sdpa and model.device.type == "cpu" and float32_attention_pays()
 
 
