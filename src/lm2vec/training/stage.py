@@ -31,10 +31,10 @@ from .trainer import (
     COMPLETE,
     StageModel,
     StageTrainer,
-    bf16_pays,
     float32_attention_pays,
     last_checkpoint,
     training_arguments,
+    trains_in_bf16,
 )
 
 # Training loads float32 weights (LoRA wraps nn.Linear; bf16 is autocast per stage), not the inference default.
@@ -123,9 +123,8 @@ AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)
 def float32_attention_helps(model: PreTrainedModel, config: StageConfig) -> bool:
     """Train an SDPA model's attention in float32 where the stage runs in bf16 autocast on a CPU that measures
     float32 attention faster; :func:`merge_lora` switches it back."""
-    bf16 = bf16_pays() if config.bf16 is None else config.bf16
     sdpa = model.config._attn_implementation in ("sdpa", PACKED)  # packed by scoring: plain SDPA in training
-    return bf16 and sdpa and model.device.type == "cpu" and float32_attention_pays()
+    return trains_in_bf16(config) and sdpa and model.device.type == "cpu" and float32_attention_pays()
 
 
 def _linear_targets(model: PreTrainedModel, config: StageConfig) -> list[str]:

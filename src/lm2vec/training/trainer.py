@@ -43,6 +43,11 @@ def bf16_pays() -> bool:
     return native_bf16() and linear_speeds()["bfloat16"] >= MIN_SPEEDUP
 
 
+def trains_in_bf16(config: StageConfig) -> bool:
+    """The stage's ``bf16`` setting, ``None`` decided by :func:`bf16_pays`."""
+    return bf16_pays() if config.bf16 is None else config.bf16
+
+
 def float32_attention_pays() -> bool:
     """Whether attention's forward and backward run faster in float32 than in bf16 on this CPU (measured once per
     machine, cached): torch's CPU flash attention ran 2.8-5.3x slower in bf16 than in float32 on an Intel Xeon with
@@ -87,7 +92,7 @@ def training_arguments(
         load_best_model_at_end=evaluate and config.select_best,
         metric_for_best_model=METRIC if evaluate else None,
         greater_is_better=True,
-        bf16=bf16_pays() if config.bf16 is None else config.bf16,
+        bf16=trains_in_bf16(config),
         use_cpu=not torch.cuda.is_available(),
         seed=config.seed,
         report_to=[],
