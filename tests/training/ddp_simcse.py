@@ -51,9 +51,10 @@ def main(out: Path, corpus: Path) -> None:
     # DDP keeps the ranks' weights equal although each rank saw other sentences
     report["weight_sum"] = sum(p.double().sum().item() for p in encoder.model.parameters())
     # GradCache under DDP: every pass but the last skips the all-reduce; the ranks must still agree, and the
-    # weights must be those of the same passes run with a graph (same dropout masks, gradients summed)
+    # weights must be those of the same passes run with a graph (same dropout masks, gradients summed); also with
+    # passes whose graphs are kept from the first forward
     trained = {}
-    for grad_cache in (True, False):
+    for grad_cache, kept_graphs in ((True, 0), (False, 0), (True, 3)):  # 6 passes a step, 3 of them kept
         config = SupervisedConfig(
             data=[str(out / "nli" / "train.jsonl")],
             steps=2,
@@ -63,11 +64,14 @@ def main(out: Path, corpus: Path) -> None:
             bf16=False,
             mini_batch_size=2,
             grad_cache=grad_cache,
+            kept_graphs=kept_graphs,
         )
-        trained[grad_cache] = train_supervised(tiny_encoder(), config, out / f"grad_cache_{grad_cache}").model
-    report["grad_cache_weight_sum"] = sum(p.double().sum().item() for p in trained[True].parameters())
-    pairs = zip(trained[True].parameters(), trained[False].parameters(), strict=True)
-    report["grad_cache_vs_passes"] = max((a - b).abs().max().item() for a, b in pairs)
+        run = f"grad_cache_{grad_cache}_{kept_graphs}"
+        trained[run] = train_supervised(tiny_encoder(), config, out / run).model
+    for run in ("grad_cache_True_0", "grad_cache_True_3"):
+        report[f"{run}_weight_sum"] = sum(p.double().sum().item() for p in trained[run].parameters())
+        pairs = zip(trained[run].parameters(), trained["grad_cache_False_0"].parameters(), strict=True)
+        report[f"{run}_vs_passes"] = max((a - b).abs().max().item() for a, b in pairs)
     report["world_size"] = int(os.environ["WORLD_SIZE"])
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
 

@@ -34,7 +34,8 @@ def test_cross_device_negatives_under_torchrun(tmp_path: Path):
         assert report["labels"] == [rank * 4 + i for i in range(4)]  # positives sit in this rank's block
     assert ranks[1]["candidate_grad_norm"] > 0  # rank 0's loss reached rank 1's candidates
     assert abs(ranks[0]["weight_sum"] - ranks[1]["weight_sum"]) < 1e-6  # gradients were synchronised
-    assert abs(ranks[0]["grad_cache_weight_sum"] - ranks[1]["grad_cache_weight_sum"]) < 1e-6  # with GradCache too
-    assert all(report["grad_cache_vs_passes"] < 1e-4 for report in ranks)  # and the gradients of the passes
+    for run in ("grad_cache_True_0", "grad_cache_True_3"):  # with GradCache too, replayed or kept graphs
+        assert abs(ranks[0][f"{run}_weight_sum"] - ranks[1][f"{run}_weight_sum"]) < 1e-6
+        assert all(report[f"{run}_vs_passes"] < 1e-4 for report in ranks)  # and the gradients of the passes
     assert (tmp_path / "train" / "encoder" / "modules.json").is_file()
     assert (tmp_path / "train" / "checkpoint-3" / "adapter_model.safetensors").is_file()

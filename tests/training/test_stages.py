@@ -95,7 +95,8 @@ def test_bf16_training_runs_attention_in_float32_where_this_cpu_runs_it_faster_s
     assert not torch.equal(dropped[0], dropped[1])  # attention dropout still drops
 
 
-def test_cached_info_nce_has_the_loss_and_gradients_of_its_passes_run_with_a_graph():
+@pytest.mark.parametrize(("kept_graphs", "kept"), [(0, 0), (2, 2), (99, 5)])  # of 6 passes; the first always replays
+def test_cached_info_nce_has_the_loss_and_gradients_of_its_passes_run_with_a_graph(kept_graphs: int, kept: int):
     encoder = tiny_encoder()
     model = embedding_stage(encoder, SupervisedConfig(lora_dropout=0.3)).train()  # dropout: replays must match
     with torch.no_grad():
@@ -115,7 +116,11 @@ def test_cached_info_nce_has_the_loss_and_gradients_of_its_passes_run_with_a_gra
         return loss.detach(), {name: p.grad.clone() for name, p in trained.items()}
 
     plain = run(lambda: info_nce(embed(model, queries, 3), embed(model, documents, 3), 20.0))
-    cached = run(lambda: cached_info_nce(model, queries, documents, 20.0, 3))
+    calls: list[bool] = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    cached = run(lambda: cached_info_nce(model, queries, documents, 20.0, 3, kept_graphs=kept_graphs))
+    hook.remove()
+    assert calls == [False] * (6 - kept) + [True] * 6  # kept passes run with a graph once, not twice
     torch.testing.assert_close(cached[0], plain[0])
     for name in trained:
         torch.testing.assert_close(cached[1][name], plain[1][name], rtol=1e-4, atol=1e-6)

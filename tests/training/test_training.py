@@ -226,12 +226,13 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(corpus: Pat
     assert all(torch.isfinite(t).all() for t in adapter(good).values())
 
 
-@pytest.mark.parametrize("mini, cache", [(5, False), (3, True)])
+@pytest.mark.parametrize("mini, cache, kept", [(5, False, 0), (3, True, 0), (3, True, 4)])
 def test_length_sorted_passes_and_gradcache_give_the_gradients_of_the_full_batch(
-    triplets: Path, tmp_path: Path, mini: int, cache: bool
+    triplets: Path, tmp_path: Path, mini: int, cache: bool, kept: int
 ):
     results = []
-    for run, settings in (("full", {}), ("split", {"mini_batch_size": mini, "grad_cache": cache})):
+    split = {"mini_batch_size": mini, "grad_cache": cache, "kept_graphs": kept}
+    for run, settings in (("full", {}), ("split", split)):
         config = SupervisedConfig(
             data=[str(triplets)], steps=2, batch_size=12, learning_rate=1e-3, lora_dropout=0.0, **settings, **FAST
         )

@@ -113,11 +113,14 @@ class SupervisedConfig(ContrastiveConfig):
     instructions: dict[str, str] = field(default_factory=dict)  # dataset name (file's folder) -> instruction
     default_instruction: str = "Retrieve semantically similar text: "
     grad_cache: bool = False  # with mini_batch_size: free each pass's activations (GradCache); memory ~ one pass
+    kept_graphs: int = 0  # with grad_cache: the last N passes keep their graphs, not run twice (memory ~ N passes)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.grad_cache and not self.mini_batch_size:
             raise ValueError("grad_cache needs mini_batch_size (the rows of each cached forward pass)")
+        if self.kept_graphs < 0 or (self.kept_graphs and not self.grad_cache):
+            raise ValueError(f"kept_graphs needs grad_cache and must be >= 0, got {self.kept_graphs!r}")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,14 @@ class SupervisedTrainer(StageTrainer):
         loss = matryoshka(info_nce, config.matryoshka_dims)
         if config.grad_cache and config.mini_batch_size:
             return cached_info_nce(
-                model, queries, documents, config.scale, config.mini_batch_size, config.gather_across_devices, loss
+                model,
+                queries,
+                documents,
+                config.scale,
+                config.mini_batch_size,
+                config.gather_across_devices,
+                loss,
+                config.kept_graphs,
             )
         query_vectors = embed(model, queries, config.mini_batch_size)
         document_vectors = embed(model, documents, config.mini_batch_size)

@@ -10,6 +10,11 @@ gradients of one graph for the whole batch, while holding the activations of one
    graph (RNG and autocast restored: the same dropout and precision) and back-propagates the cached gradient
    times the incoming one. Under DDP all passes but the last skip the gradient all-reduce (``no_sync``).
 
+``kept_graphs`` trades memory for time: the last that many passes (all but the first at most) run with a graph
+in step 1 and keep it, so step 3 back-propagates them without running them again (one forward pass saved each,
+exactly: the same computation; their activations are held together until then, so the peak is that many passes'
+activations instead of one).
+
 Inputs: ``model`` maps a sub-batch (``input_ids``, ``attention_mask``, ``pool_mask``) to pooled embeddings;
 ``queries`` and ``candidates`` are padded batches of such tensors (candidates: positives first, then hard
 negatives, as :func:`info_nce` takes them).
@@ -63,16 +68,22 @@ def cached_info_nce(
     mini_batch_size: int,
     gather_across_devices: bool = True,
     loss_function: Callable[..., torch.Tensor] = info_nce,
+    kept_graphs: int = 0,
 ) -> torch.Tensor:
     """InfoNCE (or ``loss_function``, e.g. its :func:`~.matryoshka.matryoshka` sum) of ``model``'s embeddings of
     both batches; back-propagating it trains ``model`` pass by pass."""
     sides = [length_chunks(batch, mini_batch_size) for batch in (queries, candidates)]
     passes = [part for chunks in sides for _, part in chunks]
-    states, cached = [], []
-    with torch.no_grad():  # step 1: embeddings without a graph
-        for part in passes:
-            states.append(PassState(part["input_ids"].device.type))
-            cached.append(model(**part).detach().requires_grad_())
+    # The first (longest) pass always runs again: under DDP the gradients' all-reduce rides on its replay.
+    first_kept = max(1, len(passes) - kept_graphs) if torch.is_grad_enabled() else len(passes)
+    states, cached, graphs = [], [], {}
+    for i, part in enumerate(passes):  # step 1: embeddings without a graph (but the kept ones)
+        states.append(PassState(part["input_ids"].device.type))
+        with torch.set_grad_enabled(i >= first_kept), _no_sync(model):
+            vectors = model(**part)
+        if vectors.requires_grad:
+            graphs[i] = vectors
+        cached.append(vectors.detach().requires_grad_())
     count = len(sides[0])
     query_vectors = in_batch_order(cached[:count], sides[0])
     candidate_vectors = in_batch_order(cached[count:], sides[1])
@@ -81,7 +92,7 @@ def cached_info_nce(
         return loss
     gradients = torch.autograd.grad(loss, cached)  # step 2: with respect to the cached embeddings only
     result = loss.detach().requires_grad_()
-    result.register_hook(partial(_replay, model, passes, states, gradients))
+    result.register_hook(partial(_replay, model, passes, states, gradients, graphs))
     return result
 
 
@@ -90,12 +101,21 @@ def _replay(
     passes: list[Batch],
     states: list[PassState],
     gradients: tuple[torch.Tensor, ...],
+    graphs: dict[int, torch.Tensor],
     grad_output: torch.Tensor,
 ) -> None:
-    """Step 3: each pass again with a graph, back-propagating its cached gradient scaled by ``grad_output``."""
-    no_sync: Callable[[], contextlib.AbstractContextManager] = getattr(model, "no_sync", contextlib.nullcontext)
+    """Step 3: each pass's cached gradient scaled by ``grad_output`` back-propagated: first through the kept
+    graphs (freeing their activations), then through each other pass run again with a graph."""
+    order = [*graphs, *(i for i in range(len(passes)) if i not in graphs)]
     with torch.enable_grad():
-        for i, (part, state, gradient) in enumerate(zip(passes, states, gradients, strict=True)):
-            sync = contextlib.nullcontext() if i == len(passes) - 1 else no_sync()
-            with sync, state.restored():
-                (model(**part).float() * (gradient * grad_output)).sum().backward()
+        for n, i in enumerate(order):
+            sync = contextlib.nullcontext() if n == len(order) - 1 else _no_sync(model)
+            with sync, states[i].restored():
+                vectors = graphs.pop(i) if i in graphs else model(**passes[i])
+                (vectors.float() * (gradients[i] * grad_output)).sum().backward()
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` (no gradient all-reduce for the passes inside), or nothing for a model on one device."""
+    no_sync: Callable[[], contextlib.AbstractContextManager] = getattr(model, "no_sync", contextlib.nullcontext)
+    return no_sync()
