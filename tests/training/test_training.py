@@ -358,6 +358,8 @@ def test_recipe_errors(tmp_path: Path):
         load_recipe(bad)
     with pytest.raises(ValueError, match="save_steps"):
         stage_config("simcse", {"save_steps": 5, "eval_steps": 2})
+    with pytest.raises(ValueError, match="kept_graphs needs grad_cache"):
+        stage_config("supervised", {"mini_batch_size": 8, "kept_graphs": 3})
 
 
 def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
