@@ -330,6 +330,8 @@ def test_packaged_recipes_load_and_say_how_they_were_chosen():
         recipe = load_recipe(name)
         stages = ["simcse", "supervised"] if name.endswith("no-mntp") else ["mntp", "simcse", "supervised"]
         assert recipe.how_chosen and [stage for stage, _ in recipe.stages] == stages
+        # bf16 by measurement on every machine (a GPU without bf16, a CPU that runs it slower than float32)
+        assert all(config.bf16 is None for _, config in recipe.stages), name
 
 
 def test_the_equal_budget_ablation_is_the_cpu_recipe_with_mntp_steps_given_to_simcse():
