@@ -80,11 +80,11 @@ class SupervisedTrainer(StageTrainer):
                 model,
                 queries,
                 documents,
-                config.scale,
-                config.mini_batch_size,
-                config.gather_across_devices,
-                loss,
-                config.kept_graphs,
+                scale=config.scale,
+                mini_batch_size=config.mini_batch_size,
+                gather_across_devices=config.gather_across_devices,
+                loss_function=loss,
+                kept_graphs=config.kept_graphs,
             )
         query_vectors = embed(model, queries, config.mini_batch_size)
         document_vectors = embed(model, documents, config.mini_batch_size)

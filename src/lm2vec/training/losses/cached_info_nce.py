@@ -4,11 +4,12 @@ Computes: :func:`~lm2vec.training.losses.info_nce.info_nce` of the model's embed
 gradients of one graph for the whole batch, while holding the activations of one pass at a time:
 
 1. every pass (``mini_batch_size`` rows, length-sorted: :func:`~lm2vec.training.stage.length_chunks`) is
-   embedded without a graph, its RNG state saved;
+   embedded without a graph (but the ``kept_graphs``, below), its RNG state saved;
 2. the loss and its gradient with respect to those embeddings are computed;
 3. the returned loss carries a backward hook: when the Trainer back-propagates it, each pass runs again with a
    graph (RNG and autocast restored: the same dropout and precision) and back-propagates the cached gradient
-   times the incoming one. Under DDP all passes but the last skip the gradient all-reduce (``no_sync``).
+   times the incoming one. Under DDP all passes but the last one back-propagated skip the gradient all-reduce
+   (``no_sync``).
 
 ``kept_graphs`` trades memory for time: the last that many passes (all but the first at most) run with a graph
 in step 1 and keep it, so step 3 back-propagates them without running them again (one forward pass saved each,
@@ -74,7 +75,7 @@ def cached_info_nce(
     both batches; back-propagating it trains ``model`` pass by pass."""
     sides = [length_chunks(batch, mini_batch_size) for batch in (queries, candidates)]
     passes = [part for chunks in sides for _, part in chunks]
-    # The first (longest) pass always runs again: under DDP the gradients' all-reduce rides on its replay.
+    # At least the first (longest) pass runs again: under DDP the gradients' all-reduce rides on the last replay.
     first_kept = max(1, len(passes) - kept_graphs) if torch.is_grad_enabled() else len(passes)
     states, cached, graphs = [], [], {}
     for i, part in enumerate(passes):  # step 1: embeddings without a graph (but the kept ones)
