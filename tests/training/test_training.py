@@ -3,6 +3,7 @@ NaN handling, GradCache, saved encoders, and bad input refused before any traini
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import replace
@@ -448,7 +449,16 @@ def test_convert_with_seeds_reports_mean_and_sd_and_seeds_change_the_run(
 
     stage = SimCSEConfig(data=[str(corpus)], **dict(FAST, steps=2, batch_size=4, max_length=16, learning_rate=1e-2))
     recipe = Recipe("seeds", "test", "test", [("simcse", stage)])
-    summary = convert_seeds(str(causal_lm_dir), recipe, tmp_path / "out", [1, 2], baselines=False, log=print)
+    live: list[int] = []  # Encoders alive as each seed's stage starts: the seed before must not be held any more
+
+    def log(line: str) -> None:
+        if line.startswith("stage 1"):
+            gc.collect()
+            live.append(sum(isinstance(o, lm2vec.Encoder) for o in gc.get_objects()))
+        print(line)
+
+    summary = convert_seeds(str(causal_lm_dir), recipe, tmp_path / "out", [1, 2], baselines=False, log=log)
+    assert len(live) == 2 and live[1] == live[0], live
     runs = [json.loads((tmp_path / "out" / f"seed-{s}" / "results.json").read_text())["rows"] for s in (1, 2)]
     tests = [rows[0]["test"] for rows in runs]
     assert tests[0] != tests[1]  # another seed: another LoRA initialisation and data order

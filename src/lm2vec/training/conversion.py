@@ -168,8 +168,8 @@ def convert_seeds(
     for i, seed in enumerate(seeds):
         if i:
             options["baselines"] = False
-        _, rows = convert(source, recipe.with_seed(seed), output_dir / f"seed-{seed}", **options)
-        runs.append(rows)
+        # Only the rows are kept: a name bound to this seed's encoder would hold it through the next seed's run.
+        runs.append(convert(source, recipe.with_seed(seed), output_dir / f"seed-{seed}", **options)[1])
     summary = seed_summary(runs)
     lines = [f"Recipe `{recipe.name}`, seeds {', '.join(map(str, seeds))}: STS-B Spearman x100, mean +- sd.", ""]
     lines += ["| model | STS-B dev | STS-B test | wall time | seeds |", "|---|---|---|---|---|"]
