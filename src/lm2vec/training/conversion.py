@@ -8,6 +8,7 @@ reused on ``resume``, an interrupted one continues from its last checkpoint. ``r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -170,12 +171,20 @@ def convert_seeds(
             options["baselines"] = False
         # Only the rows are kept: a name bound to this seed's encoder would hold it through the next seed's run.
         runs.append(convert(source, recipe.with_seed(seed), output_dir / f"seed-{seed}", **options)[1])
+        release_freed_memory()
     summary = seed_summary(runs)
     lines = [f"Recipe `{recipe.name}`, seeds {', '.join(map(str, seeds))}: STS-B Spearman x100, mean +- sd.", ""]
     lines += ["| model | STS-B dev | STS-B test | wall time | seeds |", "|---|---|---|---|---|"]
     lines += [f"| {r.model} | {r.dev} | {r.test} | {r.minutes:.1f} min | {r.seeds} |" for r in summary]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed by a finished run back to the system (glibc's ``malloc_trim``; nothing elsewhere): glibc
+    keeps it otherwise, and the next seed's peak came on top (a 3-step run: 5.9 against 4.7 GB for the second seed)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
