@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -414,6 +415,8 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
         "causal (weighted mean) + simcse",
         "causal (weighted mean) + simcse + supervised",
     ]
+    with pytest.raises(ValueError, match="no stage but MNTP, which the causal ablation skips"):
+        convert(str(causal_lm_dir), replace(recipe, stages=recipe.stages[:1]), tmp_path / "c", causal=True, log=print)
 
 
 @needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")
@@ -450,14 +453,9 @@ def test_convert_with_seeds_reports_mean_and_sd_and_seeds_change_the_run(
     stage = SimCSEConfig(data=[str(corpus)], **dict(FAST, steps=2, batch_size=4, max_length=16, learning_rate=1e-2))
     recipe = Recipe("seeds", "test", "test", [("simcse", stage)])
     live: list[int] = []  # Encoders alive as each seed's stage starts: the seed before must not be held any more
-
-    def log(line: str) -> None:
-        if line.startswith("stage 1"):
-            gc.collect()
-            live.append(sum(issubclass(type(o), lm2vec.Encoder) for o in gc.get_objects()))
-        print(line)
-
-    summary = convert_seeds(str(causal_lm_dir), recipe, tmp_path / "out", [1, 2], baselines=False, log=log)
+    summary = convert_seeds(
+        str(causal_lm_dir), recipe, tmp_path / "out", [1, 2], baselines=False, log=counting_live_encoders(live)
+    )
     assert len(live) == 2 and live[1] == live[0], live
     runs = [json.loads((tmp_path / "out" / f"seed-{s}" / "results.json").read_text())["rows"] for s in (1, 2)]
     tests = [rows[0]["test"] for rows in runs]
@@ -467,6 +465,37 @@ def test_convert_with_seeds_reports_mean_and_sd_and_seeds_change_the_run(
     assert "| bidirectional + simcse | " in (tmp_path / "out" / "results.md").read_text()
     again = convert_seeds(str(causal_lm_dir), recipe, tmp_path / "again", [1], baselines=False, log=print)
     assert again[0].test == f"{tests[0]:.1f} +- 0.0"  # a seed reproduces its run
+
+
+@needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")
+def test_an_mntp_first_stage_trains_without_the_untrained_encoder_loaded(
+    causal_lm_dir: Path, corpus: Path, tmp_path: Path
+):
+    """MNTP loads the causal LM itself: the untrained encoder scored as a baseline is gone before it starts."""
+    from lm2vec.training import Recipe, convert
+
+    stage = MNTPConfig(data=[str(corpus)], mask_token="eos", **dict(FAST, steps=2, batch_size=4, max_length=16))
+    live: list[int] = []
+    _, rows = convert(
+        str(causal_lm_dir),
+        Recipe("mntp", "test", "test", [("mntp", stage)]),
+        tmp_path / "out",
+        log=counting_live_encoders(live),
+    )
+    assert [r.model for r in rows][1:] == ["bidirectional, untrained", "bidirectional + mntp"]
+    assert live == [0]
+
+
+def counting_live_encoders(live: list[int]) -> Callable[[str], None]:
+    """A ``convert`` log that appends to ``live`` how many Encoders are alive as each first stage starts."""
+
+    def log(line: str) -> None:
+        if line.startswith("stage 1"):
+            gc.collect()
+            live.append(sum(issubclass(type(o), lm2vec.Encoder) for o in gc.get_objects()))
+        print(line)
+
+    return log
 
 
 @needs_data("sts/stsb/dev.jsonl")

@@ -135,16 +135,19 @@ def convert(
         check_data(config.data, data_root)
     output_dir = Path(output_dir)
     stages = [(s, c) for s, c in recipe.stages if not (causal and s == "mntp")]
+    if not stages:
+        raise ValueError(f"recipe {recipe.name} has no stage but MNTP, which the causal ablation skips")
     for i, (stage, config) in enumerate(stages, start=1):  # before anything runs: an edited recipe fails here
         claim_stage_dir(output_dir / f"{i}-{stage}", config, resume)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     results = Results(output_dir, recipe, data_root, evaluate, log, resume)
-    current = starting_point(source, causal, results if baselines and evaluate else None)
+    current = starting_point(source, causal, results if baselines and evaluate else None, first_stage=stages[0][0])
     chain = "causal (weighted mean)" if causal else "bidirectional"
     for i, (stage, config) in enumerate(stages, start=1):
+        release_freed_memory()  # what the stage and scoring before freed: else it sits under this stage's peak
         start = time.perf_counter()
         stage_dir = output_dir / f"{i}-{stage}"
-        current, reused = run_or_reuse(i, stage, config, current, source, stage_dir, data_root, resume, log)
+        current, reused = run_or_reuse(i, stage, config, current, stage_dir, data_root, resume, log)
         chain += f" + {stage}"
         results.record(chain, current, start, reused)
     final = current if isinstance(current, Encoder) else load(current, dtype=TRAINING_DTYPE)
@@ -181,8 +184,9 @@ def convert_seeds(
 
 
 def release_freed_memory() -> None:
-    """Hand the memory freed by a finished run back to the system (glibc's ``malloc_trim``; a no-op without glibc):
-    glibc keeps it otherwise, and the next seed's peak came on top (a 3-step run: 5.9 against 4.7 GB for seed 2)."""
+    """Hand the memory freed by a finished stage or seed back to the system (glibc's ``malloc_trim``; a no-op
+    without glibc): glibc keeps it otherwise, and the next run's peak came on top (a 3-step run: 5.9 against 4.7 GB
+    for seed 2)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -222,9 +226,12 @@ def _mean_sd(values: list[float | None]) -> str:
     return f"{statistics.fmean(known):.1f} +- {sd:.1f}"
 
 
-def starting_point(source: str | os.PathLike | None, causal: bool, baselines: Results | None) -> Source:
+def starting_point(
+    source: str | os.PathLike | None, causal: bool, baselines: Results | None, first_stage: str
+) -> Source:
     """What the first stage trains: the source, or its causal encoder for the ablation; the untrained models are
-    scored into ``baselines`` if given.
+    scored into ``baselines`` if given. An MNTP first stage gets the source: it loads the causal LM itself, and an
+    encoder handed to it would stay loaded beside that through its training.
     """
     start = time.perf_counter()
     if causal:
@@ -243,7 +250,7 @@ def starting_point(source: str | os.PathLike | None, causal: bool, baselines: Re
     start = time.perf_counter()
     untrained = load(source, dtype=TRAINING_DTYPE)
     baselines.record("bidirectional, untrained", untrained, start, reused=True)
-    return untrained
+    return source if first_stage == "mntp" else untrained
 
 
 def run_or_reuse(
@@ -251,7 +258,6 @@ def run_or_reuse(
     stage: str,
     config: StageConfig,
     current: Source,
-    source: str | os.PathLike | None,
     stage_dir: Path,
     data_root: str | os.PathLike | None,
     resume: bool,
@@ -264,8 +270,8 @@ def run_or_reuse(
         log(f"stage {i} ({stage}): already finished in {stage_dir}, reusing it")
         return done, True
     log(f"stage {i} ({stage}): {config.steps} steps of {config.batch_size}, lr {config.learning_rate}")
-    if stage == "mntp" and isinstance(current, Encoder):  # MNTP loads the causal LM: from disk, or the source
-        current = current.save(stage_dir / "input") if i > 1 else source
+    if stage == "mntp" and isinstance(current, Encoder):  # MNTP loads the causal LM, here from disk
+        current = current.save(stage_dir / "input")
     return STAGES[stage].train(current, config, stage_dir, data_root=data_root, resume=resume), False
 
 
