@@ -475,7 +475,7 @@ def test_an_mntp_first_stage_trains_without_the_untrained_encoder_loaded(
     from lm2vec.training import Recipe, convert
 
     stage = MNTPConfig(data=[str(corpus)], mask_token="eos", **dict(FAST, steps=2, batch_size=4, max_length=16))
-    live: list[int] = []
+    before, live = live_encoders(), []  # (other tests may leave some alive)
     _, rows = convert(
         str(causal_lm_dir),
         Recipe("mntp", "test", "test", [("mntp", stage)]),
@@ -483,7 +483,12 @@ def test_an_mntp_first_stage_trains_without_the_untrained_encoder_loaded(
         log=counting_live_encoders(live),
     )
     assert [r.model for r in rows][1:] == ["bidirectional, untrained", "bidirectional + mntp"]
-    assert live == [0]
+    assert live == [before]
+
+
+def live_encoders() -> int:
+    gc.collect()
+    return sum(issubclass(type(o), lm2vec.Encoder) for o in gc.get_objects())
 
 
 def counting_live_encoders(live: list[int]) -> Callable[[str], None]:
@@ -491,8 +496,7 @@ def counting_live_encoders(live: list[int]) -> Callable[[str], None]:
 
     def log(line: str) -> None:
         if line.startswith("stage 1"):
-            gc.collect()
-            live.append(sum(issubclass(type(o), lm2vec.Encoder) for o in gc.get_objects()))
+            live.append(live_encoders())
         print(line)
 
     return log
