@@ -144,7 +144,7 @@ def convert(
     current = starting_point(source, causal, results if baselines and evaluate else None, first_stage=stages[0][0])
     chain = "causal (weighted mean)" if causal else "bidirectional"
     for i, (stage, config) in enumerate(stages, start=1):
-        release_freed_memory()  # what the stage and scoring before freed: else it sits under this stage's peak
+        release_freed_memory()  # what the stages, scoring and seeds before freed: else it sits under this peak
         start = time.perf_counter()
         stage_dir = output_dir / f"{i}-{stage}"
         current, reused = run_or_reuse(i, stage, config, current, stage_dir, data_root, resume, log)
@@ -174,7 +174,6 @@ def convert_seeds(
             options["baselines"] = False
         # Only the rows are kept: a name bound to this seed's encoder would hold it through the next seed's run.
         runs.append(convert(source, recipe.with_seed(seed), output_dir / f"seed-{seed}", **options)[1])
-        release_freed_memory()
     summary = seed_summary(runs)
     lines = [f"Recipe `{recipe.name}`, seeds {', '.join(map(str, seeds))}: STS-B Spearman x100, mean +- sd.", ""]
     lines += ["| model | STS-B dev | STS-B test | wall time | seeds |", "|---|---|---|---|---|"]
