@@ -58,13 +58,16 @@ bench: $(STAMP) reference
 	$(PY) benchmarks/vs_reference.py --texts scifact
 
 # What a session lent a GPU carries over (docs/performance.md, "GPU"), in the git-ignored .device/: the built-in GGUF
-# in 25 MB parts (a call carries 64 MiB at most), its SHA-256, the benchmark's data and the gguf wheel.
+# in 25 MB parts (a call carries 64 MiB at most), its SHA-256, the data of the encoding benchmark and of the `small`
+# and `reference` recipes (STS-B dev and test for their scores), and the gguf wheel.
+DEVICE_RECIPE_DATA := from lm2vec.training.config import load_recipe; \
+	print(*sorted({f for r in ("small", "reference") for _, c in load_recipe(r).stages for f in c.data}))
 device-kit: $(STAMP)
-	rm -rf .device && mkdir -p .device/data/sts/stsb .device/data/corpus .device/wheels
+	rm -rf .device && mkdir -p .device/data .device/wheels
 	GGUF=$$($(PY) -c 'from lm2vec.loading.source import builtin_gguf_path; print(builtin_gguf_path())') && \
 	split -b 25M "$$GGUF" .device/gguf.part. && sha256sum "$$GGUF" | cut -d' ' -f1 > .device/gguf.sha256
-	cp $(LM2VEC_DATA)/sts/stsb/test.jsonl .device/data/sts/stsb/
-	cp $(LM2VEC_DATA)/corpus/wiki1m_10k.txt .device/data/corpus/
+	for f in sts/stsb/dev.jsonl sts/stsb/test.jsonl corpus/wiki1m_10k.txt $$($(PY) -c '$(DEVICE_RECIPE_DATA)'); do \
+		mkdir -p .device/data/$$(dirname $$f) && cp $(LM2VEC_DATA)/$$f .device/data/$$f || exit 1; done
 	$(PY) -m pip download --quiet --no-deps --dest .device/wheels "gguf==$$($(PY) -c 'import importlib.metadata as m; print(m.version("gguf"))')"
 	ls -l .device .device/wheels
 

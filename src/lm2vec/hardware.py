@@ -64,6 +64,12 @@ def describe_cpu() -> str:
     return f"{info['model']} ({flags}), {torch.get_num_threads()} threads"
 
 
+def describe_machine() -> str:
+    """:func:`describe_cpu`, and the GPU where torch sees one (training and scoring run there)."""
+    gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return describe_cpu() + gpu
+
+
 def measured_once(stem: str, parts: tuple, field: str, measure: Callable[[], T]) -> T:
     """``measure()`` once per machine, torch version and thread count (and ``parts``), cached as JSON in
     ``<cache>/hardware/<stem>-<key>.json`` under ``field``; a read-only cache means measuring again next time."""

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 import lm2vec
 from lm2vec.evaluation import evaluate_sts
 from lm2vec.evaluation.sts import load_sts
+from lm2vec.hardware import describe_machine
 from lm2vec.inputs import Tokenization
 from lm2vec.training import (
     MNTPConfig,
@@ -439,9 +440,22 @@ def test_a_converted_encoder_carries_a_model_card_with_its_sts_scores(
     encoder, rows = convert(str(causal_lm_dir), recipe, tmp_path / "out", baselines=False, log=print)
     card = (tmp_path / "out" / "encoder" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name:") and "A one-stage test recipe." in card
+    assert f"Recipe `card` on {describe_machine()}." in card  # the machine the figures come from
     assert f"| bidirectional + simcse | {rows[0].dev:.1f} | {rows[0].test:.1f} |" in card
     assert "Pooling: mean" in card and 'lm2vec.load("encoder")' in card
     assert SentenceTransformer(str(tmp_path / "out" / "encoder"), device="cpu").get_embedding_dimension()
+
+
+def test_a_row_shows_gpu_memory_where_training_used_a_gpu_and_earlier_results_without_it_still_read(tmp_path: Path):
+    from lm2vec.training import Recipe
+    from lm2vec.training.conversion import Row, earlier_rows, results_table
+
+    recipe = Recipe("rows", "test", "test", [])
+    table = results_table(recipe, [Row("cpu", 70.0, 60.0, 120.0, 5.25), Row("gpu", 70.0, 60.0, 120.0, 2.0, 11.5)])
+    assert table[-2].endswith("| 2.0 min | 5.2 GB |") and table[-1].endswith("| 2.0 min | 2.0 GB, GPU 11.5 GB |")
+    row = {"model": "cpu", "dev": 70.0, "test": 60.0, "seconds": 120.0, "peak_memory_gb": 5.25}  # before the GPU field
+    (tmp_path / "results.json").write_text(json.dumps({"recipe": "rows", "rows": [row]}))
+    assert earlier_rows(tmp_path) == {"cpu": Row("cpu", 70.0, 60.0, 120.0, 5.25)}
 
 
 @needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")

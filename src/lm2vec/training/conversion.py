@@ -23,6 +23,7 @@ import torch
 from ..calibration import float_kind
 from ..encoder import Encoder
 from ..evaluation.sts import evaluate_sts
+from ..hardware import describe_machine
 from ..loading import load
 from ..pooling import PoolingMode
 from ..quantization import ONEDNN, blocks, linear_layers, lowered
@@ -39,11 +40,16 @@ class Row:
     dev: float | None
     test: float | None
     seconds: float
-    peak_memory_gb: float
+    peak_memory_gb: float  # the process's resident memory at most, so far
+    gpu_peak_memory_gb: float | None = None  # torch's CUDA allocations at most, so far, where training used a GPU
 
 
 def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def gpu_peak_memory_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
 
 
 def score(
@@ -98,7 +104,8 @@ class Results:
             row, note = earlier, " (the earlier run's)"
         else:
             scores = score(encoder, self.data_root) if self.evaluate else {}
-            row = Row(name, scores.get("dev"), scores.get("test"), time.perf_counter() - start, peak_memory_gb())
+            seconds = time.perf_counter() - start
+            row = Row(name, scores.get("dev"), scores.get("test"), seconds, peak_memory_gb(), gpu_peak_memory_gb())
             note = ""
         self.rows.append(row)
         self.log(f"{name}: STS-B dev {fmt(row.dev)}, test {fmt(row.test)} ({row.seconds:.0f} s){note}")
@@ -175,7 +182,11 @@ def convert_seeds(
         # Only the rows are kept: a name bound to this seed's encoder would hold it through the next seed's run.
         runs.append(convert(source, recipe.with_seed(seed), output_dir / f"seed-{seed}", **options)[1])
     summary = seed_summary(runs)
-    lines = [f"Recipe `{recipe.name}`, seeds {', '.join(map(str, seeds))}: STS-B Spearman x100, mean +- sd.", ""]
+    lines = [
+        f"Recipe `{recipe.name}` on {describe_machine()}, seeds {', '.join(map(str, seeds))}: STS-B Spearman x100, "
+        "mean +- sd.",
+        "",
+    ]
     lines += ["| model | STS-B dev | STS-B test | wall time | seeds |", "|---|---|---|---|---|"]
     lines += [f"| {r.model} | {r.dev} | {r.test} | {r.minutes:.1f} min | {r.seeds} |" for r in summary]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
@@ -281,15 +292,19 @@ def fmt(value: float | None) -> str:
 def results_table(recipe: Recipe, rows: list[Row]) -> list[str]:
     """The STS-B scores of each stage, as markdown lines (results.md and the model card)."""
     lines = [
-        f"Recipe `{recipe.name}`. STS-B Spearman x100 (cosine, no instruction).",
+        f"Recipe `{recipe.name}` on {describe_machine()}. STS-B Spearman x100 (cosine, no instruction).",
         "",
         "| model | STS-B dev | STS-B test | wall time | peak memory |",
         "|---|---|---|---|---|",
     ]
     return lines + [
-        f"| {r.model} | {fmt(r.dev)} | {fmt(r.test)} | {r.seconds / 60:.1f} min | {r.peak_memory_gb:.1f} GB |"
-        for r in rows
+        f"| {r.model} | {fmt(r.dev)} | {fmt(r.test)} | {r.seconds / 60:.1f} min | {memory(r)} |" for r in rows
     ]
+
+
+def memory(row: Row) -> str:
+    gpu = "" if row.gpu_peak_memory_gb is None else f", GPU {row.gpu_peak_memory_gb:.1f} GB"
+    return f"{row.peak_memory_gb:.1f} GB{gpu}"
 
 
 def training_card(recipe: Recipe, stages: list[tuple[str, StageConfig]], rows: list[Row]) -> str:
