@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from lm2vec.training import (
 from lm2vec.training.conversion import score
 from lm2vec.training.losses import info_nce, matryoshka
 from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
-from lm2vec.training.stage import claim_stage_dir, embedding_stage, length_chunks
+from lm2vec.training.stage import add_lora, claim_stage_dir, embedding_stage, length_chunks
 from tests.support import (
     needs_data,
     random_texts,
@@ -180,6 +181,14 @@ def test_mixture_of_experts_models_train_lora_on_their_linear_layers(model_type:
     reloaded = dict(lm2vec.load(tmp_path / "out" / "encoder", dtype="float32").model.named_parameters())
     assert all(torch.equal(reloaded[name], weight) for name, weight in experts.items())
     assert trained.encode(["w5 w6", "w7"]).shape == (2, 64)
+
+
+def test_a_stage_does_not_pass_on_peft_s_deprecation_warning():
+    """peft reads ``is_gradient_checkpointing``, which transformers 5 deprecates: a FutureWarning at every stage."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(AutoModelForCausalLM.from_config(tiny_config("llama")), SimCSEConfig(data=["unused"], **FAST))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_a_folder_with_nothing_trained_in_it_is_taken_as_it_is(corpus: Path, tmp_path: Path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -61,7 +62,9 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         bias="none",
     )
     set_seed(config.seed)  # the adapter's initial weights follow the stage's seed, as the data order does
-    peft = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates: nothing for a user to do
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        peft = get_peft_model(model, lora)
     if float32_attention_helps(model, config):
         model.set_attn_implementation(FLOAT32_SDPA)
     if config.lora_dropout and model.device.type == "cpu":  # CUDA's own dropout is fast
