@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 import lm2vec
-from lm2vec.hardware import describe_cpu
+from lm2vec.hardware import describe_machine
 from lm2vec.training import MNTPConfig, SimCSEConfig, SupervisedConfig, train_mntp, train_simcse, train_supervised
 from lm2vec.training.stage import TRAINING_DTYPE
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", choices=list(SETTINGS), default=None)
     args = parser.parse_args()
-    print(f"CPU: {describe_cpu()}")
+    print(f"Machine: {describe_machine()}")
     for stage, settings in SETTINGS.items():
         if args.only and stage != args.only:
             continue

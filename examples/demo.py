@@ -19,7 +19,7 @@ import lm2vec
 from lm2vec import PoolingMode
 from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import evaluate_sts
-from lm2vec.hardware import describe_cpu
+from lm2vec.hardware import describe_machine
 from lm2vec.training import convert
 from lm2vec.training.config import builtin_recipes
 from lm2vec.training.conversion import Row
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     data = args.data or data_dir()
     began = time.perf_counter()
-    print(f"CPU: {describe_cpu()}", flush=True)
+    print(f"Machine: {describe_machine()}", flush=True)
 
     runs = [("bidirectional", args.output, args.recipe, False)]
     if args.ablation:
@@ -96,7 +96,7 @@ def main() -> None:
 
     if pooled:
         print_poolings(pooled, rows)
-    print(f"\nSTS-B Spearman x100, recipe {args.recipe!r}, on {describe_cpu()}")
+    print(f"\nSTS-B Spearman x100, recipe {args.recipe!r}, on {describe_machine()}")
     print(f"{'model':<46}{'dev':>7}{'test':>7}{'minutes':>9}{'peak GB':>9}   target (test)")
     for row in rows:
         target = TARGETS.get(row.model, "")
