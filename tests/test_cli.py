@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
 import lm2vec
-from tests.support import random_texts
+from tests.support import CLI, random_texts
 from tests.support import run_cli as run
 
 
@@ -73,6 +74,27 @@ def test_train_and_convert_refuse_bad_recipes_and_settings_before_loading(tmp_pa
     done = run("train", "simcse", "default", "-o", tmp_path / "out", "--set", "batch_size=0")
     assert done.returncode == 2 and "batch_size must be a positive integer" in done.stderr
     assert not (tmp_path / "out" / "1-mntp").exists() and not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_a_command_of_an_extra_not_installed_names_the_extra(tmp_path):
+    (tmp_path / "uvicorn").mkdir()  # uvicorn as a machine without lm2vec[serve] has it: not at all
+    (tmp_path / "uvicorn" / "__init__.py").write_text("raise ModuleNotFoundError('no uvicorn', name='uvicorn')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([CLI, "serve", "default"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "serve needs uvicorn: pip install 'lm2vec[serve]'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_extra_that_installs_a_module_comes_from_the_package_metadata():
+    from lm2vec.cli import extra_providing
+
+    assert [extra_providing(m) for m in ("sklearn.metrics", "prometheus_client", "ray", "onnxruntime", "numpy")] == [
+        "eval",
+        "serve",
+        "corpus",
+        "onnx",
+        None,  # a base dependency: not an extra's
+    ]
 
 
 def test_train_simcse_from_the_command_line(tiny_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import transformers
+from packaging.requirements import Requirement
 
 import lm2vec
 from lm2vec.cache import cache_dir, cache_entries, prune
@@ -26,6 +28,7 @@ from lm2vec.training.config import STAGES, builtin_recipes  # light: names and s
 
 BUILTIN_ALIASES = ("default", "builtin")
 USAGE_ERRORS = (ValueError, TypeError, OSError, lm2vec.ModelLoadError, lm2vec.AttentionError)
+DISTRIBUTIONS = {"sklearn": "scikit-learn"}  # modules whose distribution has another name
 
 
 def model_source(name: str) -> str | None:
@@ -419,6 +422,30 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as err:
         print(f"lm2vec: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # a command of an optional extra (serve, onnx, corpus, mteb), not installed
+        extra = extra_providing(err.name or "")
+        if extra is None:
+            raise
+        print(f"lm2vec: error: {args.command} needs {err.name}: pip install 'lm2vec[{extra}]'", file=sys.stderr)
+        return 2
+
+
+def extra_providing(module: str) -> str | None:
+    """The optional extra of lm2vec's package metadata that installs ``module`` (None if none does, or lm2vec runs
+    from a source tree without metadata)."""
+    top = module.split(".")[0]
+    wanted = DISTRIBUTIONS.get(top, top).lower().replace("_", "-")
+    try:
+        metadata = importlib.metadata.metadata("lm2vec")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    requirements = [Requirement(text) for text in metadata.get_all("Requires-Dist") or []]
+    for extra in metadata.get_all("Provides-Extra") or []:
+        for requirement in requirements:
+            named = requirement.name.lower().replace("_", "-") == wanted
+            if named and requirement.marker is not None and requirement.marker.evaluate({"extra": extra}):
+                return extra
+    return None
 
 
 if __name__ == "__main__":  # python -m lm2vec.cli, e.g. under torchrun
