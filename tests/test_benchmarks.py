@@ -63,7 +63,7 @@ def gpu_convert(kit: Path, tmp_path: Path, *args: str) -> subprocess.CompletedPr
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
 
 
-@needs_data("corpus/wiki1m_10k.txt", "pairs/snli_triplets/train.jsonl")
+@needs_data(*sorted({file for _, stage in load_recipe("small").stages for file in stage.data}))
 def test_gpu_convert_joins_the_parts_trains_and_returns_the_results_on_a_cpu(tmp_path: Path):
     recipe = load_recipe("small").to_dict()  # the GPU recipe's stages and data, a step each
     for stage in recipe["stages"]:
