@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `lm2vec convert` of the built-in model on a device lent for minutes (the Training issue's GPU rows), from the kit
-# `make device-kit` packs: joins the GGUF parts carried over in earlier calls (kept in $KIT while the machine stays
-# warm), checks the SHA-256, installs the carried wheels, converts with RECIPE under a time limit and copies the
-# results and stage logs into $OUT. Run it again in the next call to go on from the last checkpoint (--resume).
+# `make device-kit` packs: unpacks it (unpack_kit.sh: the GGUF joined and checked, the wheels installed), converts
+# with RECIPE under a time limit and copies the results and stage logs into $OUT. Run it again in the next call to go
+# on from the last checkpoint (--resume).
 #
 #   bash benchmarks/gpu_convert.sh small [SECONDS] [convert options...]
 set -euo pipefail
@@ -15,18 +15,7 @@ kit=${KIT:-/tmp/kit}
 out=${OUT:?OUT: the folder whose files come back}
 mkdir -p "$kit" "$out"
 
-if [ ! -f "$kit/smollm2.gguf" ]; then
-  cp "$device"/gguf.part.* "$kit"/
-  cat "$kit"/gguf.part.* > "$kit/smollm2.gguf.joining"
-  if [ "$(sha256sum "$kit/smollm2.gguf.joining" | cut -d' ' -f1)" != "$(cat "$device/gguf.sha256")" ]; then
-    echo "gpu_convert: the joined GGUF does not match gguf.sha256 (a part missing?): $(ls "$kit")" >&2
-    exit 1
-  fi
-  mv "$kit/smollm2.gguf.joining" "$kit/smollm2.gguf"
-  if compgen -G "$device/wheels/*.whl" > /dev/null; then
-    pip install -q --no-index --no-deps --target "$kit/site" "$device"/wheels/*.whl
-  fi
-fi
+bash "$root/benchmarks/unpack_kit.sh"
 nvidia-smi -L 2> /dev/null || echo "no nvidia-smi"
 python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__,
 "peft", peft.__version__, "cuda", torch.cuda.is_available())'
