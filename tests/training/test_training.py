@@ -38,6 +38,7 @@ from lm2vec.training.losses import info_nce, matryoshka
 from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
 from lm2vec.training.stage import add_lora, claim_stage_dir, embedding_stage, length_chunks
 from tests.support import (
+    ARCHITECTURES,
     needs_data,
     random_texts,
     tiny_config,
@@ -309,6 +310,30 @@ def test_trained_encoder_reloads_with_its_embeddings(corpus: Path, tmp_path: Pat
     np.testing.assert_allclose(lm2vec.load(path, dtype="float32").encode(texts), before, atol=1e-5)
     np.testing.assert_allclose(SentenceTransformer(str(path), device="cpu").encode(texts), before, atol=1e-4)
     assert not math.isclose(encoder.model.config.attention_dropout, 0.3)  # training dropout is not saved
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. peft's on GPT-2's Conv1D layers, each stage
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_trains_through_the_recipe_and_reloads_with_its_embeddings(
+    model_type: str, corpus: Path, triplets: Path, tmp_path: Path
+):
+    """MNTP on the causal LM (its own head), SimCSE, supervised: each stage's adapter merged into the next."""
+    torch.manual_seed(0)
+    config = tiny_config(model_type, pad_token_id=3, tie_word_embeddings=True)  # attention: as the library picks
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    fast = dict(FAST, steps=2, batch_size=4, learning_rate=1e-2)
+    train_mntp(str(tmp_path / "lm"), MNTPConfig(data=[str(corpus)], mask_token="eos", **fast), tmp_path / "mntp")
+    train_simcse(str(tmp_path / "mntp" / "encoder"), SimCSEConfig(data=[str(corpus)], **fast), tmp_path / "simcse")
+    encoder = train_supervised(
+        str(tmp_path / "simcse" / "encoder"), SupervisedConfig(data=[str(triplets)], **fast), tmp_path / "supervised"
+    )
+    texts = random_texts(6, seed=4, max_words=12)
+    trained = encoder.encode(texts)
+    untrained = lm2vec.load(tmp_path / "lm", dtype="float32").encode(texts)
+    assert np.isfinite(trained).all() and np.abs(trained - untrained).max() > 1e-3  # the stages changed the model
+    reloaded = lm2vec.load(tmp_path / "supervised" / "encoder", dtype="float32")  # verifies bidirectional attention
+    np.testing.assert_allclose(reloaded.encode(texts), trained, atol=1e-5)
 
 
 # -- bad input ---------------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         lora_dropout=config.lora_dropout,
         target_modules=targets,
         bias="none",
+        # GPT-2-style layers store their weights (in, out); peft would otherwise warn at each stage and set it itself
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     set_seed(config.seed)  # the adapter's initial weights follow the stage's seed, as the data order does
     with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates: nothing for a user to do
