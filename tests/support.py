@@ -140,6 +140,64 @@ def needs_data(*paths: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=reason)
 
 
+def tiny_gguf(path: Path, output_head: bool) -> dict[str, np.ndarray]:
+    """A tiny llama GGUF file (hidden 64, 2 layers, float32) with or without its own ``output.weight`` (an untied or
+    a tied model); returns its embedding and output weights. Its tokenizer: the built-in model's first 512 tokens
+    and the merges among them (a real byte-level BPE, read fast)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from lm2vec.loading.source import builtin_gguf_path
+
+    hidden, ffn, heads, kv_heads, layers = 64, 128, 4, 2, 2
+    builtin = GGUFReader(builtin_gguf_path())
+    vocab = 512
+    tokens = builtin.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    kept = set(tokens)
+    merges = [
+        m for m in builtin.fields["tokenizer.ggml.merges"].contents() if {*m.split(" "), m.replace(" ", "")} <= kept
+    ]
+    small = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges}
+    small["tokenizer.ggml.token_type"] = builtin.fields["tokenizer.ggml.token_type"].contents()[:vocab]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_block_count(layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_rope_dimension_count(hidden // heads)
+    add = {GGUFValueType.ARRAY: writer.add_array, GGUFValueType.STRING: writer.add_string}
+    add |= {GGUFValueType.BOOL: writer.add_bool, GGUFValueType.UINT32: writer.add_uint32}
+    for key, field in builtin.fields.items():
+        if key.startswith("tokenizer."):
+            add[field.types[0]](key, small.get(key, field.contents()))
+    rng = np.random.default_rng(0)
+    weights = {"token_embd": rng.normal(0, 0.02, (vocab, hidden))}
+    if output_head:
+        weights["output"] = rng.normal(0, 0.02, (vocab, hidden))
+    weights["output_norm"] = np.ones(hidden)
+    kv = hidden // heads * kv_heads
+    shapes = {
+        "attn_q": (hidden, hidden),
+        "attn_k": (kv, hidden),
+        "attn_v": (kv, hidden),
+        "attn_output": (hidden, hidden),
+    }
+    shapes |= {"ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    for i in range(layers):
+        weights |= {f"blk.{i}.{name}": rng.normal(0, 0.02, shape) for name, shape in shapes.items()}
+        weights |= {f"blk.{i}.attn_norm": np.ones(hidden), f"blk.{i}.ffn_norm": np.ones(hidden)}
+    for name, weight in weights.items():
+        writer.add_tensor(f"{name}.weight", weight.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {name: weights[name].astype(np.float32) for name in ("token_embd", "output") if name in weights}
+
+
 def random_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
     import random
 

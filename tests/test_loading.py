@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import lm2vec
 from lm2vec.loading import ModelLoadError
 from lm2vec.loading.source import fix_special_tokens, resolve_source
 from lm2vec.packing import PACKED
-from tests.support import ARCHITECTURES, default_attention, random_texts, tiny_encoder, tiny_tokenizer
+from tests.support import ARCHITECTURES, default_attention, random_texts, tiny_encoder, tiny_gguf, tiny_tokenizer
 
 TEXTS = random_texts(12, seed=2)
 
@@ -44,6 +45,19 @@ def test_every_architecture_reloads_with_its_attention_and_weights(model_type: s
 def test_missing_sources(missing: str):
     with pytest.raises(ModelLoadError, match="not found"):
         lm2vec.load(missing)
+
+
+@pytest.mark.parametrize("output_head", [True, False])
+def test_a_gguf_file_keeps_its_own_output_head_and_a_tied_one_ties(output_head: bool, tmp_path: Path):
+    """An untied model's GGUF file has ``output.weight`` (MNTP trains against that head); a tied one's has none."""
+    weights = tiny_gguf(tmp_path / "tiny.gguf", output_head)
+    folder = Path(resolve_source(tmp_path / "tiny.gguf").path)
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    assert lm.config.tie_word_embeddings is not output_head
+    head = lm.get_output_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(lm.get_input_embeddings().weight.detach().numpy(), weights["token_embd"])
+    np.testing.assert_array_equal(head, weights["output" if output_head else "token_embd"])
+    lm2vec.load(tmp_path / "tiny.gguf", dtype="float32")  # and it loads as an encoder, its attention verified
 
 
 def test_hub_ids_are_left_to_from_pretrained():

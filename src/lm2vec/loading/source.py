@@ -12,18 +12,22 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ..cache import atomic_write, cache_dir, file_digest, mark_used
+from ..cache import atomic_write, cache_dir, cache_key, file_digest, mark_used
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ChatML models whose GGUF metadata comes up with EOS <|im_start|> and no pad token.
 CHATML_END = "<|im_end|>"
+# What a GGUF file's conversion writes, in its folder's name: a change gives new folders, never an old conversion.
+# 2: a GGUF file with its own output head (an untied model) keeps ``tie_word_embeddings`` false.
+CONVERSION = 2
 
 
 class ModelLoadError(RuntimeError):
@@ -107,7 +111,7 @@ def check_directory(path: Path) -> None:
 
 def gguf_to_directory(gguf: Path) -> Path:
     """Convert a GGUF file into a cached safetensors directory, once per content (:func:`~lm2vec.cache.file_digest`)."""
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{cache_key(CONVERSION, file_digest(gguf))[:16]}"
     if (target / "config.json").is_file():
         mark_used(target)
     else:
@@ -116,13 +120,20 @@ def gguf_to_directory(gguf: Path) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    """Dequantize ``gguf`` into a Hugging Face directory ``out``: tied LM head, ChatML special tokens fixed."""
+    """Dequantize ``gguf`` into a Hugging Face directory ``out``: the LM head tied where the file has none,
+    ChatML special tokens fixed."""
     tokenizer = fix_special_tokens(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    # GGUF files of tied models carry no output.weight: without tying, the LM head would be random.
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, tie_word_embeddings=True, dtype=torch.float32
+    # GGUF files of tied models carry no output head (output.weight): tied to the embeddings, else it stays random.
+    # Untied models (most 7B ones) keep their own, which MNTP trains against.
+    model, loaded = cast(  # transformers' stubs do not type output_loading_info's tuple
+        tuple[PreTrainedModel, dict[str, set[str]]],
+        AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, tie_word_embeddings=False, dtype=torch.float32, output_loading_info=True
+        ),
     )
-    model.config.tie_word_embeddings = True
+    head, missing = model.get_output_embeddings().weight, loaded["missing_keys"]
+    model.config.tie_word_embeddings = any(p is head for name, p in model.named_parameters() if name in missing)
+    model.tie_weights()
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     # The weights are dequantized floats now: drop the GGUF quantizer so they save as plain safetensors.
