@@ -39,6 +39,7 @@ from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
 from lm2vec.training.stage import add_lora, claim_stage_dir, embedding_stage, length_chunks
 from tests.support import (
     ARCHITECTURES,
+    VOCAB,
     needs_data,
     random_texts,
     tiny_config,
@@ -134,6 +135,29 @@ def test_mntp_trains_the_decoder_and_keeps_the_head_frozen(causal_lm_dir: Path, 
     saved = adapter(last_checkpoint(tmp_path / "mntp"))
     assert saved and all("lm_head" not in key and "embed" not in key for key in saved)
     lm2vec.load(tmp_path / "mntp" / "encoder").verify()
+
+
+def test_a_new_mask_token_grows_the_vocabulary_and_the_saved_encoder_keeps_it(
+    causal_lm_dir: Path, corpus: Path, tmp_path: Path
+):
+    config = MNTPConfig(data=[str(corpus)], steps=2, batch_size=4, mask_token="new", **dict(FAST, max_length=16))
+    train_mntp(str(causal_lm_dir), config, tmp_path / "mntp")
+    encoder = lm2vec.load(tmp_path / "mntp" / "encoder", dtype="float32")
+    assert encoder.tokenizer.mask_token == "<mask>" and len(encoder.tokenizer) == VOCAB + 1
+    assert encoder.model.get_input_embeddings().num_embeddings == VOCAB + 1
+    assert np.isfinite(encoder.encode(["w5 <mask> w7"])).all()
+
+
+def test_a_mask_token_the_vocabulary_lacks_fails_before_the_weights_load(causal_lm_dir: Path, corpus: Path, tmp_path):
+    (causal_lm_dir / "model.safetensors").write_bytes(b"not weights")  # loading them would fail otherwise
+    config = MNTPConfig(data=[str(corpus)], steps=2, batch_size=4, mask_token="<nothing>", **FAST)
+    with pytest.raises(ValueError, match="mask_token '<nothing>' is not a single token of this tokenizer"):
+        train_mntp(str(causal_lm_dir), config, tmp_path / "mntp")
+    from lm2vec.training import Recipe, convert
+
+    recipe = Recipe("tiny", "test", "test", [("mntp", config)])
+    with pytest.raises(ValueError, match="mask_token '<nothing>'"):  # before the baselines are scored
+        convert(str(causal_lm_dir), recipe, tmp_path / "out", data_root=tmp_path / "no-sts-b-here")
 
 
 # -- SimCSE -----------------------------------------------------------------------------------------

@@ -27,14 +27,15 @@ MASK_TOKEN = "<mask>"
 IGNORE = -100  # label of the positions MNTP does not score
 
 
-def mask_token_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, choice: str) -> int:
-    """The id that stands for a masked token: an existing token ("_" by default), EOS, or a new token."""
+def mask_token_id(tokenizer: PreTrainedTokenizerBase, choice: str) -> int:
+    """The id that stands for a masked token: an existing token ("_" by default), EOS, or a new one ("new": <mask>
+    added to the tokenizer; the model's embeddings grow to match once it is loaded). Asked of the tokenizer alone, so
+    a token the vocabulary lacks fails before any weights load."""
     if choice == "eos":
         return tokenizer.eos_token_id
     if choice == "new":
         if tokenizer.mask_token is None:
             tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
-            model.resize_token_embeddings(len(tokenizer))
         return tokenizer.mask_token_id
     token = tokenizer.convert_tokens_to_ids(choice)
     if not isinstance(token, int) or token == tokenizer.unk_token_id:
@@ -115,10 +116,12 @@ def train_mntp(
     resolved = resolve_source(source)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     chunks = data.chunks(tokenizer, config.data, config.max_length, data_root)  # bad data fails before loading
+    mask_id = mask_token_id(tokenizer, config.mask_token)
     lm = load_model(resolved, True, torch.float32, None, trust_remote_code, model_class=AutoModelForCausalLM)
+    if mask_id >= lm.config.get_text_config().vocab_size:  # a new mask token: a row for it
+        lm.resize_token_embeddings(len(tokenizer))
     decoder = transformers_model(lm.base_model)
     verify_attention(decoder, True, vocab_size=len(tokenizer))
-    mask_id = mask_token_id(tokenizer, lm, config.mask_token)
     peft = add_lora(lm, config)
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
