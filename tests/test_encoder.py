@@ -87,6 +87,18 @@ def st_encode(path: Path, texts: list[str], **kwargs) -> np.ndarray:
     return SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True, **kwargs)
 
 
+def test_similarity_is_sentence_transformers_cosine_matrix(tmp_path: Path):
+    enc = tiny_encoder()
+    queries, documents = enc.encode(TEXTS[:2]), enc.encode(TEXTS[2:5])
+    scores = enc.similarity(queries, documents)
+    assert scores.shape == (2, 3) and scores.dtype == torch.float32
+    by_hand = queries @ documents.T / np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(documents, axis=1))
+    np.testing.assert_allclose(scores.numpy(), by_hand, atol=1e-6)
+    st = SentenceTransformer(str(enc.save(tmp_path / "enc")), device="cpu")
+    torch.testing.assert_close(scores, st.similarity(queries, documents))
+    torch.testing.assert_close(enc.similarity(queries[0], torch.as_tensor(documents)), scores[:1])  # one vector
+
+
 @pytest.mark.parametrize("pooling", list(lm2vec.PoolingMode))
 def test_save_reloads_identically_in_lm2vec_and_sentence_transformers(tmp_path: Path, pooling):
     enc = tiny_encoder(pooling=pooling, prompts={"query": "w5 w6 "})

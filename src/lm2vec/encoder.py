@@ -336,6 +336,13 @@ class Encoder:
         """Encode with the ``document`` prompt, if the encoder has one."""
         return self.encode(sentences, prompt_name="document" if "document" in self.prompts else None, **kwargs)
 
+    @staticmethod
+    def similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each row of ``a`` with each row of ``b`` (one vector is one row), as
+        sentence-transformers' ``similarity``: the function lm2vec's saved models name (``similarity_fn_name``)."""
+        a, b = (torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(x)).float(), dim=-1) for x in (a, b))
+        return a @ b.T
+
     # -- saving ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, merge_adapters: bool = True, training: str | None = None) -> Path:
         """Save as a sentence-transformers directory (safetensors) that reloads with identical embeddings, with a
