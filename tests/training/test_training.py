@@ -66,13 +66,18 @@ def triplets(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "nli" / "train.jsonl", records)
 
 
+def save_causal_lm(path: Path, model_type: str = "llama") -> Path:
+    """A tiny random causal LM with its tokenizer, saved as a user's model directory."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, pad_token_id=3, tie_word_embeddings=True))
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def causal_lm_dir(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", pad_token_id=3, tie_word_embeddings=True))
-    model.save_pretrained(tmp_path / "lm")
-    tiny_tokenizer().save_pretrained(tmp_path / "lm")
-    return tmp_path / "lm"
+    return save_causal_lm(tmp_path / "lm")
 
 
 def adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -342,19 +347,16 @@ def test_every_architecture_trains_through_the_recipe_and_reloads_with_its_embed
     model_type: str, corpus: Path, triplets: Path, tmp_path: Path
 ):
     """MNTP on the causal LM (its own head), SimCSE, supervised: each stage's adapter merged into the next."""
-    torch.manual_seed(0)
-    config = tiny_config(model_type, pad_token_id=3, tie_word_embeddings=True)  # attention: as the library picks
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
-    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    lm = save_causal_lm(tmp_path / "lm", model_type)  # attention: as the library picks
     fast = dict(FAST, steps=2, batch_size=4, learning_rate=1e-2)
-    train_mntp(str(tmp_path / "lm"), MNTPConfig(data=[str(corpus)], mask_token="eos", **fast), tmp_path / "mntp")
+    train_mntp(str(lm), MNTPConfig(data=[str(corpus)], mask_token="eos", **fast), tmp_path / "mntp")
     train_simcse(str(tmp_path / "mntp" / "encoder"), SimCSEConfig(data=[str(corpus)], **fast), tmp_path / "simcse")
     encoder = train_supervised(
         str(tmp_path / "simcse" / "encoder"), SupervisedConfig(data=[str(triplets)], **fast), tmp_path / "supervised"
     )
     texts = random_texts(6, seed=4, max_words=12)
     trained = encoder.encode(texts)
-    untrained = lm2vec.load(tmp_path / "lm", dtype="float32").encode(texts)
+    untrained = lm2vec.load(lm, dtype="float32").encode(texts)
     assert np.isfinite(trained).all() and np.abs(trained - untrained).max() > 1e-3  # the stages changed the model
     reloaded = lm2vec.load(tmp_path / "supervised" / "encoder", dtype="float32")  # verifies bidirectional attention
     np.testing.assert_allclose(reloaded.encode(texts), trained, atol=1e-5)
