@@ -23,9 +23,10 @@ import torch
 
 import lm2vec
 from lm2vec.attention import position_ids_for
+from lm2vec.choices import PoolingMode
 from lm2vec.datafiles import data_dir
 from lm2vec.evaluation import cosine_rows, load_sts
-from lm2vec.pooling import PoolingMode, pool
+from lm2vec.pooling import pool
 
 
 def stsb_sentences(data: Path, count: int) -> list[str]:

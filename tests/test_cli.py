@@ -1,4 +1,4 @@
-"""The installed ``lm2vec`` console script, run as a user would (each call pays the torch import, ~6 s)."""
+"""The installed ``lm2vec`` console script, run as a user would."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -74,6 +75,24 @@ def test_train_and_convert_refuse_bad_recipes_and_settings_before_loading(tmp_pa
     done = run("train", "simcse", "default", "-o", tmp_path / "out", "--set", "batch_size=0")
     assert done.returncode == 2 and "batch_size must be a positive integer" in done.stderr
     assert not (tmp_path / "out" / "1-mntp").exists() and not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_help_usage_errors_and_the_cache_listing_import_neither_torch_nor_transformers(tmp_path):
+    """`lm2vec --help` or a bad recipe answers at once: the parser (its stages, recipes, poolings and precisions) and
+    the commands' checks are light; torch and transformers load with a model."""
+    code = f"""
+import sys
+from lm2vec.cli import main
+refused = (["convert", "default", "--recipe", "turbo", "-o", {str(tmp_path)!r}],
+           ["train", "simcse", "default", "-o", {str(tmp_path)!r}, "--set", "batch_size=0"])
+codes = [main(args) for args in (*refused, ["cache"])]
+print(codes, [m for m in ("torch", "transformers", "peft") if m in sys.modules])
+"""
+    env = {**os.environ, "LM2VEC_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[2, 2, 0] []", done.stdout
+    assert "unknown recipe 'turbo'" in done.stderr and "batch_size must be a positive integer" in done.stderr
 
 
 def test_a_command_of_an_extra_not_installed_names_the_extra(tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm2vec.pooling import PoolingMode, exclude_prefix, parse_pooling, pool
+from lm2vec.choices import PoolingMode, parse_pooling
+from lm2vec.pooling import exclude_prefix, pool
 
 # One text of 4 real tokens whose first token is an instruction; states are [1..4] * ones.
 STATES = torch.arange(1.0, 5.0)[:, None].expand(4, 3)

@@ -10,24 +10,24 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import transformers
 from packaging.requirements import Requirement
 
 import lm2vec
 from lm2vec.cache import cache_dir, cache_entries, prune
+from lm2vec.choices import DEFAULT_DTYPE, DTYPE_CHOICES, PoolingMode
 from lm2vec.datafiles import read_jsonl, read_lines
-from lm2vec.hardware import describe_cpu
-from lm2vec.inputs import Item
-from lm2vec.loading.dtype import CHOICES as DTYPES
-from lm2vec.loading.dtype import DEFAULT as DEFAULT_DTYPE
-from lm2vec.pooling import PoolingMode
-from lm2vec.quantization import linear_speeds
 from lm2vec.training.config import STAGES, builtin_recipes  # light: names and settings, not what trains them
 
+if TYPE_CHECKING:
+    from lm2vec.inputs import Item
+
+# The parser and the commands' checks import nothing heavy: `lm2vec --help` or a usage error answers at once; torch
+# and transformers are imported by the commands that load a model.
 BUILTIN_ALIASES = ("default", "builtin")
-USAGE_ERRORS = (ValueError, TypeError, OSError, lm2vec.ModelLoadError, lm2vec.AttentionError)
+USAGE_ERRORS = (ValueError, TypeError, OSError)  # with lm2vec.ModelLoadError and AttentionError: is_usage_error
 DISTRIBUTIONS = {"sklearn": "scikit-learn"}  # modules whose distribution has another name
 
 
@@ -47,7 +47,16 @@ def read_inputs(path: Path, field: str) -> Sequence[Item]:
 DTYPE_HELP = "default: auto, this machine's fastest path that stays float32-grade (see `lm2vec info`)"
 
 
+def quiet_transformers() -> None:
+    """transformers' per-tensor loading bars off (ours show the real work); called where a command starts loading,
+    after its checks, since importing transformers takes a second."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load(args: argparse.Namespace, model: str | None = None) -> lm2vec.Encoder:
+    quiet_transformers()
     return lm2vec.load(
         model_source(model or args.model),
         pooling=args.pooling,
@@ -87,6 +96,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from lm2vec.hardware import describe_cpu
+    from lm2vec.quantization import linear_speeds
+
     encoder = load(args)
     measured = linear_speeds()
     machine = {"cpu": describe_cpu(), "linear_speeds": measured}
@@ -171,13 +183,15 @@ def parse_settings(pairs: list[str]) -> dict[str, object]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lm2vec import training
-    from lm2vec.training.data import check_data
-    from lm2vec.training.stage import claim_stage_dir
 
     settings = json.loads(Path(args.config).read_text()) if args.config else {}
     config = training.stage_config(args.stage, settings | parse_settings(args.set))  # checked before loading
+    from lm2vec.training.data import check_data
+    from lm2vec.training.stage import claim_stage_dir
+
     check_data(config.data, args.data)
     claim_stage_dir(args.output, config, args.resume)
+    quiet_transformers()
     try:
         encoder = training.STAGES[args.stage].train(
             model_source(args.model), config, args.output, data_root=args.data, resume=args.resume
@@ -200,6 +214,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         baselines=not args.no_baselines,
         causal=args.causal,
     )
+    quiet_transformers()
     try:
         if args.seeds:
             training.convert_seeds(model_source(args.model), recipe, args.output, args.seeds, **options)
@@ -251,6 +266,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_embed_corpus(args: argparse.Namespace) -> int:
     from lm2vec.corpus import embed_corpus
 
+    quiet_transformers()
     rows = embed_corpus(
         args.inputs,
         args.output,
@@ -303,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's saved setting")
     model.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
-    model.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
+    model.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
 
     encode = commands.add_parser("encode", parents=[model], help="embed a text or .jsonl file into an .npy array")
     encode.add_argument("input", help="a text file (one text per line, blank lines skipped) or a .jsonl file")
@@ -337,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", type=Path, default=cache_dir() / "embeddings", help="embedding cache folder")
     evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
+    evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     evaluate.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's setting")
     evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
     evaluate.set_defaults(run=cmd_evaluate)
@@ -399,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--workers", type=int, default=2, help="encoder workers (default: 2)")
     corpus.add_argument("--threads-per-worker", type=int, default=1)
     corpus.add_argument("--batch-size", type=int, default=32)
-    corpus.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
+    corpus.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     corpus.add_argument("--address", help="a Ray cluster (ray://host:10001 or auto); default: a local instance")
     corpus.set_defaults(run=cmd_embed_corpus)
 
@@ -416,10 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars; ours show the real work
     try:
         return args.run(args)
-    except USAGE_ERRORS as err:
+    except (*USAGE_ERRORS, RuntimeError) as err:
+        if not is_usage_error(err):
+            raise
         print(f"lm2vec: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:  # a command of an optional extra (serve, onnx, corpus, mteb), not installed
@@ -428,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lm2vec: error: {args.command} needs {err.name}: pip install 'lm2vec[{extra}]'", file=sys.stderr)
         return 2
+
+
+def is_usage_error(err: Exception) -> bool:
+    """A bad argument, file or model: said in one line, exit status 2 (a bug keeps its traceback)."""
+    # lm2vec's own errors come from loading, when torch and transformers are imported already: no cost to ask then
+    return isinstance(err, USAGE_ERRORS) or isinstance(err, (lm2vec.ModelLoadError, lm2vec.AttentionError))
 
 
 def extra_providing(module: str) -> str | None:

@@ -21,6 +21,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from . import st_format
 from .attention import position_ids_for, verify_attention
 from .cache import cache_key
+from .choices import PoolingMode, parse_pooling
 from .experts import experts_implementation
 from .inputs import Batch, Inputs, ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
 from .invariance import BatchInvariant
@@ -28,7 +29,7 @@ from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
 from .outputs import Precision, check_output_options, postprocess
 from .packing import enable_packing, packed_states, window_applies
-from .pooling import PoolingMode, parse_pooling, pool
+from .pooling import pool
 from .quantization import FLOAT32, block_plan, lower_kind, parameter_count
 
 if TYPE_CHECKING:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .choices import PoolingMode
 from .inputs import ReferenceStyle, Tokenization, instruction_tokens
-from .pooling import PoolingMode, pool
+from .pooling import pool
 
 Span = tuple[int, int]
 

@@ -8,24 +8,9 @@ padding give the same result; this matches sentence-transformers' ``Pooling`` mo
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import torch
 
-
-class PoolingMode(StrEnum):
-    MEAN = "mean"
-    WEIGHTED_MEAN = "weighted_mean"
-    LAST_TOKEN = "last_token"
-    FIRST_TOKEN = "first_token"
-
-
-def parse_pooling(mode: str | PoolingMode) -> PoolingMode:
-    try:
-        return PoolingMode(mode)
-    except ValueError:
-        known = ", ".join(m.value for m in PoolingMode)
-        raise ValueError(f"unknown pooling mode {mode!r}; choose one of: {known}") from None
+from .choices import PoolingMode
 
 
 def exclude_prefix(attention_mask: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .choices import PoolingMode
 from .inputs import ReferenceStyle
-from .pooling import PoolingMode
 
 POOLING_DIR = "1_Pooling"
 LM2VEC_CONFIG = "lm2vec_config.json"  # what only lm2vec reproduces: the reference llm2vec's instruction convention

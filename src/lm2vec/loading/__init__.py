@@ -16,11 +16,11 @@ import warnings
 import torch
 from transformers import PreTrainedModel
 
+from ..choices import DEFAULT_DTYPE, PoolingMode, parse_pooling
 from ..encoder import Encoder
-from ..pooling import PoolingMode, parse_pooling
 from ..quantization import FLOAT32, LOWER, lower_kind, lower_precision
 from ..st_format import STSettings
-from .dtype import DEFAULT, MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
+from .dtype import MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
 from .model import cache_lower_model, cached_lower_model, default_max_length, load_model, load_tokenizer
 from .reference import find_reference_checkpoint
 from .saved import read_saved_settings
@@ -35,7 +35,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     pooling: str | PoolingMode | None = None,
     bidirectional: bool | None = None,
-    dtype: Dtype = DEFAULT,
+    dtype: Dtype = DEFAULT_DTYPE,
     max_length: int | None = None,
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,

@@ -27,9 +27,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-# What ``load(dtype=...)`` takes besides torch dtypes and the names above.
-CHOICES = ("auto", "float32", "bfloat16", "int8", "float16")
-DEFAULT = "auto"
 # Leave float32 only for a path measured this much faster per linear layer: the blocks kept in float32, attention
 # and the elementwise work do not speed up, so a smaller edge is lost in the whole model.
 MIN_SPEEDUP = 1.3

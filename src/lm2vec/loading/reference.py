@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from ..choices import PoolingMode
 from ..inputs import ReferenceStyle
-from ..pooling import PoolingMode
 from ..st_format import STSettings
 from .model import load_model
 from .source import ModelLoadError, Source, resolve_source

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..choices import PoolingMode
 from ..inputs import ReferenceStyle
-from ..pooling import PoolingMode
 from ..st_format import LM2VEC_CONFIG, MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings
 from .source import ModelLoadError
 

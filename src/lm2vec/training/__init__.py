@@ -6,9 +6,9 @@ imported on first use, so that the CLI can list the stages without paying for it
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from ..lazy import lazy_attributes
 from .config import (
     STAGES,
     MNTPConfig,
@@ -28,22 +28,18 @@ if TYPE_CHECKING:
     from .supervised import train_supervised
     from .trainer import NonFiniteLossError, last_checkpoint
 
-_LAZY = {  # name -> the module that defines it
-    "convert": "conversion",
-    "convert_seeds": "conversion",
-    "train_mntp": "mntp",
-    "train_simcse": "simcse",
-    "train_supervised": "supervised",
-    "NonFiniteLossError": "trainer",
-    "last_checkpoint": "trainer",
-}
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(  # name -> the module that defines it
+    __name__,
+    {
+        "convert": "conversion",
+        "convert_seeds": "conversion",
+        "train_mntp": "mntp",
+        "train_simcse": "simcse",
+        "train_supervised": "supervised",
+        "NonFiniteLossError": "trainer",
+        "last_checkpoint": "trainer",
+    },
+)
 
 __all__ = [
     "STAGES",

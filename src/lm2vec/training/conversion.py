@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from ..calibration import float_kind
+from ..choices import PoolingMode
 from ..encoder import Encoder
 from ..evaluation.sts import evaluate_sts
 from ..hardware import describe_machine
 from ..loading import load
 from ..loading.model import load_tokenizer
 from ..loading.source import resolve_source
-from ..pooling import PoolingMode
 from ..quantization import ONEDNN, blocks, linear_layers, lowered
 from .config import STAGES, MNTPConfig, Recipe, StageConfig, load_recipe
 from .data import check_data
