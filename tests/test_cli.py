@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import lm2vec
+from lm2vec.cli import main
 from tests.support import CLI, random_texts
 from tests.support import run_cli as run
 
@@ -50,6 +51,22 @@ def test_malformed_jsonl_is_a_clean_error_naming_the_line(tiny_dir, tmp_path):
     assert f"lm2vec: error: {source}:2: invalid JSON" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_bad_numbers_and_an_output_that_cannot_be_written_fail_before_the_model_loads(tmp_path, capsys):
+    source = tmp_path / "texts.txt"
+    source.write_text("w4 w5\n")
+    missing_model = str(tmp_path / "no-model")  # loading it would fail with another message
+    for flag, value, message in (("--max-length", "0", "a positive integer, got '0'"), ("--batch-size", "x", "'x'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["encode", missing_model, str(source), "-o", str(tmp_path / "out.npy"), flag, value])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", missing_model, "--port", "70000"])
+    assert "a port number (0-65535), got '70000'" in capsys.readouterr().err
+    unwritable = tmp_path / "no-folder" / "out.npy"
+    assert main(["encode", missing_model, str(source), "-o", str(unwritable)]) == 2
+    assert f"cannot write {unwritable}: {unwritable.parent} is not a writable folder" in capsys.readouterr().err
 
 
 def test_info_json_reports_verified_bidirectional_attention(tiny_dir):

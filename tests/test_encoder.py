@@ -28,6 +28,21 @@ def test_shapes_and_output_types():
     np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
 
 
+def test_max_length_set_later_cuts_texts_as_one_given_at_construction():
+    """Also through sentence-transformers' name, ``max_seq_length``; the saved settings follow."""
+    enc = tiny_encoder()
+    cut_from_start = enc.with_model(enc.model, max_length=6)
+    assert not np.array_equal(enc.encode(TEXTS), cut_from_start.encode(TEXTS))  # TEXTS run past 6 tokens
+    enc.max_seq_length = 6
+    assert enc.max_length == 6 and enc.settings()["max_length"] == 6
+    np.testing.assert_array_equal(enc.encode(TEXTS), cut_from_start.encode(TEXTS))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be a positive integer"):
+            enc.max_length = bad  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        lm2vec.load("no-such-model-folder", max_length=0)  # refused before anything loads
+
+
 SIDES = ("left", "right")
 
 

@@ -69,6 +69,7 @@ def load(args: argparse.Namespace, model: str | None = None) -> lm2vec.Encoder:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     items = read_inputs(Path(args.input), args.field)
+    check_writable(Path(args.output))  # before the model loads and the texts are embedded, not after
     encoder = load(args)
     if args.backend == "onnx":
         from lm2vec.onnx_backend import onnx_encoder
@@ -93,6 +94,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def check_writable(path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {path}: {folder} is not a writable folder")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -229,6 +236,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """Counts and limits, checked before anything loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port number (0-65535), got {text!r}")
+    return value
+
+
 def seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",")]
@@ -327,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = encode.add_mutually_exclusive_group()
     prompt.add_argument("--instruction", help="instruction for every text (attended to, not pooled)")
     prompt.add_argument("--prompt-name", help="a named prompt saved with the model, e.g. query")
-    encode.add_argument("--batch-size", type=int, default=32)
-    encode.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
+    encode.add_argument("--batch-size", type=positive_int, default=32)
+    encode.add_argument("--max-length", type=positive_int, help="tokens per text (default: the model's setting)")
     encode.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     encode.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="onnx: ONNX Runtime (CPU)")
     encode.add_argument("--field", default="text", help="the text field of .jsonl lines (default: text)")
@@ -352,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-instructions", action="store_true", help="embed texts without instructions")
     evaluate.add_argument("--cache", type=Path, default=cache_dir() / "embeddings", help="embedding cache folder")
     evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=positive_int, default=32)
     evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     evaluate.add_argument("--pooling", choices=[m.value for m in PoolingMode], help="default: the model's setting")
     evaluate.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
@@ -389,19 +417,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", parents=[model], help="an OpenAI-compatible /v1/embeddings server")
     serve.add_argument("--host", default="127.0.0.1", help="default: loopback only; 0.0.0.0 to serve the network")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--name", help="the model name clients send (default: the model's folder name)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: LM2VEC_API_KEY, else none)")
-    serve.add_argument("--max-length", type=int, help="tokens per text (default: the model's setting)")
-    serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request (default: %(default)s)")
-    serve.add_argument("--max-chars", type=int, default=100_000, help="characters per text (default: %(default)s)")
-    serve.add_argument("--max-request-tokens", type=int, default=300_000, help="tokens per request (%(default)s)")
+    serve.add_argument("--max-length", type=positive_int, help="tokens per text (default: the model's setting)")
+    serve.add_argument("--max-inputs", type=positive_int, default=2048, help="texts per request (default: %(default)s)")
     serve.add_argument(
-        "--max-batch-tokens", type=int, help="tokens per model call; requests take turns (default: 2048 CPU, 16384 GPU)"
+        "--max-chars", type=positive_int, default=100_000, help="characters per text (default: %(default)s)"
     )
-    serve.add_argument("--max-batch-texts", type=int, default=256, help="texts per model call (%(default)s)")
     serve.add_argument(
-        "--max-queued-tokens", type=int, help="beyond it 503 + Retry-After (default: 4 x --max-request-tokens)"
+        "--max-request-tokens", type=positive_int, default=300_000, help="tokens per request (%(default)s)"
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        help="tokens per model call; requests take turns (default: 2048 CPU, 16384 GPU)",
+    )
+    serve.add_argument("--max-batch-texts", type=positive_int, default=256, help="texts per model call (%(default)s)")
+    serve.add_argument(
+        "--max-queued-tokens", type=positive_int, help="beyond it 503 + Retry-After (default: 4 x --max-request-tokens)"
     )
     serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, time to finish (%(default)s)")
     serve.add_argument("--no-normalize", action="store_true", help="raw vectors instead of unit length")
@@ -412,9 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("inputs", nargs="+", help=".txt (one text per line), .jsonl or .parquet files")
     corpus.add_argument("-o", "--output", required=True, help="folder for the Parquet files")
     corpus.add_argument("--text-column", default="text", help="the column to embed (default: text)")
-    corpus.add_argument("--workers", type=int, default=2, help="encoder workers (default: 2)")
-    corpus.add_argument("--threads-per-worker", type=int, default=1)
-    corpus.add_argument("--batch-size", type=int, default=32)
+    corpus.add_argument("--workers", type=positive_int, default=2, help="encoder workers (default: 2)")
+    corpus.add_argument("--threads-per-worker", type=positive_int, default=1)
+    corpus.add_argument("--batch-size", type=positive_int, default=32)
     corpus.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     corpus.add_argument("--address", help="a Ray cluster (ray://host:10001 or auto); default: a local instance")
     corpus.set_defaults(run=cmd_embed_corpus)

@@ -72,7 +72,6 @@ class Encoder:
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = parse_pooling(pooling)
-        self.max_length = max_length
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.bidirectional = bidirectional
@@ -80,17 +79,29 @@ class Encoder:
         self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
-        self.tokenization = (
-            ReferenceTokenization(tokenizer, max_length, reference_style)
-            if reference_style
-            else Tokenization(tokenizer, max_length)
-        )
+        self.max_length = max_length  # builds self.tokenization
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
             )
 
     # -- properties --------------------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        """Tokens per text, instruction and special tokens included; longer texts are cut. Settable, as
+        sentence-transformers' ``max_seq_length`` (the same property here, for code written for it)."""
+        return self.tokenization.max_length
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        check_max_length(value)
+        style = self.reference_style  # a new tokenization: its instructions were checked against the old length
+        self.tokenization = (
+            ReferenceTokenization(self.tokenizer, value, style) if style else Tokenization(self.tokenizer, value)
+        )
+
+    max_seq_length = max_length
+
     @property
     def dim(self) -> int:
         return self.model.config.get_text_config().hidden_size
@@ -431,6 +442,11 @@ class Encoder:
                 total, norm = _sum_and_norm(weight)
                 weights.append(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}")
         return cache_key(settings, tokenizer, extra, weights)[:20]
+
+
+def check_max_length(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_length must be a positive integer, got {value!r}")
 
 
 def _sum_and_norm(weight: torch.Tensor, part: int = 1 << 20) -> tuple[float, float]:

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..choices import DEFAULT_DTYPE, PoolingMode, parse_pooling
-from ..encoder import Encoder
+from ..encoder import Encoder, check_max_length
 from ..quantization import FLOAT32, LOWER, lower_kind, lower_precision
 from ..st_format import STSettings
 from .dtype import MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
@@ -56,6 +56,8 @@ def load(
     directory as ``source`` and its SimCSE or supervised adapter here, the reference's vectors
     (:mod:`.reference`).
     """
+    if max_length is not None:
+        check_max_length(max_length)  # before the minutes a large model takes to load
     chosen = resolve_dtype(dtype, device)
     resolved = resolve_source(source)
     checkpoint = find_reference_checkpoint(resolved, adapter)
@@ -65,6 +67,8 @@ def load(
         saved = read_saved_settings(resolved.folder) if resolved.folder else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
+    if max_length is None and saved:
+        max_length = saved.max_length
     pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))
     variant = (bidirectional, pooling.value, torch.device(device or "cpu").type)  # a plan is per device type
     tokenizer = load_tokenizer(resolved, trust_remote_code)
@@ -77,7 +81,7 @@ def load(
             model,
             tokenizer,
             pooling=pooling,
-            max_length=max_length or (saved.max_length if saved else default_max_length(model)),
+            max_length=max_length or default_max_length(model),
             prompts=prompts if prompts is not None else (saved.prompts if saved else None),
             default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
             bidirectional=bidirectional,
