@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -236,25 +237,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """Counts and limits, checked before anything loads."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
-    return value
+def whole_number(low: int, high: float, name: str) -> Callable[[str], int]:
+    """An argument type for counts, limits and ports, checked as the command line is parsed (before any loading)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name}, got {text!r}")
+        return value
+
+    return parse
 
 
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port number (0-65535), got {text!r}")
-    return value
+positive_int = whole_number(1, math.inf, "a positive integer")
+port_number = whole_number(0, 65535, "a port number (0-65535)")
 
 
 def seed_list(text: str) -> list[int]:
