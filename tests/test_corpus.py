@@ -40,6 +40,16 @@ def test_rows_equal_encode_and_none_lost_or_doubled(local_ray, tiny_dir: Path, t
     np.testing.assert_array_equal(np.array(table["embedding"], dtype=np.float32), expected)
 
 
+def test_a_missing_text_column_is_named_before_any_worker_loads(local_ray, tmp_path: Path):
+    from lm2vec.corpus import embed_corpus
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"title": "w4", "body": "w5 w6"}\n')
+    with pytest.raises(ValueError, match=r"no column 'text' in .*rows.jsonl \(columns: \['title', 'body'\]\)"):
+        embed_corpus(rows, tmp_path / "out", str(tmp_path / "no-model"))  # a worker would fail to load it
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_inputs(tmp_path: Path):
     from lm2vec.corpus import embed_corpus
 

@@ -149,6 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     for name in args.tasks:
         tasks.get_task(name)  # an unknown task fails before any model is loaded
+    Path(args.output).mkdir(parents=True, exist_ok=True)  # and a report folder that cannot be made
     instructions = {} if args.no_instructions else tasks.load_instructions(args.instructions)
     runs: report.Runs = {}
     for path in args.compare:

@@ -67,6 +67,10 @@ def embed_corpus(
     reader = getattr(ray.data, READERS[next(iter(suffixes))])
     light = {"num_cpus": 0}  # reading and writing must not wait for CPUs the encoder workers hold
     dataset = reader(paths, **light)
+    columns = dataset.columns()  # from the files' schema: a wrong column fails here, not in every worker after loading
+    if text_column not in columns:
+        named = paths[0] + (" ..." if len(paths) > 1 else "")
+        raise ValueError(f"no column {text_column!r} in {named} (columns: {columns})")
     embedded = dataset.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={

@@ -80,6 +80,9 @@ def test_cli_evaluate_writes_the_report_and_compares(tmp_path: Path):
     assert json.loads((tmp_path / "r2" / "results.json").read_text())["meta"]["tasks"] == ["stsb"]
 
 
-def test_cli_unknown_task(tiny_dir: Path):
+def test_cli_unknown_task_and_a_report_folder_that_cannot_be_made_fail_before_scoring(tiny_dir: Path, tmp_path: Path):
     done = run("evaluate", tiny_dir, "--tasks", "nope")
     assert done.returncode == 2 and "known tasks: stsb" in done.stderr
+    (tmp_path / "a-file").write_text("")
+    done = run("evaluate", tiny_dir, "--tasks", "stsb", "-o", tmp_path / "a-file" / "report")
+    assert done.returncode == 2 and "a-file" in done.stderr and "stsb" not in done.stdout  # no task was scored
