@@ -23,7 +23,16 @@ from .attention import position_ids_for, verify_attention
 from .cache import cache_key
 from .choices import PoolingMode, parse_pooling
 from .experts import experts_implementation
-from .inputs import Batch, Inputs, ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
+from .inputs import (
+    Batch,
+    Inputs,
+    ReferenceStyle,
+    ReferenceTokenization,
+    Tokenization,
+    check_positive,
+    length_batches,
+    normalize,
+)
 from .invariance import BatchInvariant
 from .late_chunking import Chunks, late_chunks
 from .model_card import write_card
@@ -94,7 +103,7 @@ class Encoder:
 
     @max_length.setter
     def max_length(self, value: int) -> None:
-        check_max_length(value)
+        check_positive("max_length", value)
         style = self.reference_style  # a new tokenization: its instructions were checked against the old length
         self.tokenization = (
             ReferenceTokenization(self.tokenizer, value, style) if style else Tokenization(self.tokenizer, value)
@@ -267,9 +276,9 @@ class Encoder:
         by each batch's texts instead of a bar of its own. On a GPU, batches are queued without waiting for
         results (one copy to the host at the end), so the next batch is prepared while this one runs.
         """
-        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive("batch_size", batch_size)
+        if max_tokens is not None:
+            check_positive("max_tokens", max_tokens)
         prefix = prefix if prefix is not None else [0] * len(ids)
         if max_tokens is None and self.device.type == "cpu":
             max_tokens = CPU_MAX_TOKENS
@@ -442,11 +451,6 @@ class Encoder:
                 total, norm = _sum_and_norm(weight)
                 weights.append(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}")
         return cache_key(settings, tokenizer, extra, weights)[:20]
-
-
-def check_max_length(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_length must be a positive integer, got {value!r}")
 
 
 def _sum_and_norm(weight: torch.Tensor, part: int = 1 << 20) -> tuple[float, float]:

@@ -25,6 +25,12 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
+def check_positive(name: str, value: object) -> None:
+    """Counts and lengths (``batch_size``, ``max_length``, ...): a positive integer, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def normalize(inputs: Inputs, instruction: str | None = None) -> tuple[list[str], list[str], bool]:
     """Check ``inputs`` and split them into (instructions, texts, was_single_string).
 

@@ -19,7 +19,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .choices import PoolingMode
-from .inputs import ReferenceStyle, Tokenization, instruction_tokens
+from .inputs import ReferenceStyle, Tokenization, check_positive, instruction_tokens
 from .pooling import pool
 
 Span = tuple[int, int]
@@ -76,8 +76,8 @@ def late_chunks(
         raise ValueError("give either spans (character offsets per document) or chunk_tokens, not both")
     if spans is not None and len(spans) != len(documents):
         raise ValueError(f"spans has {len(spans)} entries for {len(documents)} documents")
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    if chunk_tokens is not None:
+        check_positive("chunk_tokens", chunk_tokens)
     if not 0 <= overlap < encoder.max_length // 2:
         raise ValueError(f"overlap must be in [0, {encoder.max_length // 2}) for max_length {encoder.max_length}")
     results = []

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..datafiles import data_file, numbered_lines
+from ..inputs import check_positive
 from .base import TaskResult, sample_indices
 
 if TYPE_CHECKING:
@@ -190,8 +191,7 @@ def embed_words(
     Words cut off by ``encoder.max_length`` are not kept (their rows are zero). ``shift`` defaults to the
     encoder's attention: on for bidirectional (MNTP-trained) encoders, off for causal ones.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive("batch_size", batch_size)
     shift = encoder.bidirectional if shift is None else shift
     counts = [len(words) for words in sentences]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedModel
 
 from ..choices import DEFAULT_DTYPE, PoolingMode, parse_pooling
-from ..encoder import Encoder, check_max_length
+from ..encoder import Encoder
+from ..inputs import check_positive
 from ..quantization import FLOAT32, LOWER, lower_kind, lower_precision
 from ..st_format import STSettings
 from .dtype import MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
@@ -57,7 +58,7 @@ def load(
     (:mod:`.reference`).
     """
     if max_length is not None:
-        check_max_length(max_length)  # before the minutes a large model takes to load
+        check_positive("max_length", max_length)  # before the minutes a large model takes to load
     chosen = resolve_dtype(dtype, device)
     resolved = resolve_source(source)
     checkpoint = find_reference_checkpoint(resolved, adapter)
