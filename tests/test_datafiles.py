@@ -44,6 +44,15 @@ def test_wrong_types_and_non_objects(tmp_path):
         read_jsonl(write(tmp_path, '["a"]\n'))
 
 
+def test_a_lone_surrogate_escape_names_file_line_and_field(tmp_path):
+    """JSON may escape half of a UTF-16 pair (an emoji cut in two); no tokenizer takes the string Python makes."""
+    path = write(tmp_path, '{"text": "fine \\ud83d\\ude00"}\n{"text": "cut \\ud83d"}\n')
+    with pytest.raises(
+        ValueError, match=r":2: field 'text' is not valid Unicode: a lone surrogate U\+D83D at character 4"
+    ):
+        read_jsonl(path, {"text": str})
+
+
 def test_empty_file(tmp_path):
     for text in ("", "\n \n"):
         with pytest.raises(ValueError, match="is empty"):

@@ -27,6 +27,9 @@ from tests.support import tiny_tokenizer
         ([("instr", 5)], TypeError, r"\(str, int\)"),
         ([[["nested"], "x"]], TypeError, r"\(list, str\)"),
         ({"a": 1}, TypeError, "got dict"),
+        ("w4 \ud83d", ValueError, r"the input is not valid Unicode: a lone surrogate U\+D83D at character 3"),
+        (["ok", "\udcff"], ValueError, "input 1 is not valid Unicode"),
+        ([("\ud800: ", "ok")], ValueError, "input 0's instruction is not valid Unicode"),
     ],
 )
 def test_bad_inputs_name_the_problem(bad, error, message):
@@ -37,6 +40,8 @@ def test_bad_inputs_name_the_problem(bad, error, message):
 def test_instruction_must_be_a_string():
     with pytest.raises(TypeError, match="instruction must be a string"):
         normalize(["x"], instruction=3)
+    with pytest.raises(ValueError, match="the instruction is not valid Unicode"):
+        normalize(["x"], instruction="\udfff")
 
 
 def test_accepted_shapes():

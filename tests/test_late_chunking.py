@@ -126,6 +126,8 @@ def test_bad_chunks_get_clear_errors():
         encoder.late_chunks([document], chunk_tokens=4, overlap=40)
     with pytest.raises(TypeError, match="document 0 is int"):
         encoder.late_chunks([3], chunk_tokens=4)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="document 1 is not valid Unicode"):
+        encoder.late_chunks([document, "w4 \udcff"], chunk_tokens=4)
 
 
 def test_late_chunks_keep_float32_states():

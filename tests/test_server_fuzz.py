@@ -28,6 +28,9 @@ def hostile_bodies(rng: random.Random) -> list[bytes]:
     for _ in range(20):  # not UTF-8: a continuation byte first
         junk = bytes([rng.randrange(0x80, 0xC0)] + [rng.randrange(0x80, 0x100) for _ in range(rng.randint(0, 7))])
         bodies.append(b'{"model": "tiny", "input": "w4 ' + junk + b'"}')
+    for escape in (b"\\ud83d", b"\\udcff", b"\\ude00\\ud83d"):  # lone surrogates: valid JSON, no valid text
+        bodies.append(b'{"model": "tiny", "input": "w4 ' + escape + b'"}')
+        bodies.append(b'{"model": "tiny", "input": ["w4", "' + escape + b' w5"]}')
     for depth in (64, 1000, 10_000, 100_000, 400_000):  # deep nesting
         bodies += [b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth]
         bodies.append(b'{"model": "tiny", "input": ' + b"[" * depth + b'"w4"' + b"]" * depth + b"}")

@@ -1,4 +1,5 @@
-"""Where the local datasets live, and readers whose errors point at the offending file and line."""
+"""Where the local datasets live, readers whose errors point at the offending file and line, and the check that a
+text is valid Unicode, which every way texts come in applies (files, ``encode``, the server)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 FieldTypes = Mapping[str, type | tuple[type, ...]]
+
+
+def check_unicode(text: str, what: str) -> None:
+    """A ValueError naming ``what`` where ``text`` holds a lone surrogate. JSON's escapes make them (``"\\ud83d"``,
+    half of an emoji cut in two by UTF-16 code), Python keeps them, and no UTF-8 tokenizer takes them: caught here,
+    the error names the input instead of being the tokenizer's TypeError about the whole batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        where = f"a lone surrogate U+{ord(text[err.start]):04X} at character {err.start}"
+        raise ValueError(f"{what} is not valid Unicode: {where}") from None
 
 
 def data_dir() -> Path:
@@ -81,5 +93,7 @@ def read_jsonl(
             if expected is not None and name in record and not isinstance(record[name], expected):
                 names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
                 raise ValueError(f"{where}: field {name!r} is {type(record[name]).__name__}, expected {names}")
+            if isinstance(record.get(name), str):
+                check_unicode(record[name], f"{where}: field {name!r}")
         records.append(record)
     return records

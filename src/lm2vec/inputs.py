@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .datafiles import check_unicode
 from .pooling import exclude_prefix
 
 Item = str | tuple[str, str] | list[str]
@@ -40,7 +41,9 @@ def normalize(inputs: Inputs, instruction: str | None = None) -> tuple[list[str]
     if instruction is not None and not isinstance(instruction, str):
         raise TypeError(f"instruction must be a string, got {_describe(instruction)}")
     default = instruction or ""
+    check_unicode(default, "the instruction")
     if isinstance(inputs, str):
+        check_unicode(inputs, "the input")
         return [default], [inputs], True
     if isinstance(inputs, np.ndarray):
         inputs = inputs.tolist()
@@ -53,6 +56,7 @@ def normalize(inputs: Inputs, instruction: str | None = None) -> tuple[list[str]
     instructions, texts = [], []
     for i, item in enumerate(inputs):
         if isinstance(item, str):
+            check_unicode(item, f"input {i}")
             instructions.append(default)
             texts.append(item)
         elif isinstance(item, list | tuple):
@@ -64,6 +68,8 @@ def normalize(inputs: Inputs, instruction: str | None = None) -> tuple[list[str]
             if not all(isinstance(part, str) for part in item):
                 kinds = ", ".join(_describe(part) for part in item)
                 raise TypeError(f"input {i} is a pair of ({kinds}); both instruction and text must be str")
+            check_unicode(item[0], f"input {i}'s instruction")
+            check_unicode(item[1], f"input {i}")
             instructions.append(item[0])
             texts.append(item[1])
         elif isinstance(item, bytes | bytearray):

@@ -19,6 +19,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .choices import PoolingMode
+from .datafiles import check_unicode
 from .inputs import ReferenceStyle, Tokenization, check_positive, instruction_tokens
 from .pooling import pool
 
@@ -84,6 +85,7 @@ def late_chunks(
     for i, document in enumerate(documents):
         if not isinstance(document, str):
             raise TypeError(f"document {i} is {type(document).__name__}; expected str")
+        check_unicode(document, f"document {i}")
         tokens = _tokens(encoder.tokenizer, document, instruction)
         if spans is not None:
             chunk_spans = [_check_span(span, len(document), i, j) for j, span in enumerate(spans[i])]

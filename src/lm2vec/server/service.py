@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 from fastapi import Request, Response
 
+from ..datafiles import check_unicode
 from ..encoder import Encoder
 from .errors import APIError
 from .scheduler import Overloaded, Scheduler, ShuttingDown
@@ -81,6 +82,10 @@ class Service:
             if len(text) > self.limits.max_chars:
                 message = f"input[{i}] has {len(text)} characters; at most {self.limits.max_chars}"
                 raise APIError(413, message, "input", "input_too_long")
+            try:
+                check_unicode(text, f"input[{i}]")
+            except ValueError as err:
+                raise APIError(422, str(err), "input") from None
         try:
             instruction = self.encoder.resolve_instruction(prompt_name, None, None) or ""
         except ValueError as err:
