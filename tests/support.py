@@ -71,7 +71,7 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-    kwargs.update(ARCHITECTURES[model_type])
+    kwargs.update(ARCHITECTURES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
 import lm2vec
-from lm2vec.attention import UNSUPPORTED, first_token_moves, set_bidirectional, verify_attention
-from tests.support import ARCHITECTURES, VOCAB, tiny_config, tiny_model
+from lm2vec.attention import UNSUPPORTED, causal_blocks, first_token_moves, set_bidirectional, verify_attention
+from tests.support import ARCHITECTURES, VOCAB, random_texts, tiny_config, tiny_model, tiny_tokenizer
 
 IMPLEMENTATIONS = ("eager", "sdpa")
 # What transformers itself does not offer (not an lm2vec limitation).
@@ -73,3 +76,39 @@ def test_gemma3_uses_its_own_flag():
     assert config.use_bidirectional_attention is True and config.is_causal is False
     set_bidirectional(config, False)
     assert config.use_bidirectional_attention is False and config.is_causal is True
+
+
+# Hybrid decoders, as transformers builds them: blocks that mix tokens without attention (a short convolution, linear
+# attention, a state-space layer), and blocks that mix none (MLP-only). Per type: its block layout, the causal blocks.
+HYBRIDS = {
+    "lfm2": ({"layer_types": ["conv", "full_attention", "conv", "full_attention"]}, [0, 2]),
+    "qwen3_5_text": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),
+    "nemotron_h": ({"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"]}, [0]),
+}
+
+
+def hybrid(model_type: str, bidirectional: bool) -> torch.nn.Module:
+    config = tiny_config(model_type, num_hidden_layers=4, head_dim=16, **HYBRIDS[model_type][0])
+    return tiny_model(set_bidirectional(config, bidirectional))
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRIDS))
+def test_blocks_that_stay_causal_are_named(model_type: str):
+    """One bidirectional block moves the first token's final state, so the end-to-end probe passes; each block's
+    own mixing is checked too. Blocks that mix no tokens (Nemotron-H's MLP and MoE blocks) are not causal."""
+    model = hybrid(model_type, bidirectional=True)
+    assert first_token_moves(model, None, VOCAB)
+    assert causal_blocks(model, VOCAB) == HYBRIDS[model_type][1]
+    with pytest.raises(lm2vec.AttentionError, match=re.escape(f"blocks {HYBRIDS[model_type][1]} of 4 stay causal")):
+        verify_attention(model, bidirectional=True)
+    verify_attention(hybrid(model_type, bidirectional=False), bidirectional=False)
+
+
+def test_a_convolution_is_never_packed_and_texts_keep_their_vectors():
+    """Packed, LFM2's short convolutions carry the end of one text into the start of the next: its causal encoder
+    runs in padded batches, where a text's vector is the same alone and in any batch."""
+    encoder = lm2vec.Encoder(hybrid("lfm2", False), tiny_tokenizer(), pooling="last_token", bidirectional=False)
+    assert not encoder.packs()
+    texts = random_texts(24, seed=1)
+    alone = np.stack([encoder.encode([text])[0] for text in texts])
+    np.testing.assert_array_equal(encoder.encode(texts, batch_size=8), alone)

@@ -3,13 +3,19 @@
 transformers >= 5.2 builds a padding-only (bidirectional) mask for every decoder whose config says
 ``is_causal = False``. That one flag serves nearly every architecture; the few that need something else
 are listed in the tables below, nowhere else. Because a flag can be silently ignored (the reference
-implementation's Qwen2 stayed causal), :func:`verify_attention` checks the loaded model itself.
+implementation's Qwen2 stayed causal), :func:`verify_attention` checks the loaded model itself: end to end, and
+each block's own mixing (:func:`causal_blocks`), since hybrid decoders mix tokens in some blocks with layers no
+switch makes bidirectional (convolutions, linear attention, state-space layers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+
+from .quantization import block_modules
 
 # Extra config flags some architectures read instead of (or besides) ``is_causal``.
 EXTRA_FLAGS: dict[str, dict[str, object]] = {
@@ -23,6 +29,13 @@ UNSUPPORTED: dict[tuple[str, str | None], str] = {
     ("stablelm", "sdpa"): "its decoder layers drop the is_causal switch before SDPA, so unpadded inputs stay "
     "causal; use attn_implementation='eager' (the default for stablelm)",
 }
+
+
+# A state "moves" where it changes by more than this fraction of its scale.
+MOVES = 1e-4
+# A block mixes tokens where a token's update moves by more than this fraction with another token's input: one that
+# does not gives bit-identical states (rounding aside), one that does moves by 3e-3 or more on SmolLM2.
+MIXES = 1e-5
 
 
 class AttentionError(RuntimeError):
@@ -97,7 +110,68 @@ def first_token_moves(model: PreTrainedModel, padding_side: str | None, vocab_si
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         states.append(hidden[-1, first].float().cpu())
     scale = states[0].abs().max().clamp(min=1e-6)
-    return bool(((states[0] - states[1]).abs().max() / scale) > 1e-4)
+    return bool(((states[0] - states[1]).abs().max() / scale) > MOVES)
+
+
+@torch.inference_mode()
+def block_changes(
+    model: PreTrainedModel, run: Callable[[], object], perturb: torch.Tensor, watch: torch.Tensor
+) -> list[float] | None:
+    """Per transformer block: how far its outputs at ``watch`` move when only its inputs at ``perturb`` change
+    (boolean masks over (batch, tokens)), relative to the block's update (output minus input) there, since the
+    residual stream carries massive activations. ``run`` makes a forward pass; in a second one every block is fed
+    the input it had in the first, perturbed at ``perturb``, so each block's own token mixing is measured alone.
+    None where the blocks or their hidden states cannot be found (the end-to-end checks still apply)."""
+    layers = block_modules(model)
+    if not layers:
+        return None
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: list[dict[int, torch.Tensor]] = [{}, {}]
+    second = False
+    generator = torch.Generator().manual_seed(0)
+
+    def feed(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != perturb.shape:
+            raise LookupError("no hidden states of shape (batch, tokens, dim)")
+        i = index[id(module)]
+        if not second:
+            if i in inputs:
+                raise LookupError("a block ran twice in one pass")
+            inputs[i] = hidden.clone()
+            return None
+        changed = inputs[i].clone()
+        rows = changed[perturb]
+        scale = rows.float().pow(2).mean().sqrt().clamp(min=1.0)
+        changed[perturb] = rows + (torch.randn(rows.shape, generator=generator) * scale).to(rows)
+        return ((changed, *args[1:]), kwargs) if args else (args, kwargs | {"hidden_states": changed})
+
+    def keep(module: torch.nn.Module, args: tuple, output: object) -> None:
+        hidden = output[0] if isinstance(output, tuple | list) else output
+        if not isinstance(hidden, torch.Tensor):
+            raise LookupError("a block's output holds no hidden states")
+        outputs[second][index[id(module)]] = hidden.clone()
+
+    hooks = [layer.register_forward_pre_hook(feed, with_kwargs=True) for layer in layers]
+    hooks += [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        run()
+        second = True
+        run()
+    except LookupError:
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if any(len(seen) != len(layers) for seen in outputs):
+        return None
+    changes = []
+    for i, before in sorted(inputs.items()):
+        base, changed = outputs[0][i], outputs[1][i]
+        update = (base - before)[watch].float().abs().amax(-1).clamp(min=1e-12)
+        changes.append(float(((changed - base)[watch].float().abs().amax(-1) / update).max()))
+    return changes
 
 
 def verify_attention(model: PreTrainedModel, bidirectional: bool, vocab_size: int | None = None) -> None:
@@ -118,5 +192,31 @@ def verify_attention(model: PreTrainedModel, bidirectional: bool, vocab_size: in
                     f"but is {got} on {case}: the first token's state "
                     f"{'did not change' if bidirectional else 'changed'} when the last token changed."
                 )
+        if bidirectional and (causal := causal_blocks(model, vocab_size)):
+            raise AttentionError(
+                f"{model.config.model_type}: blocks {causal} of {len(block_modules(model))} stay causal (each passes "
+                "the first token's input on to later tokens, not the last token's back): state-space, "
+                "convolution and linear-attention layers mix tokens in one direction by construction. Load it "
+                "with bidirectional=False (a causal encoder, e.g. with last_token pooling)."
+            )
     finally:
         model.train(was_training)
+
+
+def causal_blocks(model: PreTrainedModel, vocab_size: int) -> list[int]:
+    """The blocks whose own token mixing is causal: later tokens move with the first token's input, earlier ones not
+    with the last token's. (The model's end-to-end state can move through one bidirectional block while others stay
+    causal; blocks that mix no tokens, such as Nemotron-H's MLP blocks, are neither.) Empty where the blocks cannot be
+    probed. Ordinary tokens, not the first ids (special tokens in most vocabularies): a first special token can hold
+    an attention sink, which attends to little else (SmolLM2: 1.5e-4 instead of 3e-3 or more)."""
+    n = 6
+    device = next(model.parameters()).device
+    ids = (torch.arange(n) + vocab_size // 2)[None].to(device) % vocab_size  # ordinary tokens: no attention sink
+    mask = torch.ones_like(ids)
+    first, last = (torch.arange(n, device=device)[None] == k for k in (0, n - 1))
+
+    def run() -> object:
+        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), use_cache=False)
+
+    forward, backward = (block_changes(model, run, a, ~a) or [] for a in (first, last))
+    return [i for i, (ahead, back) in enumerate(zip(forward, backward, strict=False)) if ahead > MIXES >= back]

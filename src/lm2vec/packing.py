@@ -12,10 +12,11 @@ The mechanism is transformers' own: an attention implementation registered as :d
 the packed sequence where they lie side by side, as in ``encode``'s length-sorted batches); without,
 it *is* SDPA, masks included, so padded batches, training and :func:`~lm2vec.attention.verify_attention` work as
 before. :func:`enable_packing` switches a model to it after checking, on that model, that packed states equal the
-states of each text alone (an architecture that drops the keyword arguments would mix texts). Packed attention
-applies no window: models with sliding-window attention are packed only where no text can be longer than the
-window (``max_length`` below it: Mistral v0.1's 4,096, Phi-3's 2,047 against lm2vec's 512 tokens), those with
-chunked attention or on other attention implementations never.
+states of each text alone (an architecture that drops the keyword arguments would mix texts) and that no block
+lets one text's inputs move another text's states (a convolution or state-space layer would carry them over).
+Packed attention applies no window: models with sliding-window attention are packed only where no text can be
+longer than the window (``max_length`` below it: Mistral v0.1's 4,096, Phi-3's 2,047 against lm2vec's 512 tokens),
+those with chunked attention or on other attention implementations never.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PretrainedC
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .attention import MIXES, block_changes
 from .invariance import BatchInvariant
 
 PACKED = "lm2vec_packed"
@@ -149,4 +151,9 @@ def _packs_right(model: PreTrainedModel) -> bool:
             scale = hidden.abs().amax().clamp(min=1e-6)
             if ((packed[row, :n] - hidden[0]).abs().amax() / scale) > 1e-3:
                 return False
-    return True
+        # Each block's own mixing, alone: no text's states may move with another text's inputs. A convolution or
+        # state-space layer carries state from one packed text into the next; the states above can hide that.
+        tokens = int(mask.sum())
+        first = (torch.arange(tokens, device=device) < len(texts[0]))[None]
+        changes = block_changes(model, lambda: packed_states(model, ids.to(device), mask.to(device)), first, ~first)
+    return changes is not None and max(changes, default=0.0) <= MIXES
