@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 import lm2vec
+from lm2vec.attention import unsupported_reason
 
 VOCAB = 128
 
@@ -55,6 +56,7 @@ ARCHITECTURES: dict[str, dict] = {
     "glm": {"head_dim": 16},
     "smollm3": {},
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    "nemotron": {},
 }
 
 
@@ -103,8 +105,8 @@ def tiny_tokenizer(padding_side: str = "right", bos: bool = False) -> PreTrained
 
 
 def default_attention(model_type: str) -> str:
-    """SDPA, but eager where transformers has no SDPA (Gemma 2) or SDPA stays causal (StableLM)."""
-    return "eager" if model_type in ("gemma2", "stablelm") else "sdpa"
+    """SDPA, but eager where transformers has no SDPA (Gemma 2) or SDPA stays causal (lm2vec's table)."""
+    return "eager" if model_type == "gemma2" or unsupported_reason(model_type, "sdpa") else "sdpa"
 
 
 def tiny_encoder(

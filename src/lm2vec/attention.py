@@ -28,6 +28,8 @@ EXTRA_FLAGS: dict[str, dict[str, object]] = {
 UNSUPPORTED: dict[tuple[str, str | None], str] = {
     ("stablelm", "sdpa"): "its decoder layers drop the is_causal switch before SDPA, so unpadded inputs stay "
     "causal; use attn_implementation='eager' (the default for stablelm)",
+    ("nemotron", "sdpa"): "its attention modules are fixed causal (is_causal = True, not read from the config), which "
+    "SDPA follows where a sequence has no padding; use attn_implementation='eager' (the default for nemotron)",
 }
 
 
