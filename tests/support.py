@@ -21,6 +21,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 import lm2vec
 from lm2vec.attention import unsupported_reason
@@ -57,6 +59,7 @@ ARCHITECTURES: dict[str, dict] = {
     "smollm3": {},
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
     "nemotron": {},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 4},
 }
 
 
@@ -104,9 +107,14 @@ def tiny_tokenizer(padding_side: str = "right", bos: bool = False) -> PreTrained
     )
 
 
+def has_sdpa(model_type: str) -> bool:
+    """Whether transformers offers SDPA attention for this architecture (not for Gemma 2 or GPT-OSS)."""
+    return bool(MODEL_MAPPING[CONFIG_MAPPING[model_type]]._supports_sdpa)
+
+
 def default_attention(model_type: str) -> str:
-    """SDPA, but eager where transformers has no SDPA (Gemma 2) or SDPA stays causal (lm2vec's table)."""
-    return "eager" if model_type == "gemma2" or unsupported_reason(model_type, "sdpa") else "sdpa"
+    """SDPA, but eager where transformers has no SDPA or SDPA stays causal (lm2vec's table)."""
+    return "sdpa" if has_sdpa(model_type) and not unsupported_reason(model_type, "sdpa") else "eager"
 
 
 def tiny_encoder(

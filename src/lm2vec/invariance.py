@@ -14,10 +14,11 @@ sum huge terms that cancel (:func:`_probe_inputs`), so any change of summation o
 more than an ulp, and a bf16 output's rounding no longer hides it: a bf16 576x1536 product summed in reverse
 order changed 15 of 98,304 outputs of random rows (massive ones among them), and 93,887 of these rows'.
 
-Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) while it is on, and the few
-element-wise functions whose vectorized and scalar paths round differently where a tensor's last dimension is not a
-whole number of the CPU's vectors (:data:`ELEMENTWISE`; e.g. Qwen2-MoE's one-column expert gate). The encoder has
-mixture-of-experts layers loop over their experts meanwhile (:mod:`lm2vec.experts`), each a blocked linear layer.
+Architecture-agnostic: a torch function mode reroutes ``F.linear`` (every ``nn.Linear``) and matrix products written
+with ``@`` while it is on, and the few element-wise functions whose vectorized and scalar paths round differently
+where a tensor's last dimension is not a whole number of the CPU's vectors (:data:`ELEMENTWISE`; e.g. Qwen2-MoE's
+one-column expert gate). The encoder has mixture-of-experts layers loop over their experts meanwhile
+(:mod:`lm2vec.experts`), each a blocked product.
 The lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
 blocks (of the sizes probed alike); their integer products are exact and need none. Attention is the other half:
 see :mod:`lm2vec.packing`.
@@ -52,6 +53,9 @@ ELEMENTWISE = frozenset(
     | {nn.functional.silu, nn.functional.gelu}
 )
 LANES = 64  # elements: a multiple of every CPU vector width (AVX-512: 16 float32, 32 bf16)
+# Products written with ``@`` (GPT-OSS's experts: each expert's tokens @ its (in, out) weight): matrix by matrix only,
+# so attention's batched products are left alone.
+MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__})  # `a @ b` arrives as Tensor.matmul
 _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measured here, this process
 
 
@@ -144,7 +148,7 @@ def _mm_transposed(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class BatchInvariant(TorchFunctionMode):
     """Within this context, float32 CPU linear layers use :func:`blocked_linear`, and ``torch.addmm`` (GPT-2's
-    Conv1D layers) the same blocks (inference only)."""
+    Conv1D layers) and 2-D ``@`` products (:data:`MATMUL`) blocks of :data:`ROWS` rows (inference only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -153,9 +157,15 @@ class BatchInvariant(TorchFunctionMode):
         if func is torch.addmm and not kwargs and len(args) == 3 and _applies(args[1], args[2]):
             bias, rows, weight = args
             return in_row_blocks(functools.partial(torch.addmm, bias), rows, weight)
+        if func in MATMUL and not kwargs and len(args) == 2 and _matrices(*args):
+            return in_row_blocks(torch.mm, *args)
         if func in ELEMENTWISE and len(args) == 1 and not kwargs.get("inplace") and _narrow(args[0]):
             return _in_whole_vectors(func, args[0], kwargs)
         return func(*args, **kwargs)
+
+
+def _matrices(a: object, b: object) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim() == 2 and _applies(a, b)
 
 
 def _narrow(x: torch.Tensor) -> bool:
