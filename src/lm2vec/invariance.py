@@ -55,7 +55,7 @@ ELEMENTWISE = frozenset(
 LANES = 64  # elements: a multiple of every CPU vector width (AVX-512: 16 float32, 32 bf16)
 # Products written with ``@`` (GPT-OSS's experts: each expert's tokens @ its (in, out) weight): matrix by matrix only,
 # so attention's batched products are left alone.
-MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__})  # `a @ b` arrives as Tensor.matmul
+MATMUL = frozenset({torch.matmul, torch.Tensor.matmul})  # `a @ b` arrives as Tensor.matmul
 _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measured here, this process
 
 
