@@ -25,7 +25,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 import lm2vec
-from lm2vec.attention import unsupported_reason
+from lm2vec.loading.model import default_attn_implementation
 
 VOCAB = 128
 
@@ -113,8 +113,8 @@ def has_sdpa(model_type: str) -> bool:
 
 
 def default_attention(model_type: str) -> str:
-    """SDPA, but eager where transformers has no SDPA or SDPA stays causal (lm2vec's table)."""
-    return "sdpa" if has_sdpa(model_type) and not unsupported_reason(model_type, "sdpa") else "eager"
+    """What ``lm2vec.load`` picks (eager where SDPA stays causal), named: else SDPA where transformers has it."""
+    return default_attn_implementation(model_type) or ("sdpa" if has_sdpa(model_type) else "eager")
 
 
 def tiny_encoder(
