@@ -43,6 +43,18 @@ def test_encode_jsonl_with_instructions_and_options(tiny_dir, tmp_path):
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
 
 
+def test_encode_says_which_texts_max_length_cut(tiny_dir, tmp_path):
+    texts = ["w4 w5", " ".join(["w6"] * 20), "w7", " ".join(["w8"] * 9)]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts) + "\n")
+    done = run("encode", tiny_dir, source, "-o", tmp_path / "out.npy", "--max-length", "8")
+    assert done.returncode == 0, done.stderr
+    assert "2 of 4 texts were longer than 8 tokens" in done.stderr and "(texts 2, 4)" in done.stderr
+    done = run("encode", tiny_dir, source, "-o", tmp_path / "out.npy", "--max-length", "20")
+    assert done.returncode == 0, done.stderr
+    assert "longer than" not in done.stderr
+
+
 def test_malformed_jsonl_is_a_clean_error_naming_the_line(tiny_dir, tmp_path):
     source = tmp_path / "bad.jsonl"
     source.write_text('{"text": "w4 w5"}\n{"text": "w6"\n')

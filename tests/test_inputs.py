@@ -9,7 +9,7 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast, PythonBackend
 
-from lm2vec.inputs import Tokenization, length_batches, normalize
+from lm2vec.inputs import ReferenceStyle, ReferenceTokenization, Tokenization, length_batches, normalize
 from tests.support import tiny_tokenizer
 
 
@@ -63,6 +63,30 @@ def test_instruction_tokens_are_marked_and_survive_truncation(bos: bool):
     assert batch.pool_mask[0].tolist() == [False] * (start + 2) + [True] * (4 - start)
     # no instruction: every real token pooled (BOS included, as in sentence-transformers)
     assert batch.pool_mask[1].tolist() == [True] * (start + 1) + [False] * (5 - start)
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{5 + i}" for i in range(n))
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_cut_names_the_rows_that_max_length_cut_short(bos: bool):
+    tokenization = Tokenization(tiny_tokenizer(bos=bos), max_length=6)
+    room = 6 - (1 if bos else 0)
+    # exactly the limit: whole; one token over: cut; whole alone but not after its instruction: cut; short: whole
+    instructions, texts = ["", "", "w30 w31 ", ""], [words(room), words(room + 1), words(room - 1), words(2)]
+    ids, _ = tokenization.tokenize(instructions, texts)
+    assert [len(row) for row in ids] == [6, 6, 6, 2 + 6 - room]
+    assert tokenization.cut(instructions, texts, ids) == [1, 2]
+
+
+def test_cut_counts_the_reference_template():
+    style = ReferenceStyle(template=("w30 ", " w31"), doc_max_length=None)
+    tokenization = ReferenceTokenization(tiny_tokenizer(), max_length=6, style=style)
+    texts = [words(4), words(5)]  # 6 and 7 tokens in the template
+    ids, _ = tokenization.tokenize(["", ""], texts)
+    assert [len(row) for row in ids] == [6, 6]
+    assert tokenization.cut(["", ""], texts, ids) == [1]
 
 
 def test_one_tokenizer_call_per_batch_and_instructions_cached(monkeypatch):

@@ -94,6 +94,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
         f"({len(items) / max(seconds, 1e-9):.1f} texts/s; {attention} (verified), {encoder.pooling.value} pooling)",
         file=sys.stderr,
     )
+    if cut := encoder.truncated(items, prompt_name=args.prompt_name, instruction=args.instruction):
+        first = ", ".join(str(i + 1) for i in cut[:5]) + (", ..." if len(cut) > 5 else "")
+        print(
+            f"lm2vec: {len(cut)} of {len(items)} texts were longer than {encoder.max_length} tokens and only their "
+            f"beginning was embedded (texts {first}); raise --max-length to embed more of them",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -225,6 +225,19 @@ class Encoder:
             return np.asarray(output)
         return output
 
+    def truncated(
+        self,
+        sentences: Inputs,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        instruction: str | None = None,
+    ) -> list[int]:
+        """Positions of the texts that :meth:`encode` (same arguments) cuts at ``max_length`` tokens, instruction
+        included: it embeds only their beginning. Tokenizes again; nothing is embedded."""
+        instructions, texts, _ = normalize(sentences, self.resolve_instruction(prompt_name, prompt, instruction))
+        ids, _ = self.tokenization.tokenize(instructions, texts)
+        return self.tokenization.cut(instructions, texts, ids)
+
     def _embed_texts(
         self,
         instructions: list[str],

@@ -123,9 +123,13 @@ class Tokenization:
         elsewhere the leading tokens the row shares with the instruction alone (a merged token differs).
         """
         self.instruction_lengths(instructions)  # also refuses an instruction that leaves no room
-        joined = [p + t for p, t in zip(instructions, texts, strict=True)]
         by_offsets = self.tokenizer.is_fast and any(instructions)
-        encoded = self.tokenizer(joined, truncation=True, max_length=self.max_length, return_offsets_mapping=by_offsets)
+        encoded = self.tokenizer(
+            self.joined(instructions, texts),
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=by_offsets,
+        )
         rows = encoded["input_ids"]
         if by_offsets:
             lengths = [
@@ -138,6 +142,19 @@ class Tokenization:
                 for row, p in zip(rows, instructions, strict=True)
             ]
         return self.filled(rows), lengths
+
+    def joined(self, instructions: list[str], texts: list[str]) -> list[str]:
+        """The strings :meth:`tokenize` tokenizes: each text after its instruction."""
+        return [p + t for p, t in zip(instructions, texts, strict=True)]
+
+    def cut(self, instructions: list[str], texts: list[str], ids: list[list[int]]) -> list[int]:
+        """Positions of the rows of ``ids`` (:meth:`tokenize`'s) that ``max_length`` cut short: the rows at the limit
+        whose whole string takes more tokens; only those are tokenized again."""
+        full = [i for i, row in enumerate(ids) if len(row) >= self.max_length]
+        if not full:
+            return []
+        whole = self.tokenizer(self.joined([instructions[i] for i in full], [texts[i] for i in full]))["input_ids"]
+        return [i for i, row in zip(full, whole, strict=True) if len(row) > self.max_length]
 
     def filled(self, ids: list[list[int]]) -> list[list[int]]:
         """An empty row (an empty text, no special tokens) becomes one EOS token: every row has a token to pool."""
@@ -218,6 +235,13 @@ class ReferenceTokenization(Tokenization):
         for i, row in zip(changed, self._bare([pooled[i] for i in changed]), strict=True):
             bare[i] = row  # a template or EOS text changed what is pooled: count it as the reference does
         return ids, [len(row) - min(len(row), len(text)) for row, text in zip(ids, bare, strict=True)]
+
+    def joined(self, instructions: list[str], texts: list[str]) -> list[str]:
+        """The reference's strings (templated, the marker dropped), before its document cut."""
+        return [
+            "".join(self.style.marked(p, t).split(ReferenceStyle.SEPARATOR))
+            for p, t in zip(instructions, texts, strict=True)
+        ]
 
     def _bare(self, texts: list[str]) -> list[list[int]]:
         if not texts:

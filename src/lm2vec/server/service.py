@@ -109,13 +109,11 @@ class Service:
             raise APIError(CLIENT_LEFT, "the client closed the connection") from None
 
     def _tokenize(self, instruction: str, texts: list[str], truncate: bool) -> tuple[list[list[int]], list[int]]:
-        ids, prefix = self.encoder.tokenization.tokenize([instruction] * len(texts), texts)
-        if not truncate:
-            limit = self.encoder.max_length
-            for i, row in enumerate(ids):
-                if len(row) == limit and len(self.encoder.tokenizer(instruction + texts[i])["input_ids"]) > limit:
-                    message = f"input[{i}] is longer than {limit} tokens; send truncate: true to cut it"
-                    raise APIError(413, message, "inputs", "input_too_long")
+        instructions = [instruction] * len(texts)
+        ids, prefix = self.encoder.tokenization.tokenize(instructions, texts)
+        if not truncate and (cut := self.encoder.tokenization.cut(instructions, texts, ids)):
+            message = f"input[{cut[0]}] is longer than {self.encoder.max_length} tokens; send truncate: true to cut it"
+            raise APIError(413, message, "inputs", "input_too_long")
         return ids, prefix
 
     def close(self) -> None:
