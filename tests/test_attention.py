@@ -49,14 +49,31 @@ def test_causal_and_bidirectional(model_type: str, impl: str):
     verify_attention(bidirectional, bidirectional=True)
 
 
-@pytest.mark.parametrize("model_type,impl", sorted(UNSUPPORTED))
-def test_unsupported_entries_are_really_causal(model_type: str, impl: str):
-    """The table is not a guess: bypass it and verify() catches the silent causal fallback."""
-    config = tiny_config(model_type, attn_implementation=impl)
+# Table entries whose bare switch fails inside transformers instead of staying causal, with that failure.
+FAILS = {"mpt": (AttributeError, "'NoneType' object has no attribute 'to'")}
+
+
+@pytest.mark.parametrize("model_type,impl", sorted(UNSUPPORTED, key=str))
+def test_unsupported_entries_are_really_causal_or_fail(model_type: str, impl: str | None):
+    """The table is not a guess: bypass it and verify() catches the silent causal fallback, or transformers fails."""
+    config = tiny_config(model_type, attn_implementation=impl or "eager")
     config.is_causal = False  # the bare switch, without lm2vec's table
     model = tiny_model(config)
-    with pytest.raises(lm2vec.AttentionError, match="should be bidirectional but is causal"):
+    error, message = FAILS.get(model_type, (lm2vec.AttentionError, "should be bidirectional but is causal"))
+    with pytest.raises(error, match=re.escape(message)):
         verify_attention(model, bidirectional=True)
+
+
+def test_a_causal_only_architecture_loads_causal_and_refuses_bidirectional_by_name(tmp_path):
+    config = tiny_config("mpt", max_seq_len=64)
+    set_bidirectional(config, False)
+    tiny_model(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    texts = random_texts(6, seed=3)
+    causal = lm2vec.load(tmp_path, bidirectional=False, dtype="float32")
+    np.testing.assert_array_equal(causal.encode(texts), np.stack([causal.encode([t])[0] for t in texts]))
+    with pytest.raises(lm2vec.AttentionError, match="mpt with eager attention cannot be made bidirectional.*"):
+        lm2vec.load(tmp_path, dtype="float32")
 
 
 def test_verify_catches_the_module_flag_trap():

@@ -23,13 +23,16 @@ EXTRA_FLAGS: dict[str, dict[str, object]] = {
     "gemma3": {"use_bidirectional_attention": True},
 }
 
-# (model_type, attention implementation) pairs whose kernels ignore the switch, with the reason.
+# (model_type, attention implementation) pairs whose kernels ignore the switch or fail under it, with the reason.
 # ``None`` as implementation means every implementation.
 UNSUPPORTED: dict[tuple[str, str | None], str] = {
     ("stablelm", "sdpa"): "its decoder layers drop the is_causal switch before SDPA, so unpadded inputs stay "
     "causal; use attn_implementation='eager' (the default for stablelm)",
     ("nemotron", "sdpa"): "its attention modules are fixed causal (is_causal = True, not read from the config), which "
     "SDPA follows where a sequence has no padding; use attn_implementation='eager' (the default for nemotron)",
+    ("mpt", None): "transformers' MPT converts the attention mask to bool without checking for None, and a "
+    "bidirectional mask over a sequence without padding is None, so its forward pass fails; load it with "
+    "bidirectional=False",
 }
 
 
