@@ -18,7 +18,16 @@ import lm2vec
 from lm2vec.loading import ModelLoadError
 from lm2vec.loading.source import fix_special_tokens, resolve_source
 from lm2vec.packing import PACKED
-from tests.support import ARCHITECTURES, default_attention, random_texts, tiny_encoder, tiny_gguf, tiny_tokenizer
+from tests.support import (
+    ARCHITECTURES,
+    default_attention,
+    random_texts,
+    tiny_config,
+    tiny_encoder,
+    tiny_gguf,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 TEXTS = random_texts(12, seed=2)
 
@@ -147,6 +156,20 @@ def test_truncated_weights(tiny_dir: Path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="cannot load the weights"):
         lm2vec.load(tiny_dir)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto"])  # verification runs the model first; calibration does
+def test_a_model_that_fails_when_run_is_named_with_its_attention_mode(dtype: str, tmp_path: Path):
+    config = tiny_config("codegen", n_embd=64, n_head=4, n_layer=2, rotary_dim=64)  # rotary wider than a 16-wide head
+    tiny_model(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(
+        ModelLoadError, match=r"codegen \(sdpa attention, bidirectional\) failed when first run: "
+    ) as err:
+        lm2vec.load(tmp_path, dtype=dtype)
+    assert "RuntimeError: The size of tensor a" in str(err.value) and "bidirectional=False" in str(err.value)
+    with pytest.raises(ModelLoadError, match=r"codegen \(sdpa attention, causal\) failed when first run: Runtime"):
+        lm2vec.load(tmp_path, dtype=dtype, bidirectional=False)
 
 
 def test_missing_tokenizer(tiny_dir: Path):

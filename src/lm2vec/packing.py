@@ -108,14 +108,16 @@ def enable_packing(model: PreTrainedModel, max_length: int) -> bool:
     ``max_length``: the longest text it will see (see :func:`window_applies`)."""
     if model.config._attn_implementation not in ("sdpa", PACKED) or window_applies(model.config, max_length):
         return False
+    packs = False
     try:
         model.set_attn_implementation(PACKED)
-        if _packs_right(model):
-            return True
+        packs = _packs_right(model)
     except (AttributeError, TypeError, ValueError):  # a wrapper without the switch, a model refusing the kwargs
         pass
-    model.set_attn_implementation("sdpa")
-    return False
+    finally:
+        if not packs:  # also where the model fails outright: its error names the implementation it was loaded with
+            model.set_attn_implementation("sdpa")
+    return packs
 
 
 def window_applies(config: PretrainedConfig, max_length: int) -> bool:

@@ -10,12 +10,15 @@ each block of a bfloat16 or int8 model runs in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
+from ..attention import AttentionError
 from ..choices import DEFAULT_DTYPE, PoolingMode, parse_pooling
 from ..encoder import Encoder
 from ..inputs import check_positive
@@ -101,20 +104,38 @@ def load(
     if model is None:
         model = load_model(resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
     encoder = build(model)
-    if chosen in (*LOWER, "auto") and lower_kind(model) is None:
-        if _lower(encoder, resolved, variant, chosen, cache=checkpoint is None):  # merged adapters: not the folder's
-            # Until the first model is gone its float32 weights stay mapped from their file, resident: read the
-            # lowered weights back as every later load does (the built-in model: 1166 -> 684 MB held after loading).
-            del encoder, model
-            model = cached() or load_model(
-                resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code
-            )
-            encoder = build(model)
-            if lower_kind(model) is None:  # the cache just written was unreadable (warned): converted again, uncached
-                _lower(encoder, resolved, variant, chosen, cache=False)
-    if verify:
-        encoder.verify()
+    with _named_failures(model.config, bidirectional):  # the config: the first model's weights must be freeable
+        if chosen in (*LOWER, "auto") and lower_kind(model) is None:
+            if _lower(encoder, resolved, variant, chosen, cache=checkpoint is None):  # adapters merged: uncached
+                # Until the first model is gone its float32 weights stay mapped from their file, resident: read the
+                # lowered weights back as every later load does (the built-in model: 1166 -> 684 MB held after loading).
+                del encoder, model
+                model = cached() or load_model(
+                    resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code
+                )
+                encoder = build(model)
+                if lower_kind(model) is None:  # the cache just written was unreadable (warned): converted again
+                    _lower(encoder, resolved, variant, chosen, cache=False)
+        if verify:
+            encoder.verify()
     return encoder
+
+
+@contextlib.contextmanager
+def _named_failures(config: PretrainedConfig, bidirectional: bool) -> Iterator[None]:
+    """The first forward passes (calibration, verification) run the model as transformers built it: an error from
+    inside says only what broke there, so it is raised again naming the architecture and the attention mode."""
+    try:
+        yield
+    except (AttentionError, ModelLoadError):
+        raise
+    except Exception as err:
+        mode = "bidirectional" if bidirectional else "causal"
+        message = f"{config.model_type} ({config._attn_implementation} attention, {mode}) failed when first run: "
+        message += f"{type(err).__name__}: {err}"
+        if bidirectional:
+            message += "; if it runs with bidirectional=False, transformers cannot run this architecture bidirectional"
+        raise ModelLoadError(message) from err
 
 
 def _lower(encoder: Encoder, source: Source, variant: object, chosen: str, cache: bool = True) -> bool:
