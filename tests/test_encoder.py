@@ -28,6 +28,17 @@ def test_shapes_and_output_types():
     np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
 
 
+def test_truncated_names_the_texts_encode_cuts():
+    enc = tiny_encoder()
+    enc.max_length = 6
+    longer = [i for i, text in enumerate(TEXTS) if len(text.split()) > 6]  # one word, one token
+    assert 0 < len(longer) < len(TEXTS)
+    assert enc.truncated(TEXTS) == longer
+    with_instruction = [i for i, text in enumerate(TEXTS) if len(text.split()) > 4]
+    assert enc.truncated(TEXTS, instruction="w4 w5 ") == with_instruction
+    assert enc.truncated(TEXTS[longer[0]]) == [0] and enc.truncated([]) == []
+
+
 def test_max_length_set_later_cuts_texts_as_one_given_at_construction():
     """Also through sentence-transformers' name, ``max_seq_length``; the saved settings follow."""
     enc = tiny_encoder()

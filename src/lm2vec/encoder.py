@@ -235,6 +235,8 @@ class Encoder:
         """Positions of the texts that :meth:`encode` (same arguments) cuts at ``max_length`` tokens, instruction
         included: it embeds only their beginning. Tokenizes again; nothing is embedded."""
         instructions, texts, _ = normalize(sentences, self.resolve_instruction(prompt_name, prompt, instruction))
+        if not texts:
+            return []
         ids, _ = self.tokenization.tokenize(instructions, texts)
         return self.tokenization.cut(instructions, texts, ids)
 
