@@ -124,7 +124,7 @@ def tiny_encoder(
     config = tiny_config(model_type, pad_token_id=3, attn_implementation=attention)
     lm2vec.set_bidirectional(config, kw.get("bidirectional", True))
     tokenizer = tiny_tokenizer(padding_side, bos)
-    return lm2vec.Encoder(tiny_model(config), tokenizer, pooling=pooling, max_length=64, **kw)
+    return lm2vec.Encoder(tiny_model(config), tokenizer, pooling=pooling, **{"max_length": 64} | kw)
 
 
 def word_encoder(sentences: list[str]) -> lm2vec.Encoder:

@@ -149,18 +149,23 @@ def test_causal_encoder_reloads_causal(tmp_path: Path):
 
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_adapters_merged_or_kept(tmp_path: Path, merge: bool):
-    enc = tiny_encoder()
+    """Either way the encoder reloads with its settings (an unmerged adapter is not the reference's layout)."""
+    settings = {"pooling": "last_token", "max_length": 12, "prompts": {"query": "w5 w6 "}}
+    enc = tiny_encoder(**settings)
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
     )
     enc.model = get_peft_model(enc.model, lora)
-    before = enc.encode(TEXTS)
-    plain = tiny_encoder().encode(TEXTS)
+    before = enc.encode(TEXTS, prompt_name="query")
+    plain = tiny_encoder(**settings).encode(TEXTS, prompt_name="query")
     assert not np.allclose(before, plain, atol=1e-4)  # the adapter does something
+    assert enc.truncated(TEXTS, prompt_name="query")  # some texts run past max_length
     path = enc.save(tmp_path / "lora", merge_adapters=merge)
     assert (path / "adapter_config.json").exists() != merge
-    np.testing.assert_allclose(lm2vec.load(path, dtype="float32").encode(TEXTS), before, atol=1e-5)
-    np.testing.assert_allclose(st_encode(path, TEXTS), before, atol=1e-5)
+    back = lm2vec.load(path, dtype="float32")
+    assert (back.pooling.value, back.max_length, back.prompts, back.reference_style) == (*settings.values(), None)
+    np.testing.assert_allclose(back.encode(TEXTS, prompt_name="query"), before, atol=1e-5)
+    np.testing.assert_allclose(st_encode(path, TEXTS, prompt_name="query"), before, atol=1e-5)
 
 
 def test_saved_files(tmp_path: Path):

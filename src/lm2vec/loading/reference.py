@@ -22,6 +22,7 @@ from ..choices import PoolingMode
 from ..inputs import ReferenceStyle
 from ..st_format import STSettings
 from .model import load_model
+from .saved import read_saved_settings
 from .source import ModelLoadError, Source, resolve_source
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -78,7 +79,9 @@ class ReferenceCheckpoint:
 def find_reference_checkpoint(source: Source, adapter: str | os.PathLike | None) -> ReferenceCheckpoint | None:
     """The reference layout at ``source`` (plus ``adapter``), or None where ``source`` is a plain model and no
     adapter is given (lm2vec's own directories, Hugging Face models). ``adapter`` is the reference's
-    ``peft_model_name_or_path``: with it, a plain base model too is encoded in the reference's convention."""
+    ``peft_model_name_or_path``: with it, a plain base model too is encoded in the reference's convention. An
+    adapter directory that is also a sentence-transformers directory (an encoder saved with its adapter unmerged)
+    keeps the settings it was saved with."""
     folder = _adapter_folder(source)
     if folder is None:
         if adapter is None:
@@ -89,6 +92,8 @@ def find_reference_checkpoint(source: Source, adapter: str | os.PathLike | None)
     if adapter is not None:
         adapter_source = resolve_adapter(adapter)
         adapters.append(_checked_adapter(adapter_source))
+    elif folder is not None and (own := read_saved_settings(folder)) is not None:
+        return ReferenceCheckpoint(base, adapters, own)  # an encoder saved with its adapter unmerged: its settings
     config_file = adapters[-1] / REFERENCE_CONFIG
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     model_type = AutoConfig.from_pretrained(base.path).model_type
