@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer
 
 import lm2vec
 from lm2vec.quantization import blocks, lower_precision
-from tests.support import ARCHITECTURES, random_texts, tiny_encoder, tiny_tokenizer
+from tests.support import ARCHITECTURES, random_texts, tiny_config, tiny_encoder, tiny_model, tiny_tokenizer
 
 TEXTS = random_texts(20, seed=1)
 
@@ -52,6 +52,31 @@ def test_max_length_set_later_cuts_texts_as_one_given_at_construction():
             enc.max_length = bad  # type: ignore[assignment]
     with pytest.raises(ValueError, match="max_length must be a positive integer"):
         lm2vec.load("no-such-model-folder", max_length=0)  # refused before anything loads
+
+
+def test_max_length_stays_within_the_models_positions(tmp_path: Path):
+    """GPT-2's learned position table ends at n_positions: past it a long text failed with an IndexError. A length
+    asked for past it is refused; a default or saved length is cut to it."""
+    config = tiny_config("gpt2", pad_token_id=3)
+    lm2vec.set_bidirectional(config)
+    model = tiny_model(config)
+    assert config.max_position_embeddings == 64
+    enc = lm2vec.Encoder(model, tiny_tokenizer())
+    assert enc.max_length == 64  # not 512
+    long_text = " ".join(["w7"] * 300)
+    assert enc.encode(long_text).shape == (64,)
+    message = "max_length 65 is more than the 64 positions of this model"
+    with pytest.raises(ValueError, match=message):
+        enc.max_length = 65
+    with pytest.raises(ValueError, match=message):
+        lm2vec.Encoder(model, tiny_tokenizer(), max_length=65)
+    path = enc.save(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=message):
+        lm2vec.load(path, max_length=65)
+    (path / "sentence_bert_config.json").write_text('{"max_seq_length": 512}')  # a saved length past the table
+    back = lm2vec.load(path, dtype="float32")
+    assert back.max_length == 64
+    np.testing.assert_array_equal(back.encode(long_text), enc.encode(long_text))
 
 
 SIDES = ("left", "right")

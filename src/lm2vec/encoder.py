@@ -44,6 +44,8 @@ from .quantization import FLOAT32, block_plan, lower_kind, parameter_count
 if TYPE_CHECKING:
     from peft import PeftModel
 
+# Tokens per text unless told otherwise (fewer where the model has fewer positions).
+DEFAULT_MAX_LENGTH = 512
 # Tokens per forward pass on a CPU unless told otherwise. It bounds activation memory (200 SciFact abstracts, fp32:
 # peak 2.0 -> 1.3 GB against unbounded batches of 32). On 1000 STS-B sentences, default precision, Intel Xeon with
 # AMX: 512 tokens peak at 813-818 MB, 1024 at 857-860 MB (the reference: 835-864 MB), 3-6% slower.
@@ -52,6 +54,19 @@ CPU_MAX_TOKENS = 512
 # of 10 1089 ms): mixed-length batches are cut where their padding would cost more (see ``length_batches``).
 CPU_PASS_COST = 48
 TOKENIZE_CHUNK = 16384  # texts tokenized at a time by encode(), the next chunk while the model embeds this one
+
+
+def model_positions(model: PreTrainedModel) -> int | None:
+    """The positions the model has (its config's ``max_position_embeddings``), if it says."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def fitted_length(model: PreTrainedModel, length: int | None = None) -> int:
+    """``length`` (default :data:`DEFAULT_MAX_LENGTH`), or the model's positions where it has fewer: for a length
+    nobody asked for here (a default, a saved setting), which an explicit ``max_length`` past the positions is not."""
+    length = length or DEFAULT_MAX_LENGTH
+    positions = model_positions(model)
+    return min(length, positions) if positions else length
 
 
 class Encoder:
@@ -70,7 +85,7 @@ class Encoder:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         pooling: str | PoolingMode = PoolingMode.MEAN,
-        max_length: int = 512,
+        max_length: int | None = None,
         prompts: dict[str, str] | None = None,
         default_prompt_name: str | None = None,
         bidirectional: bool = True,
@@ -88,7 +103,7 @@ class Encoder:
         self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
-        self.max_length = max_length  # builds self.tokenization
+        self.max_length = max_length or fitted_length(model)  # builds self.tokenization
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
@@ -104,6 +119,11 @@ class Encoder:
     @max_length.setter
     def max_length(self, value: int) -> None:
         check_positive("max_length", value)
+        if (positions := model_positions(self.model)) and value > positions:
+            raise ValueError(
+                f"max_length {value} is more than the {positions} positions of this model (max_position_embeddings "
+                "in its config): learned position tables fail past their end and rotary ones were not trained there"
+            )
         style = self.reference_style  # a new tokenization: its instructions were checked against the old length
         self.tokenization = (
             ReferenceTokenization(self.tokenizer, value, style) if style else Tokenization(self.tokenizer, value)

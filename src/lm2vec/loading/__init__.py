@@ -20,12 +20,12 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import AttentionError
 from ..choices import DEFAULT_DTYPE, PoolingMode, parse_pooling
-from ..encoder import Encoder
+from ..encoder import Encoder, fitted_length
 from ..inputs import check_positive
 from ..quantization import FLOAT32, LOWER, lower_kind, lower_precision
 from ..st_format import STSettings
 from .dtype import MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
-from .model import cache_lower_model, cached_lower_model, default_max_length, load_model, load_tokenizer
+from .model import cache_lower_model, cached_lower_model, load_model, load_tokenizer
 from .reference import find_reference_checkpoint
 from .saved import read_saved_settings
 from .source import BUILTIN_MODEL, ModelLoadError, Source, resolve_source
@@ -71,8 +71,6 @@ def load(
         saved = read_saved_settings(resolved.folder) if resolved.folder else None
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
-    if max_length is None and saved:
-        max_length = saved.max_length
     pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))
     variant = (bidirectional, pooling.value, torch.device(device or "cpu").type)  # a plan is per device type
     tokenizer = load_tokenizer(resolved, trust_remote_code)
@@ -85,7 +83,7 @@ def load(
             model,
             tokenizer,
             pooling=pooling,
-            max_length=max_length or default_max_length(model),
+            max_length=max_length or fitted_length(model, saved.max_length if saved else None),
             prompts=prompts if prompts is not None else (saved.prompts if saved else None),
             default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
             bidirectional=bidirectional,

@@ -78,12 +78,6 @@ def load_model(
         raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err
 
 
-def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
-    """512 tokens, or fewer where the model has fewer positions."""
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    return min(cap, positions) if positions else cap
-
-
 def cached_lower_model(
     source: Source,
     variant: object,

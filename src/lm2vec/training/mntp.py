@@ -16,7 +16,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import verify_attention
 from ..encoder import Encoder
-from ..loading.model import default_max_length, load_model, load_tokenizer
+from ..loading.model import load_model, load_tokenizer
 from ..loading.source import resolve_source
 from . import data
 from .config import MNTPConfig
@@ -128,7 +128,7 @@ def train_mntp(
     collator = MaskingCollator(
         mask_id, len(tokenizer), config.mlm_probability, config.mask_strategy, tokenizer.all_special_ids
     )
-    view = Encoder(decoder, tokenizer, max_length=default_max_length(lm), batch_invariant=False)
+    view = Encoder(decoder, tokenizer, batch_invariant=False)
     dataset = [{"input_ids": c} for c in chunks]
     trainer = run_stage(
         MNTPTrainer,

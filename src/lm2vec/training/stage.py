@@ -22,7 +22,7 @@ from transformers.masking_utils import sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
 from ..cache import atomic_write
-from ..encoder import Encoder
+from ..encoder import Encoder, fitted_length
 from ..evaluation.sts import STSPairs, load_sts
 from ..inputs import Batch, Tokenization
 from ..loading import load
@@ -216,8 +216,10 @@ def embedding_stage(encoder: Encoder, config: StageConfig, dropout: float | None
     peft = add_lora(encoder.model, config)
     if config.gradient_checkpointing:
         encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # a PeftModel forwards like the model it wraps (Encoder's annotation names PreTrainedModel only)
-    view = encoder.with_model(peft, max_length=config.max_length, batch_invariant=False)  # type: ignore[arg-type]
+    # a PeftModel forwards like the model it wraps (Encoder's annotation names PreTrainedModel only); a recipe's
+    # length is for any model: cut to the positions of one that has fewer
+    length = fitted_length(encoder.model, config.max_length)
+    view = encoder.with_model(peft, max_length=length, batch_invariant=False)  # type: ignore[arg-type]
     return EmbeddingModel(peft, view)
 
 
