@@ -172,6 +172,16 @@ def test_a_model_that_fails_when_run_is_named_with_its_attention_mode(dtype: str
         lm2vec.load(tmp_path, dtype=dtype, bidirectional=False)
 
 
+def test_a_device_or_prompts_that_cannot_be_used_are_refused_before_loading(tiny_dir: Path):
+    bad = ["tpu9"] + ([] if torch.cuda.is_available() else ["cuda"])  # torch asserts on a build without CUDA
+    for device in bad:
+        with pytest.raises(ValueError, match=f"device '{device}' cannot be used here: "):
+            lm2vec.load("no-such-model-folder", device=device)  # the device, not the missing folder
+    for prompts in (["query: "], {"query": 3}):
+        with pytest.raises(TypeError, match="prompts must map names to instructions"):
+            lm2vec.load(tiny_dir, prompts=prompts)  # type: ignore[arg-type]
+
+
 def test_missing_tokenizer(tiny_dir: Path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tiny_dir / name).unlink()

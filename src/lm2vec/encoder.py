@@ -96,6 +96,10 @@ class Encoder:
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = parse_pooling(pooling)
+        if prompts is not None and not (
+            isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
+        ):
+            raise TypeError(f"prompts must map names to instructions (dict of str to str), got {prompts!r:.80}")
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.bidirectional = bidirectional

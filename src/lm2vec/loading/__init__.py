@@ -62,6 +62,8 @@ def load(
     """
     if max_length is not None:
         check_positive("max_length", max_length)  # before the minutes a large model takes to load
+    if device is not None:
+        _check_device(device)
     chosen = resolve_dtype(dtype, device)
     resolved = resolve_source(source)
     checkpoint = find_reference_checkpoint(resolved, adapter)
@@ -117,6 +119,14 @@ def load(
         if verify:
             encoder.verify()
     return encoder
+
+
+def _check_device(device: str | torch.device) -> None:
+    """Refuse a device this machine cannot use (no such device, a torch built without it) before loading."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # torch asserts where it was built without CUDA
+        raise ValueError(f"device {str(device)!r} cannot be used here: {err}") from None
 
 
 @contextlib.contextmanager
