@@ -68,8 +68,9 @@ def test_max_length_stays_within_the_models_positions(tmp_path: Path):
     message = "max_length 65 is more than the 64 positions of this model"
     with pytest.raises(ValueError, match=message):
         enc.max_length = 65
-    with pytest.raises(ValueError, match=message):
-        lm2vec.Encoder(model, tiny_tokenizer(), max_length=65)
+    for length, refused in ((65, message), (0, "max_length must be a positive integer, got 0")):
+        with pytest.raises(ValueError, match=refused):
+            lm2vec.Encoder(model, tiny_tokenizer(), max_length=length)
     path = enc.save(tmp_path / "gpt2")
     with pytest.raises(ValueError, match=message):
         lm2vec.load(path, max_length=65)

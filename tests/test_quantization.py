@@ -29,6 +29,7 @@ from lm2vec.calibration import (
     smoothing,
 )
 from lm2vec.evaluation import cosine_rows
+from lm2vec.loading.dtype import resolve_dtype
 from lm2vec.loading.model import lower_cache_path
 from lm2vec.loading.source import resolve_source
 from lm2vec.quantization import (
@@ -318,7 +319,7 @@ def test_a_gpu_plan_falls_back_to_plain_float32():
     assert chain("bfloat16", "cuda") == ("bfloat16", "float32")
     assert chain("int8", "cuda") == ("int8", "float32")  # as asked of calibrate(); load() refuses it:
     with pytest.raises(ValueError, match="int8 runs on CPUs"):
-        lm2vec.load(dtype="int8", device="cuda")
+        resolve_dtype("int8", "cuda")  # load() checks the device first: a CPU-only torch refuses "cuda" itself
 
 
 def test_calibration_moves_every_block_that_does_not_hold_the_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -62,8 +62,8 @@ def model_positions(model: PreTrainedModel) -> int | None:
 
 
 def fitted_length(model: PreTrainedModel, length: int | None = None) -> int:
-    """``length`` (default :data:`DEFAULT_MAX_LENGTH`), or the model's positions where it has fewer: for a length
-    nobody asked for here (a default, a saved setting), which an explicit ``max_length`` past the positions is not."""
+    """``length`` (default :data:`DEFAULT_MAX_LENGTH`), or the model's positions where it has fewer. For lengths
+    not asked for by the caller (the default, a saved setting, a recipe's); an explicit one past them is refused."""
     length = length or DEFAULT_MAX_LENGTH
     positions = model_positions(model)
     return min(length, positions) if positions else length
@@ -107,7 +107,7 @@ class Encoder:
         self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
-        self.max_length = max_length or fitted_length(model)  # builds self.tokenization
+        self.max_length = fitted_length(model) if max_length is None else max_length  # builds self.tokenization
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
