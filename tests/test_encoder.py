@@ -72,12 +72,13 @@ def test_max_length_stays_within_the_models_positions(tmp_path: Path):
         with pytest.raises(ValueError, match=refused):
             lm2vec.Encoder(model, tiny_tokenizer(), max_length=length)
     path = enc.save(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match=message):
-        lm2vec.load(path, max_length=65)
     (path / "sentence_bert_config.json").write_text('{"max_seq_length": 512}')  # a saved length past the table
     back = lm2vec.load(path, dtype="float32")
     assert back.max_length == 64
     np.testing.assert_array_equal(back.encode(long_text), enc.encode(long_text))
+    (path / "model.safetensors").write_bytes(b"not weights")  # refused from the config, before the weights load
+    with pytest.raises(ValueError, match=message):
+        lm2vec.load(path, max_length=65)
 
 
 SIDES = ("left", "right")

@@ -18,6 +18,7 @@ import lm2vec
 from lm2vec.loading import ModelLoadError
 from lm2vec.loading.source import fix_special_tokens, resolve_source
 from lm2vec.packing import PACKED
+from lm2vec.training import MNTPConfig, train_mntp
 from tests.support import (
     ARCHITECTURES,
     default_attention,
@@ -198,7 +199,22 @@ def test_remote_code_never_runs_unless_asked(tiny_dir: Path, tmp_path: Path):
     (tiny_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="cannot read the config"):
         lm2vec.load(tiny_dir)
+    for said_no in ("no", "false", 0):  # truthy strings asked transformers to run the code
+        with pytest.raises(TypeError, match=f"trust_remote_code must be True or False, got {said_no!r}"):
+            lm2vec.load(tiny_dir, trust_remote_code=said_no)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="trust_remote_code must be True or False"):
+            train_mntp(str(tiny_dir), MNTPConfig(), tmp_path / "mntp", trust_remote_code=said_no)  # type: ignore[arg-type]
     assert not marker.exists()
+
+
+def test_a_switch_given_as_a_string_is_refused(tiny_dir: Path):
+    """``bidirectional="no"`` was taken as True, then failed verification with an indirect message."""
+    for name in ("bidirectional", "verify"):
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+            lm2vec.load(tiny_dir, **{name: "no"})
+    encoder = lm2vec.load(tiny_dir)
+    with pytest.raises(TypeError, match="bidirectional must be True or False, got 'False'"):
+        lm2vec.Encoder(encoder.model, encoder.tokenizer, bidirectional="False")  # type: ignore[arg-type]
 
 
 def test_chatml_special_tokens_are_fixed():

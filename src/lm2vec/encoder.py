@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import st_format
@@ -29,6 +29,7 @@ from .inputs import (
     ReferenceStyle,
     ReferenceTokenization,
     Tokenization,
+    check_flag,
     check_positive,
     length_batches,
     normalize,
@@ -56,17 +57,27 @@ CPU_PASS_COST = 48
 TOKENIZE_CHUNK = 16384  # texts tokenized at a time by encode(), the next chunk while the model embeds this one
 
 
-def model_positions(model: PreTrainedModel) -> int | None:
-    """The positions the model has (its config's ``max_position_embeddings``), if it says."""
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+def model_positions(config: PretrainedConfig) -> int | None:
+    """The positions a model has (its config's ``max_position_embeddings``), if it says."""
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
-def fitted_length(model: PreTrainedModel, length: int | None = None) -> int:
+def fitted_length(config: PretrainedConfig, length: int | None = None) -> int:
     """``length`` (default :data:`DEFAULT_MAX_LENGTH`), or the model's positions where it has fewer. For lengths
     not asked for by the caller (the default, a saved setting, a recipe's); an explicit one past them is refused."""
     length = length or DEFAULT_MAX_LENGTH
-    positions = model_positions(model)
+    positions = model_positions(config)
     return min(length, positions) if positions else length
+
+
+def check_length(config: PretrainedConfig, max_length: int) -> None:
+    """Refuse a ``max_length`` that is not a positive integer or that runs past the model's positions."""
+    check_positive("max_length", max_length)
+    if (positions := model_positions(config)) and max_length > positions:
+        raise ValueError(
+            f"max_length {max_length} is more than the {positions} positions of this model (max_position_embeddings "
+            "in its config): learned position tables fail past their end and rotary ones were not trained there"
+        )
 
 
 class Encoder:
@@ -102,12 +113,13 @@ class Encoder:
             raise TypeError(f"prompts must map names to instructions (dict of str to str), got {prompts!r:.80}")
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
+        check_flag("bidirectional", bidirectional)
         self.bidirectional = bidirectional
         self.batch_invariant = batch_invariant
         self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
-        self.max_length = fitted_length(model) if max_length is None else max_length  # builds self.tokenization
+        self.max_length = fitted_length(model.config) if max_length is None else max_length  # builds self.tokenization
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
@@ -122,12 +134,7 @@ class Encoder:
 
     @max_length.setter
     def max_length(self, value: int) -> None:
-        check_positive("max_length", value)
-        if (positions := model_positions(self.model)) and value > positions:
-            raise ValueError(
-                f"max_length {value} is more than the {positions} positions of this model (max_position_embeddings "
-                "in its config): learned position tables fail past their end and rotary ones were not trained there"
-            )
+        check_length(self.model.config, value)
         style = self.reference_style  # a new tokenization: its instructions were checked against the old length
         self.tokenization = (
             ReferenceTokenization(self.tokenizer, value, style) if style else Tokenization(self.tokenizer, value)

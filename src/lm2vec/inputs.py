@@ -32,6 +32,13 @@ def check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_flag(name: str, value: object) -> None:
+    """Switches (``bidirectional``, ``trust_remote_code``): a bool, as a truthy string such as "no" or "false"
+    would turn them on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def normalize(inputs: Inputs, instruction: str | None = None) -> tuple[list[str], list[str], bool]:
     """Check ``inputs`` and split them into (instructions, texts, was_single_string).
 

@@ -142,6 +142,21 @@ def test_mntp_trains_the_decoder_and_keeps_the_head_frozen(causal_lm_dir: Path, 
     lm2vec.load(tmp_path / "mntp" / "encoder").verify()
 
 
+def test_mntp_chunks_fit_the_positions_of_a_model_with_fewer(corpus: Path, tmp_path: Path):
+    """GPT-2's learned position table ends at n_positions (64 here): 200-token chunks failed at the first step with
+    an IndexError. They are cut to the positions, with a warning; the contrastive stages likewise."""
+    lm = save_causal_lm(tmp_path / "lm", "gpt2")
+    fast = dict(FAST, steps=1, batch_size=2, max_length=200)
+    with pytest.warns(UserWarning, match="max_length 200 is cut to the 64 positions of this model"):
+        train_mntp(str(lm), MNTPConfig(data=[str(corpus)], mask_token="eos", **fast), tmp_path / "mntp")
+    with pytest.warns(UserWarning, match="max_length 200 is cut to the 64 positions"):
+        encoder = train_simcse(
+            str(tmp_path / "mntp" / "encoder"), SimCSEConfig(data=[str(corpus)], **fast), tmp_path / "simcse"
+        )
+    assert encoder.max_length == 64
+    assert np.isfinite(encoder.encode(" ".join(["w7"] * 300))).all()
+
+
 def test_a_new_mask_token_grows_the_vocabulary_and_the_saved_encoder_keeps_it(
     causal_lm_dir: Path, corpus: Path, tmp_path: Path
 ):

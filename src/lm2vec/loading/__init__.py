@@ -20,12 +20,12 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import AttentionError
 from ..choices import DEFAULT_DTYPE, PoolingMode, parse_pooling
-from ..encoder import Encoder, fitted_length
-from ..inputs import check_positive
+from ..encoder import Encoder, check_length, fitted_length
+from ..inputs import check_flag, check_positive
 from ..quantization import FLOAT32, LOWER, lower_kind, lower_precision
 from ..st_format import STSettings
 from .dtype import MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
-from .model import cache_lower_model, cached_lower_model, load_model, load_tokenizer
+from .model import cache_lower_model, cached_lower_model, load_model, load_tokenizer, read_config
 from .reference import find_reference_checkpoint
 from .saved import read_saved_settings
 from .source import BUILTIN_MODEL, ModelLoadError, Source, resolve_source
@@ -62,6 +62,9 @@ def load(
     """
     if max_length is not None:
         check_positive("max_length", max_length)  # before the minutes a large model takes to load
+    for name, flag in (("bidirectional", bidirectional), ("trust_remote_code", trust_remote_code), ("verify", verify)):
+        if flag is not None:
+            check_flag(name, flag)
     if device is not None:
         _check_device(device)
     chosen = resolve_dtype(dtype, device)
@@ -71,6 +74,8 @@ def load(
         saved: STSettings | None = checkpoint.settings
     else:
         saved = read_saved_settings(resolved.folder) if resolved.folder else None
+    if max_length is not None:  # against the model's positions, before its weights load
+        check_length(read_config(checkpoint.base if checkpoint else resolved, trust_remote_code), max_length)
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
     pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))
@@ -85,7 +90,7 @@ def load(
             model,
             tokenizer,
             pooling=pooling,
-            max_length=max_length or fitted_length(model, saved.max_length if saved else None),
+            max_length=max_length or fitted_length(model.config, saved.max_length if saved else None),
             prompts=prompts if prompts is not None else (saved.prompts if saved else None),
             default_prompt_name=default_prompt_name or (saved.default_prompt_name if saved else None),
             bidirectional=bidirectional,

@@ -41,14 +41,19 @@ def default_attn_implementation(model_type: str) -> str | None:
     return "eager" if unsupported_reason(model_type, "sdpa") else None
 
 
+def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config as saved: read in milliseconds, to check settings before the weights load."""
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the config of {source.path}: {err}") from err
+
+
 def model_config(
     source: Source, bidirectional: bool = True, attn_implementation: str | None = None, trust_remote_code: bool = False
 ) -> PretrainedConfig:
     """The model's config with its attention implementation and mode set, ready to build the model from."""
-    try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot read the config of {source.path}: {err}") from err
+    config = read_config(source, trust_remote_code)
     if getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(f"{config.model_type} is an encoder-decoder model; lm2vec needs a decoder-only LLM")
     config._attn_implementation = attn_implementation or default_attn_implementation(config.model_type)

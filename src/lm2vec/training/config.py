@@ -30,7 +30,7 @@ class StageConfig:
     learning_rate: float = 3e-4
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    max_length: int = 128
+    max_length: int = 128  # tokens per text (cut to the positions of a model that has fewer, with a warning)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -65,7 +65,7 @@ class MNTPConfig(StageConfig):
     data: list[str] = field(default_factory=lambda: ["corpus/wikitext2_raw_test.txt"])
     batch_size: int = 32
     learning_rate: float = 5e-5
-    max_length: int = 512  # the chunk length texts are concatenated and cut into
+    max_length: int = 512  # the chunk length texts are concatenated and cut into (at most the model's positions)
     mlm_probability: float = 0.2
     mask_strategy: str = "80/10/10"  # or "all": every chosen token becomes the mask token
     mask_token: str = "_"  # an existing token, "eos", or "new" (adds <mask> to the vocabulary)

@@ -16,11 +16,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import verify_attention
 from ..encoder import Encoder
-from ..loading.model import load_model, load_tokenizer
+from ..inputs import check_flag
+from ..loading.model import load_model, load_tokenizer, read_config
 from ..loading.source import resolve_source
 from . import data
 from .config import MNTPConfig
-from .stage import add_lora, merge_lora, run_stage, save_stage_encoder, transformers_model
+from .stage import add_lora, merge_lora, run_stage, save_stage_encoder, stage_length, transformers_model
 from .trainer import StageModel, StageTrainer
 
 MASK_TOKEN = "<mask>"
@@ -113,9 +114,11 @@ def train_mntp(
     callbacks: list[TrainerCallback] | None = None,
 ) -> Encoder:
     """Train MNTP on ``source`` (any :func:`lm2vec.load` source); return the bidirectional encoder, LoRA merged."""
+    check_flag("trust_remote_code", trust_remote_code)
     resolved = resolve_source(source)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
-    chunks = data.chunks(tokenizer, config.data, config.max_length, data_root)  # bad data fails before loading
+    length = stage_length(read_config(resolved, trust_remote_code), config.max_length)
+    chunks = data.chunks(tokenizer, config.data, length, data_root)  # bad data fails before loading
     mask_id = mask_token_id(tokenizer, config.mask_token)
     lm = load_model(resolved, True, torch.float32, None, trust_remote_code, model_class=AutoModelForCausalLM)
     if mask_id >= lm.config.get_text_config().vocab_size:  # a new mask token: a row for it

@@ -16,7 +16,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel, TrainerCallback, set_seed
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    PretrainedConfig,
+    PreTrainedModel,
+    TrainerCallback,
+    set_seed,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.pytorch_utils import Conv1D
@@ -209,6 +216,17 @@ def embed(model: nn.Module, batch: dict[str, torch.Tensor], size: int | None) ->
     return in_batch_order([model(**part) for _, part in chunks], chunks)
 
 
+def stage_length(model_config: PretrainedConfig, max_length: int) -> int:
+    """A stage's ``max_length``, cut to the positions of a model that has fewer: a recipe is written for any model."""
+    length = fitted_length(model_config, max_length)
+    if length < max_length:
+        warnings.warn(
+            f"max_length {max_length} is cut to the {length} positions of this model (max_position_embeddings)",
+            stacklevel=2,
+        )
+    return length
+
+
 def embedding_stage(encoder: Encoder, config: StageConfig, dropout: float | None = None) -> EmbeddingModel:
     """LoRA on the encoder's model, wrapped for training; its encoder view embeds the dev pairs too."""
     if dropout is not None:
@@ -216,9 +234,8 @@ def embedding_stage(encoder: Encoder, config: StageConfig, dropout: float | None
     peft = add_lora(encoder.model, config)
     if config.gradient_checkpointing:
         encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # a PeftModel forwards like the model it wraps (Encoder's annotation names PreTrainedModel only); a recipe's
-    # length is for any model: cut to the positions of one that has fewer
-    length = fitted_length(encoder.model, config.max_length)
+    # a PeftModel forwards like the model it wraps (Encoder's annotation names PreTrainedModel only)
+    length = stage_length(encoder.model.config, config.max_length)
     view = encoder.with_model(peft, max_length=length, batch_invariant=False)  # type: ignore[arg-type]
     return EmbeddingModel(peft, view)
 
