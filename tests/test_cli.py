@@ -103,6 +103,8 @@ def test_train_and_convert_refuse_bad_recipes_and_settings_before_loading(tmp_pa
     assert done.returncode == 2 and "training data not found" in done.stderr
     done = run("train", "simcse", "default", "-o", tmp_path / "out", "--set", "batch_size=0")
     assert done.returncode == 2 and "batch_size must be a positive integer" in done.stderr
+    done = run("train", "simcse", "default", "-o", tmp_path / "out", "--set", "gradient_checkpointing=False")
+    assert done.returncode == 2 and "gradient_checkpointing must be bool, got 'False'" in done.stderr  # not JSON
     assert not (tmp_path / "out" / "1-mntp").exists() and not (tmp_path / "out" / "checkpoint-1").exists()
 
 

@@ -440,6 +440,20 @@ def test_recipe_errors(tmp_path: Path):
         stage_config("simcse", {"save_steps": 5, "eval_steps": 2})
     with pytest.raises(ValueError, match="kept_graphs needs grad_cache"):
         stage_config("supervised", {"mini_batch_size": 8, "kept_graphs": 3})
+    # JSON of the wrong type: a string switch was read by truthiness ("no" turned it on), true counted as 1 step
+    for settings, refused in (
+        ({"gradient_checkpointing": "no"}, "gradient_checkpointing must be bool, got 'no'"),
+        ({"bf16": "false"}, "bf16 must be bool or None, got 'false'"),
+        ({"steps": True}, "steps must be int, got True"),
+        ({"learning_rate": "3e-4"}, "learning_rate must be float, got '3e-4'"),
+        ({"data": ["a.txt", 3]}, r"data must be list\[str\], got \['a.txt', 3\]"),
+        ({"instructions": {"nli": None}}, r"instructions must be dict\[str, str\]"),
+        ({"matryoshka_dims": 64}, r"matryoshka_dims must be list\[int\] or None, got 64"),
+    ):
+        with pytest.raises(ValueError, match=refused):
+            stage_config("supervised", settings)
+    config = stage_config("supervised", {"learning_rate": 1, "bf16": None, "lora_targets": ["q_proj"]})
+    assert config.learning_rate == 1 and config.lora_targets == ["q_proj"]  # an integer is a float, a list or a str
 
 
 def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(

@@ -20,6 +20,29 @@ if TYPE_CHECKING:
     from ..encoder import Encoder
 
 
+# The JSON types of config fields' scalar annotations.
+_SCALARS: dict[str, type | tuple[type, ...]] = {
+    "bool": bool,
+    "int": int,
+    "float": (int, float),
+    "str": str,
+    "None": type(None),
+}
+
+
+def _is(value: object, kind: str) -> bool:
+    """Whether ``value`` is of the type a config field annotates (``int``, ``list[str]``, ``dict[str, str]``, ...);
+    JSON's ``true`` is not a number here, an integer is a float."""
+    if kind.startswith(("list[", "dict[")):
+        inner = kind[5:-1].split(", ")
+        if kind.startswith("list["):
+            return isinstance(value, list) and all(_is(item, inner[0]) for item in value)
+        return isinstance(value, dict) and all(_is(k, inner[0]) and _is(v, inner[1]) for k, v in value.items())
+    if isinstance(value, bool):
+        return kind == "bool"
+    return isinstance(value, _SCALARS[kind])
+
+
 @dataclass
 class StageConfig:
     """Settings every stage shares: optimisation, LoRA, checkpoints, evaluation on STS-B dev."""
@@ -49,8 +72,12 @@ class StageConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
             self.data = [self.data]
+        for f in fields(self):  # recipes and --set give JSON: "false" or "no" must not switch a setting on
+            value, kinds = getattr(self, f.name), str(f.type).split(" | ")
+            if not any(_is(value, kind) for kind in kinds):
+                raise ValueError(f"{f.name} must be {' or '.join(kinds)}, got {value!r}")
         for name in ("steps", "batch_size", "max_length", "lora_r", "save_steps", "logging_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
