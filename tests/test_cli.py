@@ -115,15 +115,17 @@ def test_help_usage_errors_and_the_cache_listing_import_neither_torch_nor_transf
 import sys
 from lm2vec.cli import main
 refused = (["convert", "default", "--recipe", "turbo", "-o", {str(tmp_path)!r}],
-           ["train", "simcse", "default", "-o", {str(tmp_path)!r}, "--set", "batch_size=0"])
+           ["train", "simcse", "default", "-o", {str(tmp_path)!r}, "--set", "batch_size=0"],
+           ["evaluate", "default", "--tasks", "stsbb", "-o", {str(tmp_path)!r}])
 codes = [main(args) for args in (*refused, ["cache"])]
-print(codes, [m for m in ("torch", "transformers", "peft") if m in sys.modules])
+print(codes, [m for m in ("torch", "transformers", "peft", "sklearn") if m in sys.modules])
 """
     env = {**os.environ, "LM2VEC_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-1] == "[2, 2, 0] []", done.stdout
+    assert done.stdout.splitlines()[-1] == "[2, 2, 2, 0] []", done.stdout
     assert "unknown recipe 'turbo'" in done.stderr and "batch_size must be a positive integer" in done.stderr
+    assert "unknown task 'stsbb'; known tasks: stsb, stsb-dev" in done.stderr  # the registry, without its evaluators
 
 
 def test_a_command_of_an_extra_not_installed_names_the_extra(tmp_path):

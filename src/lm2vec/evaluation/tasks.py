@@ -12,19 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from .. import evaluation  # the evaluators, imported when a task runs: naming the tasks needs no torch
 from ..datafiles import data_dir
-from ..encoder import Encoder
 from .base import NO_INSTRUCTIONS, Instructions, TaskResult, TextEncoder
-from .cache import CachedEncoder
-from .classification import evaluate_classification
-from .clustering import evaluate_clustering
-from .pair_classification import evaluate_pair_classification
-from .retrieval import evaluate_retrieval
-from .sts import evaluate_sts
-from .word_probing import evaluate_word_probing
+
+if TYPE_CHECKING:
+    from ..encoder import Encoder
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ def _common(ctx: RunContext, instructions: Instructions) -> dict:
 
 
 def _sts(split: str) -> TaskRunner:
-    return lambda ctx, ins: [evaluate_sts(ctx.embedder, split, **_common(ctx, ins))]
+    return lambda ctx, ins: [evaluation.evaluate_sts(ctx.embedder, split, **_common(ctx, ins))]
 
 
 TASKS: dict[str, Task] = {
@@ -77,7 +74,9 @@ TASKS: dict[str, Task] = {
             "retrieval",
             "SciFact, 300 test claims; CPU budget: judged documents + random others, 500 in all (nDCG@10)",
             lambda ctx, ins: [
-                evaluate_retrieval(ctx.embedder, **_common(ctx, ins), name="scifact", max_samples=ctx.max_samples(500))
+                evaluation.evaluate_retrieval(
+                    ctx.embedder, **_common(ctx, ins), name="scifact", max_samples=ctx.max_samples(500)
+                )
             ],
         ),
         Task(
@@ -85,7 +84,7 @@ TASKS: dict[str, Task] = {
             "classification",
             "Banking77, 77 intents, 10 experiments x 8 examples per label; CPU budget: 1,000 test texts (accuracy)",
             lambda ctx, ins: [
-                evaluate_classification(
+                evaluation.evaluate_classification(
                     ctx.embedder, **_common(ctx, ins), name="banking77", max_samples=ctx.max_samples(1000)
                 )
             ],
@@ -95,7 +94,7 @@ TASKS: dict[str, Task] = {
             "clustering",
             "20 Newsgroups subject lines, 20 groups; CPU budget: 2,000 documents (V-measure)",
             lambda ctx, ins: [
-                evaluate_clustering(
+                evaluation.evaluate_clustering(
                     ctx.embedder, **_common(ctx, ins), name="twentynewsgroups", max_samples=ctx.max_samples(2000)
                 )
             ],
@@ -105,7 +104,7 @@ TASKS: dict[str, Task] = {
             "pair_classification",
             "SNLI test, entailment vs contradiction; CPU budget: 1,000 pairs (average precision of cosine)",
             lambda ctx, ins: [
-                evaluate_pair_classification(
+                evaluation.evaluate_pair_classification(
                     ctx.embedder, **_common(ctx, ins), name="snli", max_samples=ctx.max_samples(1000)
                 )
             ],
@@ -114,7 +113,7 @@ TASKS: dict[str, Task] = {
             "conll2003",
             "word_probing",
             "CoNLL-2003 POS, chunk and NER linear probes; CPU budget: 1,000 train / 500 test sentences (accuracy)",
-            lambda ctx, _: evaluate_word_probing(
+            lambda ctx, _: evaluation.evaluate_word_probing(
                 ctx.encoder,
                 ctx.data,
                 max_train_samples=ctx.max_samples(1000),
@@ -168,7 +167,7 @@ def run_tasks(
     """
     selected = [get_task(name) for name in tasks]  # unknown names fail before any work
     instructions = load_instructions() if instructions is None else instructions
-    embedder = CachedEncoder(encoder, cache_dir) if cache_dir is not None else encoder
+    embedder = evaluation.CachedEncoder(encoder, cache_dir) if cache_dir is not None else encoder
     ctx = RunContext(
         encoder, embedder, Path(data) if data is not None else data_dir(), full, batch_size, show_progress_bar
     )
@@ -177,6 +176,6 @@ def run_tasks(
         for task in tqdm(selected, desc="Tasks", unit="task", disable=show_progress_bar is False):
             results.extend(task.run(ctx, instructions.get(task.name.removesuffix("-dev"), NO_INSTRUCTIONS)))
     finally:
-        if isinstance(embedder, CachedEncoder):
+        if isinstance(embedder, evaluation.CachedEncoder):
             embedder.close()
     return results
