@@ -165,6 +165,7 @@ def compile_blocks(encoder) -> None:
     from transformers import AttentionInterface
 
     from lm2vec import packing, quantization
+    from lm2vec.blocks import block_modules
 
     lowered = (quantization.Int8Linear, quantization.Int8x2Linear, quantization.Bf16Linear, quantization.OneDnnLinear)
     for layer in lowered:
@@ -180,8 +181,7 @@ def compile_blocks(encoder) -> None:
     model = encoder.model
     forward = model.forward
     model.forward = lambda *a, segments=None, **kw: forward(*a, segments=segments and _Opaque(segments), **kw)
-    for prefix in quantization.blocks(model):
-        block = model.get_submodule(prefix.rstrip("."))
+    for block in block_modules(model):
         block.forward = torch.compile(block.forward, dynamic=True)
 
 

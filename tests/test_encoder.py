@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from sentence_transformers import SentenceTransformer
 
 import lm2vec
-from lm2vec.quantization import blocks, lower_precision
+from lm2vec.blocks import blocks
+from lm2vec.quantization import lower_precision
 from tests.support import ARCHITECTURES, random_texts, tiny_config, tiny_encoder, tiny_model, tiny_tokenizer
 
 TEXTS = random_texts(20, seed=1)

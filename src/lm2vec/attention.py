@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .quantization import block_modules
+from .blocks import block_modules
 
 # Extra config flags some architectures read instead of (or besides) ``is_causal``.
 EXTRA_FLAGS: dict[str, dict[str, object]] = {

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
+from .blocks import block_modules, blocks
 from .cache import atomic_write, cache_dir, cache_key
 from .encoder import Encoder
 from .quantization import (
@@ -35,8 +36,6 @@ from .quantization import (
     ONEDNN,
     PRECISE,
     Plan,
-    block_modules,
-    blocks,
     linear_layers,
     linear_speeds,
     lowered_in_turn,

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .blocks import block_modules, blocks
 from .hardware import fast_int8, measured_once
 from .invariance import in_row_blocks
 
@@ -311,20 +312,6 @@ def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
                 layer(fresh)
                 seconds[name] = min(seconds[name], time.perf_counter() - start)
     return {name: seconds["float32"] / value for name, value in seconds.items()}
-
-
-def blocks(model: nn.Module) -> list[str]:
-    """The name prefixes of the model's transformer blocks (``layers.0.``, ``h.0.``, ...): the longest ModuleList."""
-    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        return []
-    size, name = max(lists)
-    return [f"{name}.{i}." for i in range(size)]
-
-
-def block_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer blocks themselves, in the order of :func:`blocks`."""
-    return [model.get_submodule(prefix.rstrip(".")) for prefix in blocks(model)]
 
 
 def linear_layers(model: nn.Module, block: str = "") -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..blocks import blocks
 from ..calibration import float_kind
 from ..choices import PoolingMode
 from ..encoder import Encoder
@@ -28,7 +29,7 @@ from ..hardware import describe_machine
 from ..loading import load
 from ..loading.model import load_tokenizer
 from ..loading.source import resolve_source
-from ..quantization import ONEDNN, blocks, linear_layers, lowered
+from ..quantization import ONEDNN, linear_layers, lowered
 from .config import STAGES, MNTPConfig, Recipe, StageConfig, load_recipe
 from .data import check_data
 from .mntp import mask_token_id
