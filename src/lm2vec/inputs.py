@@ -229,10 +229,7 @@ class ReferenceTokenization(Tokenization):
 
     def tokenize(self, instructions: list[str], texts: list[str]) -> tuple[list[list[int]], list[int]]:
         texts, bare = self._cut(texts)
-        parts = [
-            self.style.marked(instruction, text).split(ReferenceStyle.SEPARATOR)
-            for instruction, text in zip(instructions, texts, strict=True)
-        ]
+        parts = self._parts(instructions, texts)
         joined = ["".join(p) for p in parts]
         ids = self.filled(self.tokenizer(joined, truncation=True, max_length=self.max_length)["input_ids"])
         if not self.style.skip_instruction:
@@ -245,9 +242,13 @@ class ReferenceTokenization(Tokenization):
 
     def joined(self, instructions: list[str], texts: list[str]) -> list[str]:
         """The reference's strings (templated, the marker dropped), before its document cut."""
+        return ["".join(p) for p in self._parts(instructions, texts)]
+
+    def _parts(self, instructions: list[str], texts: list[str]) -> list[list[str]]:
+        """Each templated string split at the reference's marker: [instruction part, pooled part] (one part where
+        there is no marker)."""
         return [
-            "".join(self.style.marked(p, t).split(ReferenceStyle.SEPARATOR))
-            for p, t in zip(instructions, texts, strict=True)
+            self.style.marked(p, t).split(ReferenceStyle.SEPARATOR) for p, t in zip(instructions, texts, strict=True)
         ]
 
     def _bare(self, texts: list[str]) -> list[list[int]]:
