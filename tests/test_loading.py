@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lm2vec
@@ -181,6 +183,39 @@ def test_a_device_or_prompts_that_cannot_be_used_are_refused_before_loading(tiny
     for prompts in (["query: "], {"query": 3}):
         with pytest.raises(TypeError, match="prompts must map names to instructions"):
             lm2vec.load(tiny_dir, prompts=prompts)  # type: ignore[arg-type]
+
+
+def test_an_own_output_head_is_not_reported_and_weights_the_checkpoint_lacks_are_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A causal LM with an untied output head (most 7B models): transformers reported its weights as UNEXPECTED on
+    each first load. A checkpoint lacking a weight of the decoder loaded with that weight at random (transformers'
+    report, then embeddings of noise); one of another shape raised a bare RuntimeError."""
+    for model_type, base in (("llama", "model"), ("gpt_neox", "gpt_neox")):
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_config(tiny_config(model_type, pad_token_id=3, tie_word_embeddings=False))
+        lm.save_pretrained(tmp_path / model_type)
+        tiny_tokenizer().save_pretrained(tmp_path / model_type)
+        ignored = type(lm.base_model)._keys_to_ignore_on_load_unexpected
+        transformers_logger = logging.getLogger("transformers")  # its own handler; it does not propagate
+        transformers_logger.addHandler(caplog.handler)
+        try:
+            lm2vec.load(tmp_path / model_type, dtype="float32")
+        finally:
+            transformers_logger.removeHandler(caplog.handler)
+        assert "LOAD REPORT" not in caplog.text
+        assert type(lm.base_model)._keys_to_ignore_on_load_unexpected == ignored  # the class is left as it was
+        weights = load_file(tmp_path / model_type / "model.safetensors")
+        norm = next(key for key in weights if key.startswith(base) and "norm" in key and key.count(".") == 2)
+        broken = tmp_path / f"{model_type}-broken"
+        shutil.copytree(tmp_path / model_type, broken)
+        save_file({k: v for k, v in weights.items() if k != norm}, broken / "model.safetensors")
+        lacking = f"lacks 1 weight\\(s\\) of the {model_type} model \\({norm.removeprefix(base + '.')}\\)"
+        with pytest.raises(ModelLoadError, match=lacking):
+            lm2vec.load(broken, dtype="float32")
+        save_file(weights | {norm: torch.ones(7)}, broken / "model.safetensors")
+        with pytest.raises(ModelLoadError, match="cannot load the weights of .*ignore_mismatched_sizes"):
+            lm2vec.load(broken, dtype="float32")
 
 
 def test_missing_tokenizer(tiny_dir: Path):

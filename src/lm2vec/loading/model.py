@@ -4,8 +4,10 @@ safetensors weights only; models in lower precision cached as safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +22,10 @@ from ..cache import atomic_write, cache_dir, cache_key, folder_digests, mark_use
 from ..calibration import VERSION as CALIBRATION_VERSION
 from ..quantization import SCHEME, Plan, linear_speeds, lower_precision
 from .source import ModelLoadError, Source
+
+# A causal LM checkpoint's output head (``embed_out``: GPT-NeoX), which the encoder does not load.
+HEAD_KEYS = (r"^lm_head\.", r"^embed_out\.")
+_UNSET = object()
 
 
 def load_tokenizer(source: Source, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -71,16 +77,46 @@ def load_model(
     """Load the model with the attention mode set *before* it is built. Weights: safetensors only."""
     config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
     try:
-        return model_class.from_pretrained(
-            source.path,
-            config=config,
-            dtype=dtype,
-            attn_implementation=config._attn_implementation,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError, SafetensorError) as err:
+        with _head_keys_expected(model_class, config):
+            model, info = model_class.from_pretrained(
+                source.path,
+                config=config,
+                dtype=dtype,
+                attn_implementation=config._attn_implementation,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # RuntimeError: a weight of another shape
         raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err
+    if missing := sorted(info["missing_keys"]):  # transformers fills them at random and goes on: embeddings of noise
+        raise ModelLoadError(
+            f"the checkpoint {source.path} lacks {len(missing)} weight(s) of the {config.model_type} model "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): an incomplete download, or weights "
+            "of another architecture?"
+        )
+    return model
+
+
+@contextlib.contextmanager
+def _head_keys_expected(model_class: type[_BaseAutoModelClass], config: PretrainedConfig) -> Iterator[None]:
+    """The encoder is the causal LM without its output head: the head's weights in the checkpoint are expected, not
+    reported as UNEXPECTED on every load of a model with an untied head (sentence-transformers sets the same class
+    attribute the same way). Keys the decoder lacks or cannot use are still reported."""
+    mapping = model_class._model_mapping
+    if mapping is None or type(config) not in mapping:  # remote code: left to transformers' report
+        yield
+        return
+    cls = mapping[type(config)]
+    own = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
+    cls._keys_to_ignore_on_load_unexpected = [*(cls._keys_to_ignore_on_load_unexpected or []), *HEAD_KEYS]
+    try:
+        yield
+    finally:
+        if own is _UNSET:
+            del cls._keys_to_ignore_on_load_unexpected
+        else:
+            cls._keys_to_ignore_on_load_unexpected = own
 
 
 def cached_lower_model(
