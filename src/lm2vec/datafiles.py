@@ -67,6 +67,20 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     return [line for _, line in numbered_lines(path)]
 
 
+def first_record(path: str | os.PathLike) -> dict:
+    """The first non-blank line's object, read without the rest of the file; {} where it is none (the full read
+    names the line and what is wrong)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as lines:
+        for line in lines:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return {}
+                return record if isinstance(record, dict) else {}
+    return {}
+
+
 def read_jsonl(
     path: str | os.PathLike, required_fields: Iterable[str] | FieldTypes = (), optional_fields: FieldTypes | None = None
 ) -> list[dict]:

@@ -377,6 +377,40 @@ def test_every_architecture_trains_through_the_recipe_and_reloads_with_its_embed
     np.testing.assert_allclose(reloaded.encode(texts), trained, atol=1e-5)
 
 
+def test_pairs_without_negatives_and_sentence_transformers_column_names(tmp_path: Path, monkeypatch):
+    """sentence-transformers' datasets name the query "anchor", and many are (anchor, positive) pairs: they were
+    refused for a missing "query" / "negative" field. Pairs train on in-batch negatives only; a run does not mix
+    pairs with triplets (under DDP each device's candidates must number the same)."""
+    from lm2vec.training.data import Triplet, triplets
+    from lm2vec.training.supervised import TripletCollator
+
+    texts = random_texts(24, seed=5, max_words=8)
+    pairs = write_jsonl(tmp_path / "pairs" / "train.jsonl", [{"anchor": t, "positive": t + " w5"} for t in texts])
+    records = [{"anchor": t, "positive": t + " w5", "negative": texts[(i + 3) % 24]} for i, t in enumerate(texts)]
+    st_triplets = write_jsonl(tmp_path / "st.jsonl", records)
+    read = triplets([str(pairs)])
+    assert read[0] == Triplet("pairs", texts[0], texts[0] + " w5", None) and len(read) == 24
+    assert triplets([str(st_triplets)])[1] == Triplet("st", texts[1], texts[1] + " w5", texts[4])
+    encoder = tiny_encoder()
+    batch = TripletCollator(encoder.tokenization, {}, "")([read[:8]])
+    assert batch["query_input_ids"].shape[0] == batch["document_input_ids"].shape[0] == 8  # positives only
+    with pytest.raises(ValueError, match=r"mixes \(query, positive\) pairs \(pairs\) with triplets"):
+        triplets([str(pairs), str(st_triplets)])
+    with pytest.raises(ValueError, match=r"train.jsonl:1: missing field\(s\) 'query'"):
+        triplets([str(write_jsonl(tmp_path / "q" / "train.jsonl", [{"question": "w4", "positive": "w5"}]))])
+    monkeypatch.chdir(tmp_path)  # a name that is no file is a hub dataset; `datasets` finds a folder of that name
+    write_jsonl(tmp_path / "hub_pairs" / "train.jsonl", [{"anchor": t, "positive": t + " w5"} for t in texts])
+    assert triplets(["hub_pairs"])[2] == Triplet("hub_pairs", texts[2], texts[2] + " w5", None)
+    write_jsonl(tmp_path / "hub_other" / "train.jsonl", [{"question": t, "answer": t} for t in texts])
+    with pytest.raises(ValueError, match=r"hub_other: supervised data needs the columns query \(or anchor\)"):
+        triplets(["hub_other"])
+    config = SupervisedConfig(data=[str(pairs)], steps=2, batch_size=8, learning_rate=1e-2, **FAST)
+    trained = train_supervised(encoder, config, tmp_path / "out")
+    losses = logged_losses(tmp_path / "out")
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert np.abs(trained.encode(texts[:4]) - tiny_encoder().encode(texts[:4])).max() > 1e-4
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def test_malformed_training_line_names_file_and_line(tmp_path: Path):
     bad = tmp_path / "bad" / "train.jsonl"

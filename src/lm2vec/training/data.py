@@ -7,20 +7,27 @@ is refused before anything is trained.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ..datafiles import data_dir, read_jsonl, read_lines
+from ..datafiles import data_dir, first_record, read_jsonl, read_lines
 
 
 @dataclass(frozen=True)
 class Triplet:
+    """A supervised example; ``negative`` None in (query, positive) pair data (in-batch negatives only)."""
+
     dataset: str
     query: str
     positive: str
-    negative: str
+    negative: str | None = None
+
+
+# The query's column: lm2vec's and the reference's name, then sentence-transformers' (its hub datasets' "anchor").
+QUERY_COLUMNS = ("query", "anchor")
 
 
 def resolve_data(spec: str, root: str | os.PathLike | None = None) -> Path | str:
@@ -86,20 +93,43 @@ def chunks(
 
 
 def triplets(specs: list[str], root: str | os.PathLike | None = None) -> list[Triplet]:
-    """(query, positive, negative) records; the dataset is named after the file's folder (or the hub id)."""
+    """(query, positive, negative) records, or (query, positive) pairs where a file or hub dataset has no negative
+    column; ``anchor`` is taken for ``query`` (sentence-transformers' datasets). The dataset is named after the file's
+    folder (or the hub id). Triplets and pairs are not mixed in one run: every batch, and under DDP every device's
+    share of it, has the same number of candidates."""
     if not specs:
         raise ValueError("no training data given")
-    fields = {"query": str, "positive": str, "negative": str}
     out: list[Triplet] = []
     for spec in specs:
         source = resolve_data(spec, root)
         if isinstance(source, Path):
             name = source.parent.name if source.stem == "train" else source.stem
-            out.extend(Triplet(name, r["query"], r["positive"], r["negative"]) for r in read_jsonl(source, fields))
+            query, negative = _columns(first_record(source))  # the first record sets the columns of every line
+            fields = dict.fromkeys([query, "positive", *([negative] if negative else [])], str)
+            records = read_jsonl(source, fields)
         else:
-            rows = _hub(source)
-            out.extend(
-                Triplet(source, q, p, n)
-                for q, p, n in zip(rows["query"], rows["positive"], rows["negative"], strict=True)
-            )
+            name, rows = source, _hub(source)
+            query, negative = _columns(rows.column_names)
+            if query not in rows.column_names or "positive" not in rows.column_names:
+                raise ValueError(
+                    f"{source}: supervised data needs the columns query (or anchor) and positive, optionally "
+                    f"negative; it has {rows.column_names}"
+                )
+            records = rows.select_columns([query, "positive", *([negative] if negative else [])]).to_list()
+        out.extend(Triplet(name, r[query], r["positive"], r[negative] if negative else None) for r in records)
+    kinds = {t.dataset: t.negative is not None for t in out}
+    if len(set(kinds.values())) > 1:
+        pairs = sorted(name for name, has in kinds.items() if not has)
+        raise ValueError(
+            f"the supervised data mixes (query, positive) pairs ({', '.join(pairs)}) with triplets that have a "
+            "negative: train on one kind"
+        )
     return out
+
+
+def _columns(names: Iterable[str]) -> tuple[str, str | None]:
+    """The query's column (the first of :data:`QUERY_COLUMNS` present, else "query" for the error to name) and the
+    negative's, if there is one."""
+    names = set(names)
+    query = next((column for column in QUERY_COLUMNS if column in names), QUERY_COLUMNS[0])
+    return query, "negative" if "negative" in names else None

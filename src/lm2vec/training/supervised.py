@@ -1,4 +1,5 @@
-"""Stage 3 (optional), supervised contrastive learning on (query, positive, hard negative) triplets.
+"""Stage 3 (optional), supervised contrastive learning on (query, positive, hard negative) triplets, or on
+(query, positive) pairs with in-batch negatives only.
 
 Queries carry their dataset's instruction (attended to, not pooled); each batch comes from one dataset;
 every query scores its positive against all positives and hard negatives of the batch (and of the other
@@ -56,7 +57,8 @@ class TripletCollator:
         rows = [t for batch in items for t in batch]
         instruction = [self.instructions.get(t.dataset, self.default) for t in rows]
         queries = self.tokenization(instruction, [t.query for t in rows])
-        documents = self.tokenization([""] * 2 * len(rows), [t.positive for t in rows] + [t.negative for t in rows])
+        negatives = [t.negative for t in rows if t.negative is not None]  # a batch is one dataset: all or none
+        documents = self.tokenization([""] * (len(rows) + len(negatives)), [t.positive for t in rows] + negatives)
         out: dict[str, torch.Tensor] = {}
         for side, batch in zip(SIDES, (queries, documents), strict=True):
             out |= {f"{side}_{k}": getattr(batch, k) for k in ("input_ids", "attention_mask", "pool_mask")}
