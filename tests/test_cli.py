@@ -50,9 +50,13 @@ def test_encode_says_which_texts_max_length_cut(tiny_dir, tmp_path):
     done = run("encode", tiny_dir, source, "-o", tmp_path / "out.npy", "--max-length", "8")
     assert done.returncode == 0, done.stderr
     assert "2 of 4 texts were longer than 8 tokens" in done.stderr and "(texts 2, 4)" in done.stderr
+    assert "raise --max-length" in done.stderr
     done = run("encode", tiny_dir, source, "-o", tmp_path / "out.npy", "--max-length", "20")
     assert done.returncode == 0, done.stderr
     assert "longer than" not in done.stderr
+    source.write_text(" ".join(["w6"] * 80) + "\n")  # past the tiny model's 64 positions: a longer limit is refused
+    done = run("encode", tiny_dir, source, "-o", tmp_path / "out.npy")
+    assert "1 of 1 texts were longer than 64 tokens" in done.stderr and "the model has no more positions" in done.stderr
 
 
 def test_malformed_jsonl_is_a_clean_error_naming_the_line(tiny_dir, tmp_path):

@@ -69,6 +69,8 @@ def load(args: argparse.Namespace, model: str | None = None) -> lm2vec.Encoder:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    from lm2vec.encoder import model_positions
+
     items = read_inputs(Path(args.input), args.field)
     check_writable(Path(args.output))  # before the model loads and the texts are embedded, not after
     encoder = load(args)
@@ -96,9 +98,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
     )
     if cut := encoder.truncated(items, prompt_name=args.prompt_name, instruction=args.instruction):
         first = ", ".join(str(i + 1) for i in cut[:5]) + (", ..." if len(cut) > 5 else "")
+        positions = model_positions(encoder.model.config)
+        more = (
+            "the model has no more positions: split them, or see late chunking (encoder.late_chunks)"
+            if positions is not None and encoder.max_length >= positions
+            else "raise --max-length to embed more of them"
+        )
         print(
             f"lm2vec: {len(cut)} of {len(items)} texts were longer than {encoder.max_length} tokens and only their "
-            f"beginning was embedded (texts {first}); raise --max-length to embed more of them",
+            f"beginning was embedded (texts {first}); {more}",
             file=sys.stderr,
         )
     return 0
