@@ -173,6 +173,11 @@ def test_a_mask_token_the_vocabulary_lacks_fails_before_the_weights_load(causal_
     config = MNTPConfig(data=[str(corpus)], steps=2, batch_size=4, mask_token="<nothing>", **FAST)
     with pytest.raises(ValueError, match="mask_token '<nothing>' is not a single token of this tokenizer"):
         train_mntp(str(causal_lm_dir), config, tmp_path / "mntp")
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(causal_lm_dir)
+    with pytest.raises(ValueError, match="mask_token 'eos': this tokenizer has no EOS token"):  # not a None id
+        train_mntp(str(causal_lm_dir), replace(config, mask_token="eos"), tmp_path / "mntp")
     from lm2vec.training import Recipe, convert
 
     recipe = Recipe("tiny", "test", "test", [("mntp", config)])

@@ -33,6 +33,8 @@ def mask_token_id(tokenizer: PreTrainedTokenizerBase, choice: str) -> int:
     added to the tokenizer; the model's embeddings grow to match once it is loaded). Asked of the tokenizer alone, so
     a token the vocabulary lacks fails before any weights load."""
     if choice == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("mask_token 'eos': this tokenizer has no EOS token; use one of its tokens or 'new'")
         return tokenizer.eos_token_id
     if choice == "new":
         if tokenizer.mask_token is None:
