@@ -385,7 +385,9 @@ def test_every_architecture_trains_through_the_recipe_and_reloads_with_its_embed
 def test_pairs_without_negatives_and_sentence_transformers_column_names(tmp_path: Path, monkeypatch):
     """sentence-transformers' datasets name the query "anchor", and many are (anchor, positive) pairs: they were
     refused for a missing "query" / "negative" field. Pairs train on in-batch negatives only; a run does not mix
-    pairs with triplets (under DDP each device's candidates must number the same)."""
+    pairs with triplets (under DDP each device's candidates must number the same). A hub dataset without the columns
+    a stage reads is a ValueError naming them, not a KeyError."""
+    from lm2vec.training import data
     from lm2vec.training.data import Triplet, triplets
     from lm2vec.training.supervised import TripletCollator
 
@@ -409,6 +411,8 @@ def test_pairs_without_negatives_and_sentence_transformers_column_names(tmp_path
     write_jsonl(tmp_path / "hub_other" / "train.jsonl", [{"question": t, "answer": t} for t in texts])
     with pytest.raises(ValueError, match=r"hub_other: supervised data needs the columns query \(or anchor\)"):
         triplets(["hub_other"])
+    with pytest.raises(ValueError, match=r"hub_other: MNTP and SimCSE data needs a 'text' column; it has \['questi"):
+        data.texts(["hub_other"])  # not a KeyError
     config = SupervisedConfig(data=[str(pairs)], steps=2, batch_size=8, learning_rate=1e-2, **FAST)
     trained = train_supervised(encoder, config, tmp_path / "out")
     losses = logged_losses(tmp_path / "out")

@@ -66,7 +66,10 @@ def texts(specs: list[str], root: str | os.PathLike | None = None) -> list[str]:
         if isinstance(source, Path):
             out.extend(read_jsonl_texts(source) if source.suffix == ".jsonl" else read_lines(source))
         else:
-            out.extend(t for t in _hub(source)["text"] if t.strip())
+            rows = _hub(source)
+            if "text" not in rows.column_names:
+                raise ValueError(f"{source}: MNTP and SimCSE data needs a 'text' column; it has {rows.column_names}")
+            out.extend(t for t in rows["text"] if t.strip())
     return out
 
 
