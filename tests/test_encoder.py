@@ -137,6 +137,21 @@ def test_prompt_errors():
         enc.encode("w4", batch_size=0)
 
 
+@pytest.mark.parametrize(
+    "options,error,message",
+    [  # each was taken: a string batch size failed deep inside, "no" normalized, True kept one dimension
+        (dict(batch_size="8"), ValueError, "batch_size must be a positive integer, got '8'"),
+        (dict(max_tokens=1.5), ValueError, "max_tokens must be a positive integer, got 1.5"),
+        (dict(normalize_embeddings="no"), TypeError, "normalize_embeddings must be True or False, got 'no'"),
+        (dict(convert_to_tensor="no"), TypeError, "convert_to_tensor must be True or False, got 'no'"),
+        (dict(truncate_dim=True), ValueError, "truncate_dim must be an integer from 1 to the model's dimension 64"),
+    ],
+)
+def test_encode_options_of_the_wrong_type_are_refused(options: dict, error: type[Exception], message: str):
+    with pytest.raises(error, match=message):
+        tiny_encoder().encode(TEXTS, **options)
+
+
 def st_encode(path: Path, texts: list[str], **kwargs) -> np.ndarray:
     return SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True, **kwargs)
 

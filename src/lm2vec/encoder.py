@@ -80,6 +80,14 @@ def check_length(config: PretrainedConfig, max_length: int) -> None:
         )
 
 
+def check_batching(batch_size: int, max_tokens: int | None) -> None:
+    """``batch_size`` and ``max_tokens`` (None: the device's default) are positive integers: checked before any text
+    is tokenized."""
+    check_positive("batch_size", batch_size)
+    if max_tokens is not None:
+        check_positive("max_tokens", max_tokens)
+
+
 class Encoder:
     """Turns texts into embeddings with a decoder-only LLM.
 
@@ -246,6 +254,13 @@ class Encoder:
         ``precision`` (int8, uint8, binary, ubinary) shrink the output as sentence-transformers does.
         """
         check_output_options(self.dim, truncate_dim, precision)
+        check_batching(batch_size, max_tokens)
+        for name, flag in (
+            ("normalize_embeddings", normalize_embeddings),
+            ("convert_to_numpy", convert_to_numpy),
+            ("convert_to_tensor", convert_to_tensor),
+        ):
+            check_flag(name, flag)
         default = self.resolve_instruction(prompt_name, prompt, instruction)
         instructions, texts, single = normalize(sentences, default)
         embeddings = self._embed_texts(instructions, texts, batch_size, max_tokens, show_progress_bar)
@@ -322,9 +337,7 @@ class Encoder:
         by each batch's texts instead of a bar of its own. On a GPU, batches are queued without waiting for
         results (one copy to the host at the end), so the next batch is prepared while this one runs.
         """
-        check_positive("batch_size", batch_size)
-        if max_tokens is not None:
-            check_positive("max_tokens", max_tokens)
+        check_batching(batch_size, max_tokens)
         prefix = prefix if prefix is not None else [0] * len(ids)
         if max_tokens is None and self.device.type == "cpu":
             max_tokens = CPU_MAX_TOKENS

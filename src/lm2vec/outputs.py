@@ -19,7 +19,9 @@ PRECISIONS: tuple[str, ...] = ("float32", "int8", "uint8", "binary", "ubinary")
 
 def check_output_options(dim: int, truncate_dim: int | None, precision: str) -> None:
     """Fail before any model work on options that cannot apply."""
-    if truncate_dim is not None and (not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= dim):
+    if truncate_dim is not None and (
+        isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= dim
+    ):
         raise ValueError(f"truncate_dim must be an integer from 1 to the model's dimension {dim}, got {truncate_dim!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
