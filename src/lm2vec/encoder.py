@@ -111,6 +111,8 @@ class Encoder:
         batch_invariant: bool = True,
         reference_style: ReferenceStyle | None = None,
         matryoshka_dims: tuple[int, ...] | None = None,
+        normalize: bool = False,
+        include_prompt: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -127,6 +129,10 @@ class Encoder:
         self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
+        for name, flag in (("normalize", normalize), ("include_prompt", include_prompt)):
+            check_flag(name, flag)
+        self.normalize = normalize  # sentence-transformers' Normalize module: every output has unit length
+        self.include_prompt = include_prompt  # its Pooling's include_prompt: instruction tokens pooled too
         self.max_length = fitted_length(model.config) if max_length is None else max_length  # builds self.tokenization
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
@@ -182,6 +188,8 @@ class Encoder:
             "batch_invariant": self.batch_invariant,
             "reference_style": self.reference_style,
             "matryoshka_dims": self.matryoshka_dims,
+            "normalize": self.normalize,
+            "include_prompt": self.include_prompt,
         }
 
     # -- encoding ----------------------------------------------------------------------------------
@@ -331,14 +339,16 @@ class Encoder:
         show_progress_bar: bool | None = None,
         progress: tqdm | None = None,
     ) -> torch.Tensor:
-        """Embed token id rows (each at most ``max_length``; ``prefix``: instruction tokens not to pool).
+        """Embed token id rows (each at most ``max_length``; ``prefix``: instruction tokens, not pooled unless
+        ``include_prompt``).
 
-        Returns a float32 (rows, dim) tensor in input order, unnormalized. ``progress``: a bar to advance
+        Returns a float32 (rows, dim) tensor in input order, of unit length where the encoder ``normalize``s
+        (sentence-transformers' Normalize module), else as pooled. ``progress``: a bar to advance
         by each batch's texts instead of a bar of its own. On a GPU, batches are queued without waiting for
         results (one copy to the host at the end), so the next batch is prepared while this one runs.
         """
         check_batching(batch_size, max_tokens)
-        prefix = prefix if prefix is not None else [0] * len(ids)
+        prefix = prefix if prefix is not None and not self.include_prompt else [0] * len(ids)
         if max_tokens is None and self.device.type == "cpu":
             max_tokens = CPU_MAX_TOKENS
         lengths = [len(row) for row in ids]
@@ -365,7 +375,8 @@ class Encoder:
         if not chunks:
             return torch.empty(0, self.dim)
         order = torch.from_numpy(np.concatenate(batches))
-        return torch.cat(chunks).cpu()[torch.argsort(order)]
+        embeddings = torch.cat(chunks).cpu()[torch.argsort(order)]
+        return torch.nn.functional.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     @contextlib.contextmanager
     def batch_variant(self) -> Iterator[None]:
@@ -456,6 +467,8 @@ class Encoder:
             bidirectional=self.bidirectional,
             reference_style=self.reference_style,
             matryoshka_dims=self.matryoshka_dims,
+            normalize=self.normalize,
+            include_prompt=self.include_prompt,
         )
         st_format.write(path, self.dim, settings)
         write_card(path, model.config, self.dim, settings, training)
@@ -492,6 +505,8 @@ class Encoder:
             "packed": packed,
             "prompts": self.prompts,
             "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",
+            "include_prompt": self.include_prompt,
+            "normalize": self.normalize,
         }
 
     def fingerprint(self, extra: object = None) -> str:
@@ -503,6 +518,7 @@ class Encoder:
         """
         info = self.info()
         settings = {key: info[key] for key in ("architecture", "attention", "pooling", "max_length", "dtype")}
+        settings |= {key: True for key in ("include_prompt", "normalize") if info[key]}  # absent: earlier keys stand
         tokenizer = [type(self.tokenizer).__name__, len(self.tokenizer)]
         weights = []
         with torch.no_grad():

@@ -25,7 +25,8 @@ def write_card(
         "the reference llm2vec's (instruction and text joined by a space, only the text's own tokens pooled; "
         "reproduced by lm2vec, not by sentence-transformers)"
         if settings.reference_style
-        else "a prefix, its tokens attended to but not pooled (sentence-transformers' prompts)"
+        else f"a prefix, its tokens attended to {'and' if settings.include_prompt else 'but not'} pooled "
+        "(sentence-transformers' prompts)"
     )
     lines = [
         "---",
@@ -38,7 +39,8 @@ def write_card(
         "LLM2Vec recipe (BehnamGhader et al., 2024).",
         "",
         f"- Attention: {'bidirectional' if settings.bidirectional else 'causal'}",
-        f"- Pooling: {settings.pooling.value}; {dim} dimensions; at most {settings.max_length} tokens per text",
+        f"- Pooling: {settings.pooling.value}{', normalized' if settings.normalize else ''}; {dim} dimensions; at most "
+        f"{settings.max_length} tokens per text",
         *(
             [f"- Trained for truncation (Matryoshka) to {', '.join(map(str, settings.matryoshka_dims))} dimensions"]
             if settings.matryoshka_dims

@@ -1,7 +1,8 @@
 """The sentence-transformers directory layout: what ``SentenceTransformer(path)``, TEI, vLLM and MTEB read.
 
-lm2vec writes a Transformer module and a Pooling module, in the long-standing (legacy) key names that every
-reader of the format understands; :mod:`lm2vec.loading.saved` reads such directories back.
+lm2vec writes a Transformer module and a Pooling module (and a Normalize module where the encoder normalizes), in
+the long-standing (legacy) key names that every reader of the format understands; :mod:`lm2vec.loading.saved` reads
+such directories back, lm2vec's and other decoder embedding models' (Transformer, Pooling, Normalize).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from .inputs import ReferenceStyle
 
 POOLING_DIR = "1_Pooling"
 LM2VEC_CONFIG = "lm2vec_config.json"  # what only lm2vec reproduces: the reference llm2vec's instruction convention
+NORMALIZE_DIR = "2_Normalize"
 # The module types lm2vec reproduces (matched on the class name, the last part of modules.json's "type").
-MODULES = ("Transformer", "Pooling")
+MODULES = ("Transformer", "Pooling", "Normalize")
 # sentence-transformers' pooling modes: its legacy config keys -> its mode names, and lm2vec's modes -> those names.
 ST_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -45,6 +47,8 @@ class STSettings:
     bidirectional: bool = True
     reference_style: ReferenceStyle | None = None  # kept in LM2VEC_CONFIG; sentence-transformers does not read it
     matryoshka_dims: tuple[int, ...] | None = None  # the truncations it was trained for (LM2VEC_CONFIG)
+    normalize: bool = False  # a Normalize module after the pooling
+    include_prompt: bool = False  # the Pooling module pools the prompt's tokens too (sentence-transformers' default)
 
 
 def write(path: Path, dim: int, settings: STSettings) -> None:
@@ -53,9 +57,12 @@ def write(path: Path, dim: int, settings: STSettings) -> None:
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
     ]
+    if settings.normalize:
+        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": "sentence_transformers.models.Normalize"})
+        (path / NORMALIZE_DIR).mkdir(exist_ok=True)
     chosen = ST_POOLING_NAMES[settings.pooling]
     pooling: dict[str, object] = {key: name == chosen for key, name in ST_POOLING_KEYS.items()}
-    pooling |= {"word_embedding_dimension": dim, "include_prompt": False}
+    pooling |= {"word_embedding_dimension": dim, "include_prompt": settings.include_prompt}
     st_config = {
         "prompts": settings.prompts,
         "default_prompt_name": settings.default_prompt_name,

@@ -96,6 +96,8 @@ def load(
             bidirectional=bidirectional,
             reference_style=saved.reference_style if saved else None,
             matryoshka_dims=saved.matryoshka_dims if saved else None,
+            normalize=saved.normalize if saved else False,
+            include_prompt=saved.include_prompt if saved else False,
         )
 
     def cached() -> PreTrainedModel | None:

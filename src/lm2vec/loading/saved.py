@@ -1,8 +1,9 @@
 """Read back the settings a saved sentence-transformers directory carries (pooling, max length, prompts, attention).
 
-A directory whose modules or pooling lm2vec cannot reproduce (Dense, Normalize, max or mean-sqrt-len pooling,
-several pooling modes concatenated) is refused by name: loading it anyway would give other vectors than
-sentence-transformers gives.
+A directory whose modules or pooling lm2vec cannot reproduce (Dense, max or mean-sqrt-len pooling, several pooling
+modes concatenated) is refused by name: loading it anyway would give other vectors than sentence-transformers gives.
+Attention follows ``is_causal`` in its ``config.json``: lm2vec writes it; a directory without it (a decoder embedding
+model saved by sentence-transformers) runs causal, as sentence-transformers runs it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def read_saved_settings(path: Path) -> STSettings | None:
         )
     pooling_dirs = [m.get("path") or POOLING_DIR for m in modules if str(m.get("type")).endswith("Pooling")]
     pooling_file = path / (pooling_dirs[0] if pooling_dirs else POOLING_DIR) / "config.json"
+    pooling = _load(pooling_file) if pooling_file.is_file() else {}
     bert_file = path / "sentence_bert_config.json"
     max_length = (_load(bert_file) if bert_file.is_file() else {}).get("max_seq_length") or 512
     st_file = path / "config_sentence_transformers.json"
@@ -40,13 +42,15 @@ def read_saved_settings(path: Path) -> STSettings | None:
     own = _load(path / LM2VEC_CONFIG) if (path / LM2VEC_CONFIG).is_file() else {}
     style, dims = own.get("reference_style"), own.get("matryoshka_dims")
     return STSettings(
-        bidirectional=hf_config.get("is_causal") is not True,
-        pooling=_pooling_mode(_load(pooling_file) if pooling_file.is_file() else {}, pooling_file),
+        bidirectional=hf_config.get("is_causal") is False,
+        pooling=_pooling_mode(pooling, pooling_file),
         max_length=int(max_length),
         prompts=dict(st_config.get("prompts") or {}),
         default_prompt_name=st_config.get("default_prompt_name"),
         reference_style=ReferenceStyle.from_json(style) if style else None,
         matryoshka_dims=tuple(int(d) for d in dims) if dims else None,
+        normalize=any(str(m.get("type")).endswith("Normalize") for m in modules),
+        include_prompt=pooling.get("include_prompt", True) is not False,  # sentence-transformers' default: pooled
     )
 
 
