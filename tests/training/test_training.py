@@ -23,6 +23,7 @@ from lm2vec.evaluation import evaluate_sts
 from lm2vec.evaluation.sts import load_sts
 from lm2vec.hardware import describe_machine
 from lm2vec.inputs import Tokenization
+from lm2vec.loading import ModelLoadError
 from lm2vec.training import (
     MNTPConfig,
     NonFiniteLossError,
@@ -155,6 +156,20 @@ def test_mntp_chunks_fit_the_positions_of_a_model_with_fewer(corpus: Path, tmp_p
         )
     assert encoder.max_length == 64
     assert np.isfinite(encoder.encode(" ".join(["w7"] * 300))).all()
+
+
+def test_mntp_from_an_encoder_without_the_lm_head_is_refused(corpus: Path, tmp_path: Path):
+    """An embedding model saved without its untied LM head (a sentence-transformers decoder embedding model, an
+    lm2vec encoder): MNTP trained against a head transformers had filled at random."""
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_config("llama", pad_token_id=3, tie_word_embeddings=False))
+    lm.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    headless = lm2vec.load(tmp_path / "lm", dtype="float32").save(tmp_path / "encoder")
+    config = MNTPConfig(data=[str(corpus)], steps=1, batch_size=2, mask_token="eos", **FAST)
+    with pytest.raises(ModelLoadError, match=r"has no output head \(lm_head.weight\), which MNTP predicts"):
+        train_mntp(str(headless), config, tmp_path / "mntp")
+    train_mntp(str(tmp_path / "lm"), config, tmp_path / "mntp")  # the causal LM itself trains
 
 
 def test_a_new_mask_token_grows_the_vocabulary_and_the_saved_encoder_keeps_it(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,10 +91,15 @@ def load_model(
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # RuntimeError: a weight of another shape
         raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err
     if missing := sorted(info["missing_keys"]):  # transformers fills them at random and goes on: embeddings of noise
+        named = f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+        if all(re.match("|".join(HEAD_KEYS), key) for key in missing):
+            raise ModelLoadError(
+                f"the checkpoint {source.path} has no output head ({named}), which MNTP predicts masked tokens with: "
+                "start from the causal LM, not from an embedding model saved without its head"
+            )
         raise ModelLoadError(
             f"the checkpoint {source.path} lacks {len(missing)} weight(s) of the {config.model_type} model "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): an incomplete download, or weights "
-            "of another architecture?"
+            f"({named}): an incomplete download, or weights of another architecture?"
         )
     return model
 
