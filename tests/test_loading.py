@@ -243,6 +243,38 @@ def test_a_decoder_embedding_model_saved_by_sentence_transformers_gives_its_vect
     assert lm2vec.load(saved, dtype="float32").info()["normalize"]
 
 
+def test_what_sentence_transformers_does_to_texts_beyond_lm2vec_is_refused_and_its_length_read(tmp_path: Path):
+    """sentence-transformers >= 6 renders texts through the tokenizer's chat template where it has one (every
+    instruct model) and keeps the length in the tokenizer, not in its own config: such a model gave other vectors
+    than sentence-transformers' and the 512 default."""
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", pad_token_id=3)).save_pretrained(tmp_path / "lm")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}w9 {{ m['content'] }} w10{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "lm")
+    pooling = models.Pooling(64, pooling_mode="mean")
+    SentenceTransformer(modules=[models.Transformer(str(tmp_path / "lm")), pooling], device="cpu").save(
+        str(tmp_path / "chat")
+    )
+    with pytest.raises(ModelLoadError, match="renders each text through the tokenizer's chat template"):
+        lm2vec.load(tmp_path / "chat")
+    text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+    transformer = models.Transformer(
+        str(tmp_path / "lm"), max_seq_length=24, modality_config=text_only, module_output_name="token_embeddings"
+    )
+    model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
+    model.save(str(tmp_path / "text"))
+    encoder = lm2vec.load(tmp_path / "text", dtype="float32")
+    assert encoder.max_length == 24
+    texts = random_texts(4, seed=6, max_words=40)  # some past 24 tokens: cut where sentence-transformers cuts
+    np.testing.assert_allclose(encoder.encode(texts), model.encode(texts), atol=1e-5)
+    _edit_json(tmp_path / "text" / "sentence_bert_config.json", lambda config: config | {"do_lower_case": True})
+    with pytest.raises(ModelLoadError, match="lower-cases texts"):
+        lm2vec.load(tmp_path / "text")
+
+
 def test_missing_tokenizer(tiny_dir: Path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tiny_dir / name).unlink()

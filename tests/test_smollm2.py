@@ -158,3 +158,27 @@ def test_save_reload_in_sentence_transformers(smollm2: lm2vec.Encoder, tmp_path:
     # Without that space both count alike.
     bare = QUERY.rstrip()
     np.testing.assert_allclose(st.encode(texts, prompt=bare), smollm2.encode(texts, prompt=bare), atol=1e-3)
+
+
+def test_the_built_in_model_as_a_sentence_transformers_embedding_model_gives_its_vectors(tmp_path: Path):
+    """SmolLM2 built into a decoder embedding model by sentence-transformers (last token, Normalize, an instruction
+    pooled with the text, plain text rather than its chat template): lm2vec.load gives sentence-transformers'
+    vectors, running the model causal as it does (on 300 STS-B dev sentences: cosine >= 0.9999999, |diff| <= 9e-7)."""
+    from sentence_transformers import models
+
+    texts = stsb_sentences(8)
+    text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+    transformer = models.Transformer(
+        str(resolve_source(None).path), modality_config=text_only, module_output_name="token_embeddings"
+    )
+    modules = [transformer, models.Pooling(576, pooling_mode="lasttoken"), models.Normalize()]
+    model = SentenceTransformer(
+        modules=modules, prompts={"query": "Instruct: find similar sentences\nQuery: "}, device="cpu"
+    )
+    model.save(str(tmp_path / "st"))
+    encoder = lm2vec.load(tmp_path / "st", dtype="float32")
+    assert not encoder.bidirectional and encoder.normalize
+    for name in (None, "query"):
+        np.testing.assert_allclose(
+            encoder.encode(texts, prompt_name=name), model.encode(texts, prompt_name=name), atol=1e-4
+        )

@@ -35,7 +35,10 @@ def read_saved_settings(path: Path) -> STSettings | None:
     pooling_file = path / (pooling_dirs[0] if pooling_dirs else POOLING_DIR) / "config.json"
     pooling = _load(pooling_file) if pooling_file.is_file() else {}
     bert_file = path / "sentence_bert_config.json"
-    max_length = (_load(bert_file) if bert_file.is_file() else {}).get("max_seq_length") or 512
+    transformer = _load(bert_file) if bert_file.is_file() else {}
+    _check_transformer(transformer, bert_file)
+    # sentence-transformers >= 6 keeps the length in the tokenizer's model_max_length, no longer in its own config
+    max_length = transformer.get("max_seq_length") or _tokenizer_max_length(path) or 512
     st_file = path / "config_sentence_transformers.json"
     st_config = _load(st_file) if st_file.is_file() else {}
     hf_config = _load(path / "config.json") if (path / "config.json").is_file() else {}
@@ -52,6 +55,32 @@ def read_saved_settings(path: Path) -> STSettings | None:
         normalize=any(str(m.get("type")).endswith("Normalize") for m in modules),
         include_prompt=pooling.get("include_prompt", True) is not False,  # sentence-transformers' default: pooled
     )
+
+
+def _check_transformer(config: dict, where: Path) -> None:
+    """Refuse by name what sentence-transformers' Transformer module does to texts that lm2vec does not."""
+    problems, hint = [], ""
+    if "message" in (config.get("modality_config") or {}):  # sentence-transformers >= 6, a tokenizer with a template
+        problems.append("renders each text through the tokenizer's chat template (modality_config 'message')")
+        hint = (
+            "; for plain text, save it with modality_config={'text': {'method': 'forward', "
+            "'method_output_name': 'last_hidden_state'}}"
+        )
+    if config.get("do_lower_case"):
+        problems.append("lower-cases texts (do_lower_case)")
+    if (task := config.get("transformer_task", "feature-extraction")) != "feature-extraction":
+        problems.append(f"runs the {task!r} task")
+    if problems:
+        raise ModelLoadError(
+            f"{where}: its Transformer module {' and '.join(problems)}, which lm2vec does not reproduce{hint}"
+        )
+
+
+def _tokenizer_max_length(path: Path) -> int | None:
+    """The tokenizer's ``model_max_length``, where it is a length (unset, transformers writes a huge sentinel)."""
+    config_file = path / "tokenizer_config.json"
+    length = (_load(config_file) if config_file.is_file() else {}).get("model_max_length")
+    return length if isinstance(length, int) and 0 < length < 1 << 30 else None
 
 
 def _pooling_mode(config: dict, where: Path) -> PoolingMode:
