@@ -129,11 +129,11 @@ class Encoder:
         self._packing: bool | None = None  # decided on first use: see packs()
         self.reference_style = reference_style
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
-        for name, flag in (("normalize", normalize), ("include_prompt", include_prompt)):
-            check_flag(name, flag)
+        check_flag("normalize", normalize)
         self.normalize = normalize  # sentence-transformers' Normalize module: every output has unit length
-        self.include_prompt = include_prompt  # its Pooling's include_prompt: instruction tokens pooled too
+        self._include_prompt = False
         self.max_length = fitted_length(model.config) if max_length is None else max_length  # builds self.tokenization
+        self.include_prompt = include_prompt
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
@@ -151,8 +151,22 @@ class Encoder:
         check_length(self.model.config, value)
         style = self.reference_style  # a new tokenization: its instructions were checked against the old length
         self.tokenization = (
-            ReferenceTokenization(self.tokenizer, value, style) if style else Tokenization(self.tokenizer, value)
+            ReferenceTokenization(self.tokenizer, value, style)
+            if style
+            else Tokenization(self.tokenizer, value, self._include_prompt)
         )
+
+    @property
+    def include_prompt(self) -> bool:
+        """Whether an instruction's tokens are pooled with the text's (sentence-transformers' Pooling setting, read
+        from its directories); lm2vec's encoders attend to them but pool only the text."""
+        return self._include_prompt
+
+    @include_prompt.setter
+    def include_prompt(self, value: bool) -> None:
+        check_flag("include_prompt", value)
+        self._include_prompt = value
+        self.max_length = self.max_length  # a tokenization that marks instructions accordingly
 
     max_seq_length = max_length
 
@@ -339,8 +353,7 @@ class Encoder:
         show_progress_bar: bool | None = None,
         progress: tqdm | None = None,
     ) -> torch.Tensor:
-        """Embed token id rows (each at most ``max_length``; ``prefix``: instruction tokens, not pooled unless
-        ``include_prompt``).
+        """Embed token id rows (each at most ``max_length``; ``prefix``: instruction tokens not to pool).
 
         Returns a float32 (rows, dim) tensor in input order, of unit length where the encoder ``normalize``s
         (sentence-transformers' Normalize module), else as pooled. ``progress``: a bar to advance
@@ -348,7 +361,7 @@ class Encoder:
         results (one copy to the host at the end), so the next batch is prepared while this one runs.
         """
         check_batching(batch_size, max_tokens)
-        prefix = prefix if prefix is not None and not self.include_prompt else [0] * len(ids)
+        prefix = prefix if prefix is not None else [0] * len(ids)
         if max_tokens is None and self.device.type == "cpu":
             max_tokens = CPU_MAX_TOKENS
         lengths = [len(row) for row in ids]

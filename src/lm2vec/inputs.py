@@ -97,11 +97,13 @@ class Batch:
 
 
 class Tokenization:
-    """Tokenizes (instruction, text) batches in one call and marks the instruction tokens."""
+    """Tokenizes (instruction, text) batches in one call and marks the instruction tokens, which are not pooled
+    unless ``include_prompt`` (sentence-transformers' Pooling setting of that name)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, include_prompt: bool = False):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.include_prompt = include_prompt
         self._instruction_ids: dict[str, list[int]] = {}  # an instruction's ids as it starts a row, specials included
 
     def instruction_lengths(self, instructions: list[str]) -> list[int]:
@@ -130,7 +132,7 @@ class Tokenization:
         elsewhere the leading tokens the row shares with the instruction alone (a merged token differs).
         """
         self.instruction_lengths(instructions)  # also refuses an instruction that leaves no room
-        by_offsets = self.tokenizer.is_fast and any(instructions)
+        by_offsets = self.tokenizer.is_fast and any(instructions) and not self.include_prompt
         encoded = self.tokenizer(
             self.joined(instructions, texts),
             truncation=True,
@@ -138,7 +140,9 @@ class Tokenization:
             return_offsets_mapping=by_offsets,
         )
         rows = encoded["input_ids"]
-        if by_offsets:
+        if self.include_prompt:
+            lengths = [0] * len(rows)
+        elif by_offsets:
             lengths = [
                 instruction_tokens(offsets, len(p)) if p else 0
                 for offsets, p in zip(encoded["offset_mapping"], instructions, strict=True)

@@ -435,6 +435,23 @@ def test_pairs_without_negatives_and_sentence_transformers_column_names(tmp_path
     assert np.abs(trained.encode(texts[:4]) - tiny_encoder().encode(texts[:4])).max() > 1e-4
 
 
+def test_queries_pool_their_instruction_where_the_encoder_includes_the_prompt():
+    """A sentence-transformers model whose Pooling includes the prompt trains as it encodes: its instruction tokens
+    pooled with the query's (they were left out in training, pooled at inference)."""
+    from lm2vec.training.data import Triplet
+    from lm2vec.training.supervised import TripletCollator
+
+    encoder = tiny_encoder()
+    rows = [[Triplet("nli", "w4 w5", "w6", None)]]
+    pooled = {}
+    for include in (False, True):
+        encoder.include_prompt = include
+        batch = TripletCollator(encoder.tokenization, {}, "w9 w10 w11 ")(rows)
+        pooled[include] = int(batch["query_pool_mask"].sum())
+        assert int(batch["query_attention_mask"].sum()) == 5
+    assert pooled == {False: 2, True: 5}
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def test_malformed_training_line_names_file_and_line(tmp_path: Path):
     bad = tmp_path / "bad" / "train.jsonl"
