@@ -135,7 +135,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "parameters": f"{info['parameters']:,}",
         "attention": f"{info['attention']} (verified)",
         "attn implementation": info["attn_implementation"],
-        "pooling": info["pooling"],
+        "pooling": info["pooling"] + (", normalized" if info["normalize"] else ""),
         "dimension": info["dimension"],
         "max length": info["max_length"],
         "dtype": f"{info['dtype']}" + (" (auto)" if args.dtype == "auto" else ""),
@@ -146,7 +146,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "this machine": f"{describe_cpu()}; linear layers vs float32: {speeds}",
     }
     if info["prompts"]:
-        rows["prompts"] = ", ".join(info["prompts"])
+        rows["prompts"] = ", ".join(info["prompts"]) + (" (pooled with the text)" if info["include_prompt"] else "")
     if info["matryoshka_dims"]:
         rows["matryoshka"] = "trained for " + ", ".join(map(str, info["matryoshka_dims"])) + " dimensions"
     for key, value in rows.items():
