@@ -150,10 +150,10 @@ def needs_data(*paths: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=reason)
 
 
-def tiny_gguf(path: Path, output_head: bool) -> dict[str, np.ndarray]:
+def tiny_gguf(path: Path, output_head: bool, drop: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """A tiny llama GGUF file (hidden 64, 2 layers, float32) with or without its own ``output.weight`` (an untied or
-    a tied model); returns its embedding and output weights. Its tokenizer: the built-in model's first 512 tokens
-    and the merges among them (a real byte-level BPE, read fast)."""
+    a tied model), without the tensors named in ``drop``; returns its embedding and output weights. Its tokenizer:
+    the built-in model's first 512 tokens and the merges among them (a real byte-level BPE, read fast)."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     from lm2vec.loading.source import builtin_gguf_path
@@ -200,7 +200,8 @@ def tiny_gguf(path: Path, output_head: bool) -> dict[str, np.ndarray]:
         weights |= {f"blk.{i}.{name}": rng.normal(0, 0.02, shape) for name, shape in shapes.items()}
         weights |= {f"blk.{i}.attn_norm": np.ones(hidden), f"blk.{i}.ffn_norm": np.ones(hidden)}
     for name, weight in weights.items():
-        writer.add_tensor(f"{name}.weight", weight.astype(np.float32))
+        if name not in drop:
+            writer.add_tensor(f"{name}.weight", weight.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -60,16 +60,30 @@ def test_missing_sources(missing: str):
 
 
 @pytest.mark.parametrize("output_head", [True, False])
-def test_a_gguf_file_keeps_its_own_output_head_and_a_tied_one_ties(output_head: bool, tmp_path: Path):
-    """An untied model's GGUF file has ``output.weight`` (MNTP trains against that head); a tied one's has none."""
+def test_a_gguf_file_keeps_its_own_output_head_and_a_tied_one_ties(
+    output_head: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """An untied model's GGUF file has ``output.weight`` (MNTP trains against that head); a tied one's has none,
+    which transformers reported as a MISSING weight "newly initialized" on every conversion (the built-in model's
+    first load). A file lacking another weight is refused instead of converted with that weight at random."""
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))  # converted here, not found from an earlier run
     weights = tiny_gguf(tmp_path / "tiny.gguf", output_head)
-    folder = Path(resolve_source(tmp_path / "tiny.gguf").path)
+    transformers_logger = logging.getLogger("transformers")  # its own handler; it does not propagate
+    transformers_logger.addHandler(caplog.handler)
+    try:
+        folder = Path(resolve_source(tmp_path / "tiny.gguf").path)
+    finally:
+        transformers_logger.removeHandler(caplog.handler)
+    assert "LOAD REPORT" not in caplog.text
     lm = AutoModelForCausalLM.from_pretrained(folder)
     assert lm.config.tie_word_embeddings is not output_head
     head = lm.get_output_embeddings().weight.detach().numpy()
     np.testing.assert_array_equal(lm.get_input_embeddings().weight.detach().numpy(), weights["token_embd"])
     np.testing.assert_array_equal(head, weights["output" if output_head else "token_embd"])
     lm2vec.load(tmp_path / "tiny.gguf", dtype="float32")  # and it loads as an encoder, its attention verified
+    tiny_gguf(tmp_path / "broken.gguf", output_head, drop=("output_norm",))
+    with pytest.raises(ModelLoadError, match=r"broken.gguf lacks 1 weight\(s\) of its llama model: \['model.norm"):
+        resolve_source(tmp_path / "broken.gguf")
 
 
 def test_hub_ids_are_left_to_from_pretrained():

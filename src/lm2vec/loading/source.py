@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,14 +126,29 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer = fix_special_tokens(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
     # GGUF files of tied models carry no output head (output.weight): tied to the embeddings, else it stays random.
     # Untied models (most 7B ones) keep their own, which MNTP trains against.
-    model, loaded = cast(  # transformers' stubs do not type output_loading_info's tuple
-        tuple[PreTrainedModel, dict[str, set[str]]],
-        AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, tie_word_embeddings=False, dtype=torch.float32, output_loading_info=True
-        ),
-    )
-    head, missing = model.get_output_embeddings().weight, loaded["missing_keys"]
-    model.config.tie_word_embeddings = any(p is head for name, p in model.named_parameters() if name in missing)
+    report = logging.getLogger("transformers.modeling_utils")  # its report would call the tied head MISSING, "newly
+    level = report.level  # initialized": the head is checked here instead, and any other missing weight refused
+    report.setLevel(logging.ERROR)
+    try:
+        model, loaded = cast(  # transformers' stubs do not type output_loading_info's tuple
+            tuple[PreTrainedModel, dict[str, set[str]]],
+            AutoModelForCausalLM.from_pretrained(
+                gguf.parent,
+                gguf_file=gguf.name,
+                tie_word_embeddings=False,
+                dtype=torch.float32,
+                output_loading_info=True,
+            ),
+        )
+    finally:
+        report.setLevel(level)
+    head = model.get_output_embeddings().weight
+    heads = {name for name, p in model.named_parameters() if p is head}
+    if others := sorted(set(loaded["missing_keys"]) - heads):
+        raise ModelLoadError(
+            f"{gguf} lacks {len(others)} weight(s) of its {model.config.model_type} model: {others[:3]}"
+        )
+    model.config.tie_word_embeddings = bool(heads & set(loaded["missing_keys"]))
     model.tie_weights()
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
