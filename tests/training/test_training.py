@@ -585,6 +585,22 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
 
 
 @needs_data("sts/stsb/dev.jsonl", "sts/stsb/test.jsonl")
+def test_the_bidirectional_chain_starts_bidirectional_from_a_causal_directory(
+    causal_lm_dir: Path, corpus: Path, tmp_path: Path
+):
+    """A saved causal encoder, or a sentence-transformers decoder model (causal as saved), as convert's source: a
+    SimCSE first stage trained it causal under the row name "bidirectional + simcse"."""
+    from lm2vec.training import Recipe, convert
+
+    source = lm2vec.load(causal_lm_dir, bidirectional=False, dtype="float32").save(tmp_path / "causal")
+    recipe = Recipe(
+        "tiny", "test", "test", [("simcse", SimCSEConfig(data=[str(corpus)], steps=1, batch_size=4, **FAST))]
+    )
+    encoder, rows = convert(str(source), recipe, tmp_path / "out", evaluate=False, log=print)
+    assert encoder.bidirectional and [r.model for r in rows] == ["bidirectional + simcse"]
+    assert lm2vec.load(tmp_path / "out" / "encoder").bidirectional  # and saved so
+
+
 def test_rows_are_scored_in_float32_on_the_fastest_kernels_and_the_encoder_is_left_as_it_was():
     splits = {split: load_sts("stsb", split, max_samples=300) for split in ("dev", "test")}
     encoder = word_encoder([s for pairs in splits.values() for s in pairs.sentence1 + pairs.sentence2])

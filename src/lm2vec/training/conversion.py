@@ -247,7 +247,8 @@ def starting_point(
 ) -> Source:
     """What the first stage trains: the source, or its causal encoder for the ablation; the untrained models are
     scored into ``baselines`` if given. An MNTP first stage gets the source: it loads the causal LM itself, and an
-    encoder handed to it would stay loaded beside that through its training.
+    encoder handed to it would stay loaded beside that through its training. Other stages get the source loaded
+    bidirectional, whatever attention a saved directory names (a causal encoder, a sentence-transformers model).
     """
     start = time.perf_counter()
     if causal:
@@ -256,7 +257,7 @@ def starting_point(
             baselines.record(CAUSAL_BASELINE, current, start, reused=True)
         return current
     if not baselines:
-        return source
+        return source if first_stage == "mntp" else load(source, bidirectional=True, dtype=TRAINING_DTYPE)
     baselines.record(
         CAUSAL_BASELINE,
         load(source, bidirectional=False, pooling=PoolingMode.WEIGHTED_MEAN, dtype=TRAINING_DTYPE),
@@ -264,7 +265,7 @@ def starting_point(
         reused=True,  # the untrained models are the same in every run
     )
     start = time.perf_counter()
-    untrained = load(source, dtype=TRAINING_DTYPE)
+    untrained = load(source, bidirectional=True, dtype=TRAINING_DTYPE)
     baselines.record("bidirectional, untrained", untrained, start, reused=True)
     return source if first_stage == "mntp" else untrained
 
