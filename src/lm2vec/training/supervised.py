@@ -1,10 +1,10 @@
 """Stage 3 (optional), supervised contrastive learning on (query, positive, hard negative) triplets, or on
 (query, positive) pairs with in-batch negatives only.
 
-Queries carry their dataset's instruction (attended to, not pooled); each batch comes from one dataset;
-every query scores its positive against all positives and hard negatives of the batch (and of the other
-devices). ``mini_batch_size`` runs each side in passes of that many rows sorted by length, so each pass
-pads only to its own longest row; with ``grad_cache`` the loss is cached (:mod:`.losses.cached_info_nce`),
+Queries carry their dataset's instruction (attended to, pooled only where the encoder includes the prompt); each
+batch comes from one dataset; every query scores its positive against all positives and hard negatives of the batch
+(and of the other devices). ``mini_batch_size`` runs each side in passes of that many rows sorted by length, so
+each pass pads only to its own longest row; with ``grad_cache`` the loss is cached (:mod:`.losses.cached_info_nce`),
 so the contrastive batch is not bounded by activation memory.
 """
 
