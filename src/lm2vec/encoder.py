@@ -131,9 +131,9 @@ class Encoder:
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
         check_flag("normalize", normalize)
         self.normalize = normalize  # sentence-transformers' Normalize module: every output has unit length
-        self._include_prompt = False
+        check_flag("include_prompt", include_prompt)
+        self._include_prompt = include_prompt  # read by the tokenization the max_length setter builds
         self.max_length = fitted_length(model.config) if max_length is None else max_length  # builds self.tokenization
-        self.include_prompt = include_prompt
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"

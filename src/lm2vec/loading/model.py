@@ -26,6 +26,7 @@ from .source import ModelLoadError, Source
 
 # A causal LM checkpoint's output head (``embed_out``: GPT-NeoX), which the encoder does not load.
 HEAD_KEYS = (r"^lm_head\.", r"^embed_out\.")
+_HEAD = re.compile("|".join(HEAD_KEYS))
 _UNSET = object()
 
 
@@ -92,7 +93,7 @@ def load_model(
         raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err
     if missing := sorted(info["missing_keys"]):  # transformers fills them at random and goes on: embeddings of noise
         named = f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
-        if all(re.match("|".join(HEAD_KEYS), key) for key in missing):
+        if all(_HEAD.match(key) for key in missing):
             raise ModelLoadError(
                 f"the checkpoint {source.path} has no output head ({named}), which MNTP predicts masked tokens with: "
                 "start from the causal LM, not from an embedding model saved without its head"
