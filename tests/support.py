@@ -45,7 +45,7 @@ ARCHITECTURES: dict[str, dict] = {
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
     "gemma": {"head_dim": 16},
     "gemma2": {"head_dim": 16, "sliding_window": 4},
-    "gemma3_text": {"head_dim": 16, "sliding_window": 4},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 6},  # built bidirectional: 4, as the others' (halved + 1)
     "phi3": {},
     "olmo2": {},
     "granite": {},

@@ -86,12 +86,22 @@ def test_verify_catches_the_module_flag_trap():
         verify_attention(model, bidirectional=True)
 
 
-def test_gemma3_uses_its_own_flag():
-    config = tiny_config("gemma3_text")
+def test_gemma3_uses_its_own_flag_and_keeps_its_sliding_windows_as_embedding_gemma_runs():
+    """Gemma 3 built bidirectional halves its sliding window (it reaches as far both ways as it reached back) and
+    saves it doubled back. Set on a built config, the window stayed whole and was saved doubled (8 -> 14 here,
+    512 -> 1022), and is_causal False set besides took transformers' generic mask (distance <= window, not <):
+    other states than EmbeddingGemma's for any text longer than the window."""
+    config = tiny_config("gemma3_text", sliding_window=8)
     set_bidirectional(config)
-    assert config.use_bidirectional_attention is True and config.is_causal is False
+    assert config.use_bidirectional_attention is True and getattr(config, "is_causal", None) is None
+    assert config.to_dict()["sliding_window"] == 8
+    native = tiny_config("gemma3_text", sliding_window=8, use_bidirectional_attention=True)  # EmbeddingGemma's way
+    ids = torch.arange(4, 16)[None]  # 12 tokens
+    ours, theirs = (tiny_model(c)(input_ids=ids).last_hidden_state for c in (config, native))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     set_bidirectional(config, False)
-    assert config.use_bidirectional_attention is False and config.is_causal is True
+    assert config.use_bidirectional_attention is False and getattr(config, "is_causal", None) is None
+    assert config.sliding_window == 8
 
 
 # Hybrid decoders, as transformers builds them: blocks that mix tokens without attention (a short convolution, linear

@@ -96,8 +96,13 @@ def test_a_window_no_text_reaches_still_packs(model_type: str):
     vectors; raising max_length to the window turns packing off."""
 
     def windowed(attention: str) -> lm2vec.Encoder:
+        window = 128 if model_type == "gemma3_text" else 65  # Gemma 3 built bidirectional halves it (+ 1): 65
         config = tiny_config(
-            model_type, pad_token_id=3, attn_implementation=attention, sliding_window=65, max_position_embeddings=128
+            model_type,
+            pad_token_id=3,
+            attn_implementation=attention,
+            sliding_window=window,
+            max_position_embeddings=128,
         )
         return lm2vec.Encoder(tiny_model(lm2vec.set_bidirectional(config)), tiny_tokenizer(), max_length=64)
 

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .blocks import block_modules
 
-# Extra config flags some architectures read instead of (or besides) ``is_causal``.
+# Architectures with a switch of their own, set instead of ``is_causal`` (see set_bidirectional).
 EXTRA_FLAGS: dict[str, dict[str, object]] = {
     "gemma3_text": {"use_bidirectional_attention": True},
     "gemma3": {"use_bidirectional_attention": True},
@@ -62,12 +62,41 @@ def set_bidirectional(config: PretrainedConfig, bidirectional: bool = True) -> P
         impl = getattr(config, "_attn_implementation", None) or "sdpa"
         if reason := unsupported_reason(config.model_type, impl):
             raise AttentionError(f"{config.model_type} with {impl} attention cannot be made bidirectional: {reason}")
-    config.is_causal = not bidirectional
-    for sub in _text_configs(config):
-        sub.is_causal = not bidirectional
-        for key, value in EXTRA_FLAGS.get(sub.model_type, {}).items():
-            setattr(sub, key, value if bidirectional else not value)
+    for part in _text_configs(config):
+        own = EXTRA_FLAGS.get(part.model_type, {})
+        # An architecture's own switch is its bidirectional attention as its makers trained it (Gemma 3: sliding
+        # windows kept, symmetric, distance < window, as EmbeddingGemma runs). is_causal stays unset there, as in
+        # their configs: False would replace the switch's masks by transformers' generic ones (distance <= window),
+        # True would reach every attention call as its is_causal argument and make unmasked calls causal.
+        if own:
+            vars(part).pop("is_causal", None)
+            _switch(part, {key: value if bidirectional else not value for key, value in own.items()})
+        else:
+            part.is_causal = not bidirectional
     return config
+
+
+def _switch(config: PretrainedConfig, flags: dict[str, object]) -> None:
+    """Set an architecture's own switch as if the config had been built with it: Gemma 3's config halves its
+    sliding window when built bidirectional (the window then reaches as far both ways as it reached back) and
+    writes it doubled back; set afterwards, the window stayed whole and was saved doubled (512 -> 1022)."""
+    if all(getattr(config, key, None) == value for key, value in flags.items()):
+        return
+    rebuilt = type(config).from_dict(config.to_dict() | flags)
+    for key, value in vars(rebuilt).items():  # private settings (the attention implementation) and sub-configs stay
+        if not key.startswith("_") and not isinstance(value, PretrainedConfig):
+            setattr(config, key, value)
+
+
+def saved_bidirectional(config: dict) -> bool:
+    """Whether a saved ``config.json`` (as a dict) builds a bidirectional model: ``is_causal: false`` (lm2vec writes
+    it) or an architecture's own switch on (EmbeddingGemma's ``use_bidirectional_attention``), in the config or its
+    text config. transformers' default, for a config with neither, is causal."""
+    for part in (config, config.get("text_config") or {}):
+        flags = EXTRA_FLAGS.get(str(part.get("model_type")), {})
+        if part.get("is_causal") is False or any(key in part and part[key] == on for key, on in flags.items()):
+            return True
+    return False
 
 
 def _text_configs(config: PretrainedConfig) -> list[PretrainedConfig]:
