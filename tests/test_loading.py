@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lm2vec
+from lm2vec.dense import Dense
 from lm2vec.loading import ModelLoadError
 from lm2vec.loading.source import fix_special_tokens, resolve_source
 from lm2vec.packing import PACKED
@@ -258,6 +260,92 @@ def test_a_decoder_embedding_model_saved_by_sentence_transformers_gives_its_vect
     assert lm2vec.load(saved, dtype="float32").info()["normalize"]
 
 
+def _st_with_dense(folder: Path, model_type: str, residual: bool) -> tuple[Any, Path]:
+    """A sentence-transformers model with Dense modules: EmbeddingGemma's layout (a bidirectional Gemma 3 by its own
+    switch, mean pooling, 64 -> 96 -> 32 without bias, Normalize) or a causal llama with a residual projection."""
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(0)
+    config = tiny_config(model_type, pad_token_id=3)
+    if model_type == "gemma3_text":
+        config.use_bidirectional_attention = True  # and no is_causal: EmbeddingGemma's config.json
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "lm")
+    tiny_tokenizer().save_pretrained(folder / "lm")
+    modules = [
+        models.Transformer(str(folder / "lm")),
+        models.Pooling(64, pooling_mode="mean"),
+        models.Dense(64, 96, bias=False, activation_function=torch.nn.Identity()),
+        models.Dense(96, 32, activation_function=torch.nn.GELU()),
+    ]
+    if residual:
+        modules.append(models.Dense(32, 32, activation_function=torch.nn.Tanh(), use_residual=True))
+    model = SentenceTransformer(modules=[*modules, models.Normalize()], prompts={"query": "w9 w10 "}, device="cpu")
+    model.save(str(folder / "st"))
+    return model, folder / "st"
+
+
+@pytest.mark.parametrize(("model_type", "residual"), [("gemma3_text", False), ("llama", True)])
+def test_dense_modules_and_an_architectures_own_bidirectional_switch_give_sentence_transformers_vectors(
+    tmp_path: Path, model_type: str, residual: bool
+):
+    """EmbeddingGemma, stella: Dense modules after the pooling were refused by name; EmbeddingGemma's config says
+    ``use_bidirectional_attention: true`` (no is_causal), which lm2vec read as causal and ran causal."""
+    from sentence_transformers import SentenceTransformer
+
+    model, folder = _st_with_dense(tmp_path, model_type, residual)
+    texts = random_texts(6, seed=4)
+    encoder = lm2vec.load(folder, dtype="float32")
+    assert encoder.bidirectional is (model_type == "gemma3_text") and encoder.dim == 32 and encoder.normalize
+    assert encoder.info()["dense"] == "64 -> 96 -> 32" + (" -> 32" if residual else "")
+    for name in (None, "query"):
+        np.testing.assert_allclose(
+            encoder.encode(texts, prompt_name=name), model.encode(texts, prompt_name=name), atol=1e-5
+        )
+    single = np.stack([encoder.encode(text) for text in texts])  # a text's bits do not depend on its batch
+    np.testing.assert_array_equal(single, encoder.encode(texts))
+    (chunks,) = encoder.late_chunks([texts[0]], spans=[[(0, len(texts[0]))]])  # one chunk: the text's embedding
+    np.testing.assert_allclose(chunks.embeddings[0], encoder.encode(texts[0], normalize_embeddings=False), atol=1e-5)
+    saved = encoder.save(tmp_path / "again")  # the same modules again: sentence-transformers reads the same vectors
+    again = SentenceTransformer(str(saved), device="cpu").encode(texts, prompt_name="query")
+    np.testing.assert_allclose(again, model.encode(texts, prompt_name="query"), atol=1e-5)
+    reloaded = lm2vec.load(saved, dtype="float32")
+    assert reloaded.bidirectional is encoder.bidirectional and reloaded.fingerprint() == encoder.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [
+        (lambda c: c | {"activation_function": "builtins.print"}, "activation 'builtins.print' is not a torch.nn"),
+        (lambda c: c | {"activation_function": "torch.nn.modules.linear.Linear"}, "is not a torch.nn activation"),
+        (lambda c: c | {"activation_function": "torch.nn.nosuch.Tanh"}, "is not a torch.nn activation"),
+        (lambda c: c | {"module_input_name": "token_embeddings"}, "a Dense module on module_input_name"),
+        (lambda c: c | {"out_features": 48}, "(?s)cannot load the Dense weights .*size mismatch"),
+        (lambda c: {"bias": False}, "not a Dense module's configuration"),
+    ],
+)
+def test_dense_modules_lm2vec_cannot_read_safely_or_exactly_are_refused(tmp_path: Path, change, refused: str):
+    _, folder = _st_with_dense(tmp_path, "llama", residual=False)
+    _edit_json(folder / "3_Dense" / "config.json", change)
+    with pytest.raises(ModelLoadError, match=refused):
+        lm2vec.load(folder, dtype="float32")
+
+
+def test_dense_weights_only_as_a_pickle_and_modules_in_another_order_are_refused(tmp_path: Path):
+    _, folder = _st_with_dense(tmp_path, "llama", residual=False)
+    torch.save(load_file(folder / "2_Dense" / "model.safetensors"), folder / "2_Dense" / "pytorch_model.bin")
+    (folder / "2_Dense" / "model.safetensors").rename(folder / "2_Dense" / "elsewhere")
+    with pytest.raises(ModelLoadError, match="2_Dense has no model.safetensors: lm2vec reads safetensors only"):
+        lm2vec.load(folder, dtype="float32")
+    _edit_json(folder / "modules.json", lambda modules: [modules[0], modules[1], modules[4], modules[2], modules[3]])
+    with pytest.raises(ModelLoadError, match="in the order Transformer \\+ Pooling \\+ Normalize \\+ Dense"):
+        lm2vec.load(folder, dtype="float32")
+    tiny = tiny_encoder()
+    with pytest.raises(
+        ValueError, match="the Dense modules take 48 -> 8 features; they must chain from the model's 64"
+    ):
+        lm2vec.Encoder(tiny.model, tiny.tokenizer, dense=(Dense(48, 8),))
+
+
 def test_what_sentence_transformers_does_to_texts_beyond_lm2vec_is_refused_and_its_length_read(tmp_path: Path):
     """sentence-transformers >= 6 renders texts through the tokenizer's chat template where it has one (every
     instruct model) and keeps the length in the tokenizer, not in its own config: such a model gave other vectors
@@ -361,10 +449,10 @@ def test_pooling_lm2vec_cannot_reproduce_is_refused_by_name(tiny_dir: Path, keys
 
 
 def test_modules_lm2vec_cannot_reproduce_are_refused_by_name(tiny_dir: Path):
-    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    layer_norm = {"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}
     normalize = {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}
-    _edit_json(tiny_dir / "modules.json", lambda modules: [*modules, dense, normalize])
-    with pytest.raises(ModelLoadError, match="cannot reproduce: sentence_transformers.models.Dense \\(lm2vec runs"):
+    _edit_json(tiny_dir / "modules.json", lambda modules: [*modules, layer_norm, normalize])
+    with pytest.raises(ModelLoadError, match="cannot reproduce: sentence_transformers.models.LayerNorm \\(lm2vec"):
         lm2vec.load(tiny_dir)  # Normalize it runs
 
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lm2vec.cli import main
+from lm2vec.dense import Dense
 from lm2vec.onnx_backend import export_onnx, onnx_encoder
 from lm2vec.quantization import lower_precision
 from tests.support import random_texts, tiny_encoder
@@ -37,6 +39,18 @@ def test_other_architectures_export(tmp_path: Path, model_type: str):
     runtime = onnx_encoder(encoder, export_onnx(encoder, tmp_path / "model.onnx"))
     assert getattr(encoder.model.config, "_experts_implementation", None) == experts  # put back after export
     np.testing.assert_allclose(runtime.encode(TEXTS, batch_size=8), encoder.encode(TEXTS), atol=1e-4)
+
+
+def test_dense_modules_and_gemma3s_own_bidirectional_switch_export(tmp_path: Path):
+    """The Dense modules are in the graph (their weights with it), and Gemma 3 bidirectional by its own switch (its
+    sliding window, 4 tokens here, kept both ways) exports with the states PyTorch gives, texts longer than it too."""
+    torch.manual_seed(0)
+    base = tiny_encoder("gemma3_text")
+    dense = (Dense(64, 96, bias=False, activation=torch.nn.Identity()), Dense(96, 32, activation=torch.nn.GELU()))
+    encoder = base.with_model(base.model, dense=dense)
+    runtime = onnx_encoder(encoder, export_onnx(encoder, tmp_path / "model.onnx"))
+    np.testing.assert_allclose(runtime.encode(TEXTS, batch_size=8), encoder.encode(TEXTS), atol=1e-4)
+    assert runtime.encode(TEXTS[0]).shape == (32,)
 
 
 def test_only_float32_exports(tmp_path: Path):

@@ -136,7 +136,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "attention": f"{info['attention']} (verified)",
         "attn implementation": info["attn_implementation"],
         "pooling": info["pooling"] + (", normalized" if info["normalize"] else ""),
-        "dimension": info["dimension"],
+        "dimension": f"{info['dimension']}" + (f" (Dense {info['dense']})" if info["dense"] else ""),
         "max length": info["max_length"],
         "dtype": f"{info['dtype']}" + (" (auto)" if args.dtype == "auto" else ""),
         "blocks": info["blocks"],

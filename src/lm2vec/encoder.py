@@ -22,6 +22,7 @@ from . import st_format
 from .attention import position_ids_for, verify_attention
 from .cache import cache_key
 from .choices import PoolingMode, parse_pooling
+from .dense import Dense
 from .experts import experts_implementation
 from .inputs import (
     Batch,
@@ -113,6 +114,7 @@ class Encoder:
         matryoshka_dims: tuple[int, ...] | None = None,
         normalize: bool = False,
         include_prompt: bool = False,
+        dense: tuple[Dense, ...] = (),
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -131,6 +133,13 @@ class Encoder:
         self.matryoshka_dims = matryoshka_dims  # the truncate_dim values training prepared it for, if any
         check_flag("normalize", normalize)
         self.normalize = normalize  # sentence-transformers' Normalize module: every output has unit length
+        if not (isinstance(dense, tuple | list) and all(isinstance(layer, Dense) for layer in dense)):
+            raise TypeError(f"dense must be a tuple of lm2vec.dense.Dense modules, got {dense!r:.80}")
+        self.dense = tuple(dense)  # sentence-transformers' Dense modules: the pooled state projected (see project())
+        widths = [self.hidden_size, *(layer.out_features for layer in self.dense)]
+        if [layer.in_features for layer in self.dense] != widths[:-1]:
+            chain = " -> ".join(f"{layer.in_features} -> {layer.out_features}" for layer in self.dense)
+            raise ValueError(f"the Dense modules take {chain} features; they must chain from the model's {widths[0]}")
         check_flag("include_prompt", include_prompt)
         self._include_prompt = include_prompt  # read by the tokenization the max_length setter builds
         self.max_length = fitted_length(model.config) if max_length is None else max_length  # builds self.tokenization
@@ -172,6 +181,12 @@ class Encoder:
 
     @property
     def dim(self) -> int:
+        """The embedding's dimensions: the last Dense module's outputs, else the model's hidden size."""
+        return self.dense[-1].out_features if self.dense else self.hidden_size
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of a token's state (:meth:`token_states`), which the pooling keeps."""
         return self.model.config.get_text_config().hidden_size
 
     @property
@@ -204,6 +219,7 @@ class Encoder:
             "matryoshka_dims": self.matryoshka_dims,
             "normalize": self.normalize,
             "include_prompt": self.include_prompt,
+            "dense": self.dense,
         }
 
     # -- encoding ----------------------------------------------------------------------------------
@@ -235,7 +251,17 @@ class Encoder:
         """Embed one tokenized batch (no normalization); differentiable, used by training too."""
         batch = batch.to(self.device)
         hidden = self.token_states(batch.input_ids, batch.attention_mask)
-        return pool(hidden, batch.attention_mask, batch.pool_mask, self.pooling)
+        return self.project(pool(hidden, batch.attention_mask, batch.pool_mask, self.pooling))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled states through the encoder's Dense modules (none: as they are), in float32 as the pooling, in
+        the same row blocks as the model's products (a text's bits do not depend on its batch)."""
+        if not self.dense:
+            return pooled
+        with self._invariance(), torch.autocast(pooled.device.type, enabled=False):
+            for layer in self.dense:
+                pooled = layer.to(pooled.device)(pooled)
+        return pooled
 
     def resolve_instruction(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str | None:
         if prompt is not None and instruction is not None:
@@ -482,8 +508,9 @@ class Encoder:
             matryoshka_dims=self.matryoshka_dims,
             normalize=self.normalize,
             include_prompt=self.include_prompt,
+            dense=self.dense,
         )
-        st_format.write(path, self.dim, settings)
+        st_format.write(path, self.hidden_size, settings)
         write_card(path, model.config, self.dim, settings, training)
         return path
 
@@ -520,6 +547,9 @@ class Encoder:
             "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",
             "include_prompt": self.include_prompt,
             "normalize": self.normalize,
+            "dense": " -> ".join(str(n) for n in [self.hidden_size, *(layer.out_features for layer in self.dense)])
+            if self.dense
+            else None,
         }
 
     def fingerprint(self, extra: object = None) -> str:
@@ -532,10 +562,13 @@ class Encoder:
         info = self.info()
         settings = {key: info[key] for key in ("architecture", "attention", "pooling", "max_length", "dtype")}
         settings |= {key: True for key in ("include_prompt", "normalize") if info[key]}  # absent: earlier keys stand
+        if self.dense:
+            settings["dense"] = [repr(layer) for layer in self.dense]  # shapes, bias, activation, residual
         tokenizer = [type(self.tokenizer).__name__, len(self.tokenizer)]
         weights = []
+        dense = {f"dense.{i}.{name}": w for i, layer in enumerate(self.dense) for name, w in layer.state_dict().items()}
         with torch.no_grad():
-            for name, weight in self.model.state_dict().items():  # parameters and saved buffers (int8 weights)
+            for name, weight in (self.model.state_dict() | dense).items():  # parameters, saved buffers (int8 weights)
                 total, norm = _sum_and_norm(weight)
                 weights.append(f"{name} {tuple(weight.shape)} {total:.10g} {norm:.10g}")
         return cache_key(settings, tokenizer, extra, weights)[:20]

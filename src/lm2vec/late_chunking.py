@@ -34,9 +34,14 @@ class EncoderLike(Protocol):
     max_length: int
     pooling: PoolingMode
     reference_style: ReferenceStyle | None
+    normalize: bool
 
     def resolve_instruction(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str | None:
         """The instruction ``encode()`` would use."""
+        ...
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled states as the encoder's embeddings (its Dense modules)."""
         ...
 
     def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -94,8 +99,8 @@ def late_chunks(
             chunk_spans = _token_runs(tokens, chunk_tokens)
         members = [_members(tokens, span, i, j) for j, span in enumerate(chunk_spans)]
         states = _document_states(encoder, tokens.ids, tokens.lead, overlap)
-        vectors = _pool_chunks(encoder, states, members)
-        if normalize_embeddings:
+        vectors = encoder.project(_pool_chunks(encoder, states, members))
+        if normalize_embeddings or encoder.normalize:  # its Normalize module, as encode() runs it
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         results.append(Chunks(chunk_spans, vectors.cpu().numpy()))
     return results

@@ -41,6 +41,7 @@ def write_card(
         f"- Attention: {'bidirectional' if settings.bidirectional else 'causal'}",
         f"- Pooling: {settings.pooling.value}{', normalized' if settings.normalize else ''}; {dim} dimensions; at most "
         f"{settings.max_length} tokens per text",
+        *([f"- Dense modules after the pooling: {len(settings.dense)}, to {dim} dimensions"] if settings.dense else []),
         *(
             [f"- Trained for truncation (Matryoshka) to {', '.join(map(str, settings.matryoshka_dims))} dimensions"]
             if settings.matryoshka_dims

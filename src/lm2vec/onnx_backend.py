@@ -1,4 +1,5 @@
-"""ONNX export of an encoder (the bidirectional model and its pooling in one graph) and an ONNX Runtime backend.
+"""ONNX export of an encoder (the bidirectional model, its pooling and Dense modules in one graph) and an ONNX
+Runtime backend.
 
 The graph takes the batches ``Encoder.encode`` builds (``input_ids``, ``attention_mask``, ``pool_mask``; any
 batch size and length) and returns ``sentence_embedding``, so other runtimes need only the tokenizer and
@@ -26,11 +27,13 @@ OUTPUT = "sentence_embedding"
 
 
 class _EncoderGraph(nn.Module):
-    """What is exported: ``Encoder.forward`` (model, position ids from the mask, pooling) on three tensors."""
+    """What is exported: ``Encoder.forward`` (model, position ids from the mask, pooling, Dense modules) on three
+    tensors."""
 
     def __init__(self, encoder: Encoder):
         super().__init__()
         self.model, self.encoder = encoder.model, encoder  # the model registered, so its weights export
+        self.dense = nn.ModuleList(encoder.dense)  # and the Dense modules' weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         return Encoder.forward(self.encoder, Batch(input_ids, attention_mask, pool_mask))

@@ -1,8 +1,8 @@
 """The sentence-transformers directory layout: what ``SentenceTransformer(path)``, TEI, vLLM and MTEB read.
 
-lm2vec writes a Transformer module and a Pooling module (and a Normalize module where the encoder normalizes), in
-the long-standing (legacy) key names that every reader of the format understands; :mod:`lm2vec.loading.saved` reads
-such directories back, lm2vec's and other decoder embedding models' (Transformer, Pooling, Normalize).
+lm2vec writes a Transformer module and a Pooling module (then the Dense and Normalize modules of an encoder that has
+them), in the long-standing (legacy) key names that every reader of the format understands;
+:mod:`lm2vec.loading.saved` reads such directories back, lm2vec's and other decoder embedding models'.
 """
 
 from __future__ import annotations
@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .choices import PoolingMode
 from .inputs import ReferenceStyle
 
+if TYPE_CHECKING:
+    from .dense import Dense
+
 POOLING_DIR = "1_Pooling"
 LM2VEC_CONFIG = "lm2vec_config.json"  # what only lm2vec reproduces: the reference llm2vec's instruction convention
-NORMALIZE_DIR = "2_Normalize"
 # The module types lm2vec reproduces (matched on the class name, the last part of modules.json's "type").
-MODULES = ("Transformer", "Pooling", "Normalize")
+MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 # sentence-transformers' pooling modes: its legacy config keys -> its mode names, and lm2vec's modes -> those names.
 ST_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -49,6 +52,7 @@ class STSettings:
     matryoshka_dims: tuple[int, ...] | None = None  # the truncations it was trained for (LM2VEC_CONFIG)
     normalize: bool = False  # a Normalize module after the pooling
     include_prompt: bool = False  # the Pooling module pools the prompt's tokens too (sentence-transformers' default)
+    dense: tuple[Dense, ...] = ()  # Dense modules after the pooling, in order
 
 
 def write(path: Path, dim: int, settings: STSettings) -> None:
@@ -57,9 +61,12 @@ def write(path: Path, dim: int, settings: STSettings) -> None:
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
     ]
+    for dense in settings.dense:
+        modules.append(_module(len(modules), "Dense"))
+        dense.save(path / str(modules[-1]["path"]))
     if settings.normalize:
-        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": "sentence_transformers.models.Normalize"})
-        (path / NORMALIZE_DIR).mkdir(exist_ok=True)
+        modules.append(_module(len(modules), "Normalize"))
+        (path / str(modules[-1]["path"])).mkdir(exist_ok=True)
     chosen = ST_POOLING_NAMES[settings.pooling]
     pooling: dict[str, object] = {key: name == chosen for key, name in ST_POOLING_KEYS.items()}
     pooling |= {"word_embedding_dimension": dim, "include_prompt": settings.include_prompt}
@@ -80,6 +87,11 @@ def write(path: Path, dim: int, settings: STSettings) -> None:
     }
     if any(own.values()):
         _dump(path / LM2VEC_CONFIG, {key: value for key, value in own.items() if value})
+
+
+def _module(idx: int, kind: str) -> dict[str, object]:
+    """A modules.json entry, in sentence-transformers' folder naming."""
+    return {"idx": idx, "name": str(idx), "path": f"{idx}_{kind}", "type": f"sentence_transformers.models.{kind}"}
 
 
 def _dump(path: Path, obj: object) -> None:

@@ -19,6 +19,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import lm2vec
+from lm2vec.dense import Dense
 from lm2vec.evaluation import evaluate_sts
 from lm2vec.evaluation.sts import load_sts
 from lm2vec.hardware import describe_machine
@@ -363,12 +364,24 @@ def test_length_chunks_trim_padding_and_keep_every_row():
         assert torch.equal(part["attention_mask"].sum(-1), batch.attention_mask[index].sum(-1))
 
 
-def test_trained_encoder_reloads_with_its_embeddings(corpus: Path, tmp_path: Path):
+def _with_dense(encoder: lm2vec.Encoder) -> lm2vec.Encoder:
+    torch.manual_seed(1)
+    return encoder.with_model(encoder.model, dense=(Dense(64, 48, activation=torch.nn.Tanh()),))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_trained_encoder_reloads_with_its_embeddings(corpus: Path, tmp_path: Path, dense: bool):
+    """With a Dense module (EmbeddingGemma's layout) too: it projects in training as in encoding, is kept as loaded,
+    and is saved with the trained model."""
     config = SimCSEConfig(data=[str(corpus)], steps=2, batch_size=8, learning_rate=1e-2, **FAST)
-    encoder = train_simcse(tiny_encoder(), config, tmp_path / "out")
+    start = _with_dense(tiny_encoder()) if dense else tiny_encoder()
+    encoder = train_simcse(start, config, tmp_path / "out")
     texts = random_texts(10, seed=4)
     before = encoder.encode(texts)
-    untrained = tiny_encoder().encode(texts)
+    assert before.shape == (10, 48 if dense else 64)
+    for trained, loaded in zip(encoder.dense, start.dense, strict=True):
+        assert torch.equal(trained.linear.weight, loaded.linear.weight)
+    untrained = (_with_dense(tiny_encoder()) if dense else tiny_encoder()).encode(texts)
     assert np.abs(before - untrained).max() > 1e-3  # the merged adapter changed the model
     path = tmp_path / "out" / "encoder"
     np.testing.assert_allclose(lm2vec.load(path, dtype="float32").encode(texts), before, atol=1e-5)

@@ -195,7 +195,7 @@ def embed_words(
     shift = encoder.bidirectional if shift is None else shift
     counts = [len(words) for words in sentences]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    features = np.zeros((starts[-1], encoder.dim), dtype=np.float32)
+    features = np.zeros((starts[-1], encoder.hidden_size), dtype=np.float32)
     kept = np.zeros(starts[-1], dtype=bool)
     order = np.argsort([-n for n in counts], kind="stable")
     if show_progress_bar is None:

@@ -98,6 +98,7 @@ def load(
             matryoshka_dims=saved.matryoshka_dims if saved else None,
             normalize=saved.normalize if saved else False,
             include_prompt=saved.include_prompt if saved else False,
+            dense=saved.dense if saved else (),
         )
 
     def cached() -> PreTrainedModel | None:

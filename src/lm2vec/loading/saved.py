@@ -1,18 +1,28 @@
 """Read back the settings a saved sentence-transformers directory carries (pooling, max length, prompts, attention).
 
-A directory whose modules or pooling lm2vec cannot reproduce (Dense, max or mean-sqrt-len pooling, several pooling
-modes concatenated) is refused by name: loading it anyway would give other vectors than sentence-transformers gives.
-Attention follows ``is_causal`` in its ``config.json``: lm2vec writes it; a directory without it (a decoder embedding
-model saved by sentence-transformers) runs causal, as sentence-transformers runs it.
+A directory whose modules or pooling lm2vec cannot reproduce (other module types or orders, max or mean-sqrt-len
+pooling, several pooling modes concatenated) is refused by name: loading it anyway would give other vectors than
+sentence-transformers gives. Dense modules load from safetensors only, their activation a ``torch.nn`` class (never
+imported from elsewhere). Attention follows its ``config.json``: ``is_causal`` (lm2vec writes it) or an
+architecture's own switch (EmbeddingGemma's ``use_bidirectional_attention``); a directory with neither (a decoder
+embedding model saved by sentence-transformers) runs causal, as sentence-transformers runs it.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..attention import saved_bidirectional
 from ..choices import PoolingMode
+from ..dense import WEIGHTS, Dense
 from ..inputs import ReferenceStyle
 from ..st_format import LM2VEC_CONFIG, MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings
 from .source import ModelLoadError
@@ -31,6 +41,12 @@ def read_saved_settings(path: Path) -> STSettings | None:
             f"{path} has sentence-transformers module(s) lm2vec cannot reproduce: {', '.join(foreign)} "
             f"(lm2vec runs {' + '.join(MODULES)} only)"
         )
+    kinds = [str(m.get("type")).rsplit(".", 1)[-1] for m in modules]
+    if not _ORDER.fullmatch(" ".join(kinds)):
+        raise ModelLoadError(
+            f"{path / 'modules.json'}: modules in the order {' + '.join(kinds)}; lm2vec runs Transformer, Pooling, "
+            "Dense modules, Normalize, in that order"
+        )
     pooling_dirs = [m.get("path") or POOLING_DIR for m in modules if str(m.get("type")).endswith("Pooling")]
     pooling_file = path / (pooling_dirs[0] if pooling_dirs else POOLING_DIR) / "config.json"
     pooling = _load(pooling_file) if pooling_file.is_file() else {}
@@ -45,7 +61,7 @@ def read_saved_settings(path: Path) -> STSettings | None:
     own = _load(path / LM2VEC_CONFIG) if (path / LM2VEC_CONFIG).is_file() else {}
     style, dims = own.get("reference_style"), own.get("matryoshka_dims")
     return STSettings(
-        bidirectional=hf_config.get("is_causal") is False,
+        bidirectional=saved_bidirectional(hf_config),
         pooling=_pooling_mode(pooling, pooling_file),
         max_length=int(max_length),
         prompts=dict(st_config.get("prompts") or {}),
@@ -54,6 +70,63 @@ def read_saved_settings(path: Path) -> STSettings | None:
         matryoshka_dims=tuple(int(d) for d in dims) if dims else None,
         normalize=any(str(m.get("type")).endswith("Normalize") for m in modules),
         include_prompt=pooling.get("include_prompt", True) is not False,  # sentence-transformers' default: pooled
+        dense=tuple(read_dense(path / (m.get("path") or "")) for m in modules if str(m.get("type")).endswith("Dense")),
+    )
+
+
+# The module orders lm2vec runs: the Transformer, its pooling, projections, unit length.
+_ORDER = re.compile(r"Transformer( Pooling)?( Dense)*( Normalize)?")
+# sentence-transformers' Dense reads its input from and writes its output to the sentence embedding by default.
+_EMBEDDING = "sentence_embedding"
+
+
+def read_dense(folder: Path) -> Dense:
+    """The Dense module sentence-transformers saved in ``folder``; its weights from safetensors only."""
+    config = _load(folder / "config.json") if (folder / "config.json").is_file() else None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder} has no Dense configuration (config.json)")
+    for key in ("module_input_name", "module_output_name"):
+        if config.get(key) not in (None, _EMBEDDING):
+            raise ModelLoadError(f"{folder}: a Dense module on {key} {config[key]!r} (lm2vec projects {_EMBEDDING!r})")
+    try:
+        dense = Dense(
+            int(config["in_features"]),
+            int(config["out_features"]),
+            bool(config.get("bias", True)),
+            _activation(config["activation_function"], folder) if "activation_function" in config else None,
+            bool(config.get("use_residual", False)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelLoadError(f"{folder / 'config.json'}: not a Dense module's configuration ({err!r})") from err
+    if not (folder / WEIGHTS).is_file():
+        raise ModelLoadError(
+            f"{folder} has no {WEIGHTS}: lm2vec reads safetensors only (pytorch_model.bin is a pickle, which can run "
+            "code when loaded); save the model again with sentence-transformers' safe_serialization=True"
+        )
+    try:
+        dense.load_state_dict(load_file(folder / WEIGHTS), strict=True)
+    except (SafetensorError, RuntimeError) as err:  # RuntimeError: weights other than the configuration's
+        raise ModelLoadError(f"cannot load the Dense weights {folder / WEIGHTS}: {err}") from err
+    return dense
+
+
+def _activation(path: str, folder: Path) -> nn.Module:
+    """The activation a Dense configuration names (e.g. ``torch.nn.modules.activation.Tanh``): a ``torch.nn`` module
+    class that takes no arguments; anything else is refused, not imported."""
+    module, _, name = str(path).rpartition(".")
+    if module == "torch.nn" or module.startswith("torch.nn."):
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            found = None
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            try:
+                return found()
+            except TypeError:  # a module class that needs arguments (a layer): not an activation
+                pass
+    raise ModelLoadError(
+        f"{folder}: the Dense module's activation {path!r} is not a torch.nn activation class (all lm2vec reads "
+        "from a configuration)"
     )
 
 
