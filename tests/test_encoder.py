@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,26 @@ def test_similarity_is_sentence_transformers_cosine_matrix(tmp_path: Path):
     torch.testing.assert_close(enc.similarity(queries[0], torch.as_tensor(documents)), scores[:1])  # one vector
 
 
+@pytest.mark.parametrize("name", ["dot", "euclidean", "manhattan"])
+def test_the_similarity_function_a_model_names_is_used_saved_and_read(tmp_path: Path, name: str):
+    """A model saved with ``similarity_fn_name`` "dot" (or a distance) is compared by it in sentence-transformers;
+    lm2vec wrote "cosine" for every model and compared by cosine whatever a loaded model named."""
+    base = tiny_encoder()
+    enc = base.with_model(base.model, similarity_fn_name=name)
+    queries, documents = enc.encode(TEXTS[:3]), enc.encode(TEXTS[3:6])
+    st = SentenceTransformer(str(enc.save(tmp_path / "enc")), device="cpu")
+    assert st.similarity_fn_name == name
+    torch.testing.assert_close(enc.similarity(queries, documents), st.similarity(queries, documents))
+    torch.testing.assert_close(enc.similarity_pairwise(queries, documents), st.similarity_pairwise(queries, documents))
+    assert lm2vec.load(tmp_path / "enc").similarity_fn_name == name
+    config = tmp_path / "enc" / "config_sentence_transformers.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"similarity_fn_name": "cos"}))
+    with pytest.raises(lm2vec.ModelLoadError, match="similarity_fn_name must be one of cosine, dot, euclidean"):
+        lm2vec.load(tmp_path / "enc")
+    with pytest.raises(ValueError, match="similarity_fn_name must be one of"):
+        base.with_model(base.model, similarity_fn_name=None)
+
+
 @pytest.mark.parametrize("pooling", list(lm2vec.PoolingMode))
 def test_save_reloads_identically_in_lm2vec_and_sentence_transformers(tmp_path: Path, pooling):
     enc = tiny_encoder(pooling=pooling, prompts={"query": "w5 w6 "})
@@ -227,8 +248,6 @@ def test_saved_files(tmp_path: Path):
 
 
 def test_gemma3_flag_is_saved(tmp_path: Path):
-    import json
-
     path = tiny_encoder("gemma3_text").save(tmp_path / "g3")
     config = json.loads((path / "config.json").read_text())
     assert config["use_bidirectional_attention"] is True and "is_causal" not in config

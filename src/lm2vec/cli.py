@@ -136,6 +136,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "attention": f"{info['attention']} (verified)",
         "attn implementation": info["attn_implementation"],
         "pooling": info["pooling"] + (", normalized" if info["normalize"] else ""),
+        "similarity": info["similarity_fn_name"],
         "dimension": f"{info['dimension']}" + (f" (Dense {info['dense']})" if info["dense"] else ""),
         "max length": info["max_length"],
         "dtype": f"{info['dtype']}" + (" (auto)" if args.dtype == "auto" else ""),

@@ -42,6 +42,7 @@ from .outputs import Precision, check_output_options, postprocess
 from .packing import enable_packing, packed_states, window_applies
 from .pooling import pool
 from .quantization import FLOAT32, block_plan, lower_kind, parameter_count
+from .similarity import check_similarity, similarity, similarity_pairwise
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -115,6 +116,7 @@ class Encoder:
         normalize: bool = False,
         include_prompt: bool = False,
         dense: tuple[Dense, ...] = (),
+        similarity_fn_name: str = "cosine",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -136,6 +138,7 @@ class Encoder:
         if not (isinstance(dense, tuple | list) and all(isinstance(layer, Dense) for layer in dense)):
             raise TypeError(f"dense must be a tuple of lm2vec.dense.Dense modules, got {dense!r:.80}")
         self.dense = tuple(dense)  # sentence-transformers' Dense modules: the pooled state projected (see project())
+        self.similarity_fn_name = check_similarity(similarity_fn_name)  # how its vectors are compared
         widths = [self.hidden_size, *(layer.out_features for layer in self.dense)]
         if [layer.in_features for layer in self.dense] != widths[:-1]:
             chain = " -> ".join(f"{layer.in_features} -> {layer.out_features}" for layer in self.dense)
@@ -220,6 +223,7 @@ class Encoder:
             "normalize": self.normalize,
             "include_prompt": self.include_prompt,
             "dense": self.dense,
+            "similarity_fn_name": self.similarity_fn_name,
         }
 
     # -- encoding ----------------------------------------------------------------------------------
@@ -466,12 +470,15 @@ class Encoder:
         """Encode with the ``document`` prompt, if the encoder has one."""
         return self.encode(sentences, prompt_name="document" if "document" in self.prompts else None, **kwargs)
 
-    @staticmethod
-    def similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each row of ``a`` with each row of ``b`` (one vector is one row), as
-        sentence-transformers' ``similarity``: the function lm2vec's saved models name (``similarity_fn_name``)."""
-        a, b = (torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(x)).float(), dim=-1) for x in (a, b))
-        return a @ b.T
+    def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Scores of each row of ``a`` with each row of ``b`` (one vector is one row) by the encoder's
+        ``similarity_fn_name`` (cosine unless its saved model names another), as sentence-transformers'
+        ``similarity``."""
+        return similarity(a, b, self.similarity_fn_name)
+
+    def similarity_pairwise(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Scores of each row of ``a`` with the same row of ``b``, by the encoder's ``similarity_fn_name``."""
+        return similarity_pairwise(a, b, self.similarity_fn_name)
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, merge_adapters: bool = True, training: str | None = None) -> Path:
@@ -509,6 +516,7 @@ class Encoder:
             normalize=self.normalize,
             include_prompt=self.include_prompt,
             dense=self.dense,
+            similarity_fn_name=self.similarity_fn_name,
         )
         st_format.write(path, self.hidden_size, settings)
         write_card(path, model.config, self.dim, settings, training)
@@ -547,6 +555,7 @@ class Encoder:
             "instructions": "llm2vec 0.2.3 convention" if self.reference_style else "prefix (sentence-transformers)",
             "include_prompt": self.include_prompt,
             "normalize": self.normalize,
+            "similarity_fn_name": self.similarity_fn_name,
             "dense": " -> ".join(str(n) for n in [self.hidden_size, *(layer.out_features for layer in self.dense)])
             if self.dense
             else None,
@@ -564,6 +573,8 @@ class Encoder:
         settings |= {key: True for key in ("include_prompt", "normalize") if info[key]}  # absent: earlier keys stand
         if self.dense:
             settings["dense"] = [repr(layer) for layer in self.dense]  # shapes, bias, activation, residual
+        if self.similarity_fn_name != "cosine":  # the same vectors, other scores: MTEB's results differ
+            settings["similarity"] = self.similarity_fn_name
         tokenizer = [type(self.tokenizer).__name__, len(self.tokenizer)]
         weights = []
         dense = {f"dense.{i}.{name}": w for i, layer in enumerate(self.dense) for name, w in layer.state_dict().items()}

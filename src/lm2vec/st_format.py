@@ -53,6 +53,7 @@ class STSettings:
     normalize: bool = False  # a Normalize module after the pooling
     include_prompt: bool = False  # the Pooling module pools the prompt's tokens too (sentence-transformers' default)
     dense: tuple[Dense, ...] = ()  # Dense modules after the pooling, in order
+    similarity_fn_name: str = "cosine"  # how sentence-transformers compares the vectors (model.similarity)
 
 
 def write(path: Path, dim: int, settings: STSettings) -> None:
@@ -73,7 +74,7 @@ def write(path: Path, dim: int, settings: STSettings) -> None:
     st_config = {
         "prompts": settings.prompts,
         "default_prompt_name": settings.default_prompt_name,
-        "similarity_fn_name": "cosine",
+        "similarity_fn_name": settings.similarity_fn_name,
         "model_type": "SentenceTransformer",
     }
     (path / POOLING_DIR).mkdir(parents=True, exist_ok=True)

@@ -309,6 +309,11 @@ def test_model_meta_is_valid_and_its_revision_tracks_weights_and_prompts(mteb):
     assert MTEBEncoder(encoder, name="me/tuned").mteb_model_meta.name == "me/tuned"
     assert MTEBEncoder(encoder, prompts={"query": "w5 "}).mteb_model_meta.revision == meta.revision
     assert MTEBEncoder(encoder, prompts={"query": "w6 "}).mteb_model_meta.revision != meta.revision
+    dot = MTEBEncoder(encoder.with_model(encoder.model, similarity_fn_name="dot"), prompts={"query": "w5 "})
+    assert dot.mteb_model_meta.similarity_fn_name.value == "dot" and dot.mteb_model_meta.revision != meta.revision
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([[2.0, 0.0]])
+    torch.testing.assert_close(dot.similarity(a, b), torch.tensor([[2.0], [0.0]]))  # scored as the model is
+    torch.testing.assert_close(model.similarity_pairwise(a, a), torch.tensor([1.0, 1.0]))
     with torch.no_grad():
         encoder.model.layers[1].mlp.down_proj.weight[5, 7] += 0.01  # one changed weight: a new checkpoint
     assert MTEBEncoder(encoder, prompts={"query": "w5 "}).mteb_model_meta.revision != meta.revision

@@ -90,16 +90,12 @@ class MTEBEncoder:
         return torch.as_tensor(embeddings).float().numpy()  # a tensor: bf16 has no numpy dtype
 
     def similarity(self, embeddings1: Array, embeddings2: Array) -> torch.Tensor:
-        """Cosine similarity of every row of ``embeddings1`` with every row of ``embeddings2``."""
-        from mteb.similarity_functions import cos_sim
-
-        return cos_sim(embeddings1, embeddings2)
+        """Every row of ``embeddings1`` with every row of ``embeddings2``, by the encoder's similarity function."""
+        return self.encoder.similarity(torch.as_tensor(embeddings1), torch.as_tensor(embeddings2))
 
     def similarity_pairwise(self, embeddings1: Array, embeddings2: Array) -> Array:
-        """Cosine similarity of each row of ``embeddings1`` with the same row of ``embeddings2``."""
-        from mteb.similarity_functions import pairwise_cos_sim
-
-        return pairwise_cos_sim(embeddings1, embeddings2)
+        """Each row of ``embeddings1`` with the same row of ``embeddings2``, by the encoder's similarity function."""
+        return self.encoder.similarity_pairwise(torch.as_tensor(embeddings1), torch.as_tensor(embeddings2))
 
 
 def model_meta(encoder: Encoder, prompts: dict[str, str], name: str | None = None) -> ModelMeta:
@@ -127,7 +123,7 @@ def model_meta(encoder: Encoder, prompts: dict[str, str], name: str | None = Non
         public_training_code=None,
         public_training_data=None,
         framework=["PyTorch", "Transformers"],
-        similarity_fn_name=ScoringFunction.COSINE,
+        similarity_fn_name=ScoringFunction(encoder.similarity_fn_name),
         use_instructions=bool(prompts),
         training_datasets=None,
     )

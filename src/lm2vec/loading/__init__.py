@@ -99,6 +99,7 @@ def load(
             normalize=saved.normalize if saved else False,
             include_prompt=saved.include_prompt if saved else False,
             dense=saved.dense if saved else (),
+            similarity_fn_name=saved.similarity_fn_name if saved else "cosine",
         )
 
     def cached() -> PreTrainedModel | None:

@@ -24,6 +24,7 @@ from ..attention import saved_bidirectional
 from ..choices import PoolingMode
 from ..dense import WEIGHTS, Dense
 from ..inputs import ReferenceStyle
+from ..similarity import check_similarity
 from ..st_format import LM2VEC_CONFIG, MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings
 from .source import ModelLoadError
 
@@ -70,6 +71,7 @@ def read_saved_settings(path: Path) -> STSettings | None:
         matryoshka_dims=tuple(int(d) for d in dims) if dims else None,
         normalize=any(str(m.get("type")).endswith("Normalize") for m in modules),
         include_prompt=pooling.get("include_prompt", True) is not False,  # sentence-transformers' default: pooled
+        similarity_fn_name=_similarity(st_config.get("similarity_fn_name"), st_file),
         dense=tuple(read_dense(path / (m.get("path") or "")) for m in modules if str(m.get("type")).endswith("Dense")),
     )
 
@@ -78,6 +80,14 @@ def read_saved_settings(path: Path) -> STSettings | None:
 _ORDER = re.compile(r"Transformer( Pooling)?( Dense)*( Normalize)?")
 # sentence-transformers' Dense reads its input from and writes its output to the sentence embedding by default.
 _EMBEDDING = "sentence_embedding"
+
+
+def _similarity(name: object, where: Path) -> str:
+    """The comparison a saved model names (none: sentence-transformers' default, cosine)."""
+    try:
+        return check_similarity(name or "cosine")
+    except ValueError as err:
+        raise ModelLoadError(f"{where}: {err}") from None
 
 
 def read_dense(folder: Path) -> Dense:
