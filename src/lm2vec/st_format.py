@@ -56,8 +56,9 @@ class STSettings:
     similarity_fn_name: str = "cosine"  # how sentence-transformers compares the vectors (model.similarity)
 
 
-def write(path: Path, dim: int, settings: STSettings) -> None:
-    """Write the sentence-transformers files next to an already saved HF model and tokenizer."""
+def write(path: Path, hidden_size: int, settings: STSettings) -> None:
+    """Write the sentence-transformers files next to an already saved HF model and tokenizer (``hidden_size``: the
+    width the Pooling module pools)."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
@@ -70,7 +71,7 @@ def write(path: Path, dim: int, settings: STSettings) -> None:
         (path / str(modules[-1]["path"])).mkdir(exist_ok=True)
     chosen = ST_POOLING_NAMES[settings.pooling]
     pooling: dict[str, object] = {key: name == chosen for key, name in ST_POOLING_KEYS.items()}
-    pooling |= {"word_embedding_dimension": dim, "include_prompt": settings.include_prompt}
+    pooling |= {"word_embedding_dimension": hidden_size, "include_prompt": settings.include_prompt}
     st_config = {
         "prompts": settings.prompts,
         "default_prompt_name": settings.default_prompt_name,

@@ -117,7 +117,7 @@ def read_dense(folder: Path) -> Dense:
         dense.load_state_dict(load_file(folder / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError) as err:  # RuntimeError: weights other than the configuration's
         raise ModelLoadError(f"cannot load the Dense weights {folder / WEIGHTS}: {err}") from err
-    return dense
+    return dense.requires_grad_(False)  # kept as loaded: lm2vec's stages train the model (its adapters), not these
 
 
 def _activation(path: str, folder: Path) -> nn.Module:
