@@ -145,6 +145,19 @@ def test_a_hub_model_keeps_its_saved_settings_and_caches_its_lowered_weights(tmp
     np.testing.assert_array_equal(result["folder"], result["first"])
 
 
+def test_a_hub_models_snapshot_fetches_what_lm2vec_reads_itself_dense_weights_too():
+    """Online, only the JSON files of a hub model were fetched: EmbeddingGemma's Dense weights were missing. Matched
+    by huggingface_hub's own filter (what snapshot_download applies), over the files sentence-transformers writes."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from lm2vec.loading.source import HUB_FILES
+
+    files = ["config.json", "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"]
+    files += ["3_Dense_1024/model.safetensors", "modules.json", "model.safetensors", "model-00001-of-00002.safetensors"]
+    fetched = set(filter_repo_objects(files, allow_patterns=HUB_FILES))
+    assert fetched == set(files) - {"model.safetensors", "model-00001-of-00002.safetensors"}  # from_pretrained's
+
+
 def test_a_plain_file_is_not_a_model(tmp_path: Path):
     (tmp_path / "weights.txt").write_text("x")
     with pytest.raises(ModelLoadError, match="is a file"):

@@ -64,15 +64,20 @@ class Source:
         return Path(self.path) if self.local else hub_snapshot(self.path)
 
 
+# What lm2vec reads itself from a hub model: every JSON file (the config, a saved encoder's settings) and the weights
+# of sentence-transformers' Dense modules (in folders it names N_Dense); from_pretrained fetches the model's weights.
+HUB_FILES = ["*.json", "*Dense*/model.safetensors"]
+
+
 def hub_snapshot(repo: str) -> Path | None:
-    """A hub model's snapshot folder in the Hugging Face cache with its JSON files fetched: the model's config and the
-    settings a saved encoder carries (pooling, prompts, lm2vec's own), which lm2vec reads itself. Fetched as
-    ``from_pretrained`` fetches (the network, unless offline or cached). None where nothing can be had: the hub is
-    unreachable and nothing cached, or it has no such repository (the loaders then say which)."""
+    """A hub model's snapshot folder in the Hugging Face cache with :data:`HUB_FILES` fetched: the model's config and
+    the settings and modules a saved encoder carries (pooling, prompts, Dense modules, lm2vec's own), which lm2vec reads
+    itself. Fetched as ``from_pretrained`` fetches (the network, unless offline or cached). None where nothing can be
+    had: the hub is unreachable and nothing cached, or it has no such repository (the loaders then say which)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=["*.json"]))
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
     except Exception:  # offline, unknown repository, no access: loading the tokenizer says which, in its words
         return None
 
