@@ -150,7 +150,9 @@ def needs_data(*paths: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=reason)
 
 
-def tiny_gguf(path: Path, output_head: bool, drop: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def tiny_gguf(
+    path: Path, output_head: bool, drop: tuple[str, ...] = (), architecture: str = "llama"
+) -> dict[str, np.ndarray]:
     """A tiny llama GGUF file (hidden 64, 2 layers, float32) with or without its own ``output.weight`` (an untied or
     a tied model), without the tensors named in ``drop``; returns its embedding and output weights. Its tokenizer:
     the built-in model's first 512 tokens and the merges among them (a real byte-level BPE, read fast)."""
@@ -168,7 +170,7 @@ def tiny_gguf(path: Path, output_head: bool, drop: tuple[str, ...] = ()) -> dict
     ]
     small = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges}
     small["tokenizer.ggml.token_type"] = builtin.fields["tokenizer.ggml.token_type"].contents()[:vocab]
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), architecture)
     writer.add_context_length(256)
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(ffn)

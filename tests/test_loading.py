@@ -158,6 +158,33 @@ def test_a_hub_models_snapshot_fetches_what_lm2vec_reads_itself_dense_weights_to
     assert fetched == set(files) - {"model.safetensors", "model-00001-of-00002.safetensors"}  # from_pretrained's
 
 
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("not gguf", "does not start with the GGUF magic bytes.*truncated or damaged download"),
+        ("truncated", "truncated or damaged download"),  # transformers: "cannot reshape array of size ..."
+        (
+            "gemma-embedding",
+            "architecture gemma-embedding is not supported.*transformers converts GGUF files of .*llama",
+        ),
+    ],
+)
+def test_a_gguf_file_transformers_cannot_read_is_a_load_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str, named: str
+):
+    """transformers' raw ValueErrors ("cannot reshape array of size ...") named neither the file nor a way out."""
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    tiny_gguf(path, output_head=False, architecture="gemma-embedding" if damage == "gemma-embedding" else "llama")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 4])
+    elif damage == "not gguf":
+        path.write_bytes(b"not a GGUF file" * 100)
+    with pytest.raises(ModelLoadError, match=f"(?s)cannot read the GGUF file {path}: .*{named}"):
+        lm2vec.load(path)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())  # nothing half-converted left to trust
+
+
 def test_a_plain_file_is_not_a_model(tmp_path: Path):
     (tmp_path / "weights.txt").write_text("x")
     with pytest.raises(ModelLoadError, match="is a file"):

@@ -120,9 +120,24 @@ def gguf_to_directory(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{cache_key(CONVERSION, file_digest(gguf))[:16]}"
     if (target / "config.json").is_file():
         mark_used(target)
-    else:
+        return target
+    try:
         atomic_write(target, lambda tmp: _convert(gguf, tmp), directory=True)
+    except ModelLoadError:
+        raise
+    except (ValueError, KeyError, OSError, RuntimeError) as err:  # transformers' reader: raw errors, no file named
+        raise ModelLoadError(f"cannot read the GGUF file {gguf}: {err}{_gguf_hint(err)}") from err
     return target
+
+
+def _gguf_hint(err: Exception) -> str:
+    """What to do about a GGUF file transformers could not read."""
+    if "architecture" in str(err):
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        known = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # those two: not models
+        return f" (transformers converts GGUF files of {', '.join(known)}; load the model's Hugging Face folder)"
+    return " (a truncated or damaged download? its size and checksum against the source's tell)"
 
 
 def _convert(gguf: Path, out: Path) -> None:
