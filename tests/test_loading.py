@@ -496,6 +496,26 @@ def test_modules_lm2vec_cannot_reproduce_are_refused_by_name(tiny_dir: Path):
         lm2vec.load(tiny_dir)  # Normalize it runs
 
 
+@pytest.mark.parametrize(
+    ("file", "content", "named"),
+    [
+        ("config_sentence_transformers.json", {"prompts": ["query: "]}, "prompts must map names to instructions"),
+        ("config_sentence_transformers.json", {"prompts": {"q": 3}}, "prompts must map names to instructions"),
+        ("config_sentence_transformers.json", {"default_prompt_name": "q"}, "default_prompt_name 'q' is not one of"),
+        ("sentence_bert_config.json", {"max_seq_length": "long"}, "max_seq_length must be a positive whole number"),
+        ("1_Pooling/config.json", ["mean"], "expected a JSON object, got list"),
+    ],
+)
+def test_settings_files_of_the_wrong_shape_are_load_errors_naming_the_file(
+    tiny_dir: Path, file: str, content: object, named: str
+):
+    """Each was a bare ValueError, TypeError or AttributeError from deep inside ("dictionary update sequence element
+    #0 has length 1; 2 is required"), naming no file."""
+    (tiny_dir / file).write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError, match=f"{tiny_dir / file}: {named}"):
+        lm2vec.load(tiny_dir)
+
+
 def test_sentence_transformers_pooling_names_are_read(tiny_dir: Path):
     """The newer single ``pooling_mode`` key selects the same modes as the legacy boolean keys."""
     legacy = {key: False for key in json.loads((tiny_dir / "1_Pooling" / "config.json").read_text()) if "mode" in key}

@@ -50,23 +50,29 @@ def read_saved_settings(path: Path) -> STSettings | None:
         )
     pooling_dirs = [m.get("path") or POOLING_DIR for m in modules if str(m.get("type")).endswith("Pooling")]
     pooling_file = path / (pooling_dirs[0] if pooling_dirs else POOLING_DIR) / "config.json"
-    pooling = _load(pooling_file) if pooling_file.is_file() else {}
+    pooling = _settings(pooling_file)
     bert_file = path / "sentence_bert_config.json"
-    transformer = _load(bert_file) if bert_file.is_file() else {}
+    transformer = _settings(bert_file)
     _check_transformer(transformer, bert_file)
     # sentence-transformers >= 6 keeps the length in the tokenizer's model_max_length, no longer in its own config
     max_length = transformer.get("max_seq_length") or _tokenizer_max_length(path) or 512
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ModelLoadError(f"{bert_file}: max_seq_length must be a positive whole number, got {max_length!r}")
     st_file = path / "config_sentence_transformers.json"
-    st_config = _load(st_file) if st_file.is_file() else {}
-    hf_config = _load(path / "config.json") if (path / "config.json").is_file() else {}
-    own = _load(path / LM2VEC_CONFIG) if (path / LM2VEC_CONFIG).is_file() else {}
+    st_config = _settings(st_file)
+    prompts, default_prompt = st_config.get("prompts") or {}, st_config.get("default_prompt_name")
+    if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
+        raise ModelLoadError(f"{st_file}: prompts must map names to instructions (strings), got {prompts!r:.80}")
+    if default_prompt is not None and default_prompt not in prompts:
+        raise ModelLoadError(f"{st_file}: default_prompt_name {default_prompt!r} is not one of its prompts")
+    own = _settings(path / LM2VEC_CONFIG)
     style, dims = own.get("reference_style"), own.get("matryoshka_dims")
     return STSettings(
-        bidirectional=saved_bidirectional(hf_config),
+        bidirectional=saved_bidirectional(_settings(path / "config.json")),
         pooling=_pooling_mode(pooling, pooling_file),
-        max_length=int(max_length),
-        prompts=dict(st_config.get("prompts") or {}),
-        default_prompt_name=st_config.get("default_prompt_name"),
+        max_length=max_length,
+        prompts=prompts,
+        default_prompt_name=default_prompt,
         reference_style=ReferenceStyle.from_json(style) if style else None,
         matryoshka_dims=tuple(int(d) for d in dims) if dims else None,
         normalize=any(str(m.get("type")).endswith("Normalize") for m in modules),
@@ -92,9 +98,9 @@ def _similarity(name: object, where: Path) -> str:
 
 def read_dense(folder: Path) -> Dense:
     """The Dense module sentence-transformers saved in ``folder``; its weights from safetensors only."""
-    config = _load(folder / "config.json") if (folder / "config.json").is_file() else None
-    if not isinstance(config, dict):
+    if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no Dense configuration (config.json)")
+    config = _settings(folder / "config.json")
     for key in ("module_input_name", "module_output_name"):
         if config.get(key) not in (None, _EMBEDDING):
             raise ModelLoadError(f"{folder}: a Dense module on {key} {config[key]!r} (lm2vec projects {_EMBEDDING!r})")
@@ -162,7 +168,7 @@ def _check_transformer(config: dict, where: Path) -> None:
 def _tokenizer_max_length(path: Path) -> int | None:
     """The tokenizer's ``model_max_length``, where it is a length (unset, transformers writes a huge sentinel)."""
     config_file = path / "tokenizer_config.json"
-    length = (_load(config_file) if config_file.is_file() else {}).get("model_max_length")
+    length = _settings(config_file).get("model_max_length")
     return length if isinstance(length, int) and 0 < length < 1 << 30 else None
 
 
@@ -181,6 +187,14 @@ def _pooling_mode(config: dict, where: Path) -> PoolingMode:
             f"(it pools with one of: {', '.join(ours)})"
         )
     return ours[names[0]]
+
+
+def _settings(path: Path) -> dict[str, Any]:
+    """A settings file's JSON object; none where the file is absent."""
+    settings = _load(path) if path.is_file() else {}
+    if not isinstance(settings, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    return settings
 
 
 def _load(path: Path) -> Any:
