@@ -504,16 +504,24 @@ def test_modules_lm2vec_cannot_reproduce_are_refused_by_name(tiny_dir: Path):
         ("config_sentence_transformers.json", {"default_prompt_name": "q"}, "default_prompt_name 'q' is not one of"),
         ("sentence_bert_config.json", {"max_seq_length": "long"}, "max_seq_length must be a positive whole number"),
         ("1_Pooling/config.json", ["mean"], "expected a JSON object, got list"),
+        ("1_Pooling/config.json", {"pooling_mode": 3}, "pooling_mode must be a mode's name or a list of them"),
+        ("lm2vec_config.json", {"matryoshka_dims": "64"}, "matryoshka_dims must be a list of positive whole"),
+        ("lm2vec_config.json", {"reference_style": "yes"}, "reference_style is not lm2vec's"),
     ],
 )
 def test_settings_files_of_the_wrong_shape_are_load_errors_naming_the_file(
     tiny_dir: Path, file: str, content: object, named: str
 ):
     """Each was a bare ValueError, TypeError or AttributeError from deep inside ("dictionary update sequence element
-    #0 has length 1; 2 is required"), naming no file."""
+    #0 has length 1; 2 is required"), naming no file; matryoshka_dims "64" loaded as the dimensions 6 and 4."""
     (tiny_dir / file).write_text(json.dumps(content))
     with pytest.raises(ModelLoadError, match=f"{tiny_dir / file}: {named}"):
         lm2vec.load(tiny_dir)
+
+
+def test_matryoshka_dims_past_the_embeddings_width_are_refused():
+    with pytest.raises(ValueError, match=r"matryoshka_dims \[32, 999\] must lie in 1..64 \(the embedding.s"):
+        tiny_encoder(matryoshka_dims=(32, 999))
 
 
 def test_sentence_transformers_pooling_names_are_read(tiny_dir: Path):

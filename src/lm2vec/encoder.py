@@ -143,6 +143,9 @@ class Encoder:
         if [layer.in_features for layer in self.dense] != widths[:-1]:
             chain = " -> ".join(f"{layer.in_features} -> {layer.out_features}" for layer in self.dense)
             raise ValueError(f"the Dense modules take {chain} features; they must chain from the model's {widths[0]}")
+        if matryoshka_dims and not all(0 < d <= self.dim for d in matryoshka_dims):
+            dims = list(matryoshka_dims)
+            raise ValueError(f"matryoshka_dims {dims} must lie in 1..{self.dim} (the embedding's dimensions)")
         check_flag("include_prompt", include_prompt)
         self._include_prompt = include_prompt  # read by the tokenization the max_length setter builds
         self.max_length = fitted_length(model.config) if max_length is None else max_length  # builds self.tokenization

@@ -56,7 +56,7 @@ def read_saved_settings(path: Path) -> STSettings | None:
     _check_transformer(transformer, bert_file)
     # sentence-transformers >= 6 keeps the length in the tokenizer's model_max_length, no longer in its own config
     max_length = transformer.get("max_seq_length") or _tokenizer_max_length(path) or 512
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+    if not _whole(max_length) or max_length < 1:
         raise ModelLoadError(f"{bert_file}: max_seq_length must be a positive whole number, got {max_length!r}")
     st_file = path / "config_sentence_transformers.json"
     st_config = _settings(st_file)
@@ -65,15 +65,22 @@ def read_saved_settings(path: Path) -> STSettings | None:
         raise ModelLoadError(f"{st_file}: prompts must map names to instructions (strings), got {prompts!r:.80}")
     if default_prompt is not None and default_prompt not in prompts:
         raise ModelLoadError(f"{st_file}: default_prompt_name {default_prompt!r} is not one of its prompts")
-    own = _settings(path / LM2VEC_CONFIG)
+    own_file = path / LM2VEC_CONFIG
+    own = _settings(own_file)
     style, dims = own.get("reference_style"), own.get("matryoshka_dims")
+    if dims is not None and not (isinstance(dims, list) and all(_whole(d) and d > 0 for d in dims)):
+        raise ModelLoadError(f"{own_file}: matryoshka_dims must be a list of positive whole numbers, got {dims!r:.80}")
+    try:
+        reference_style = ReferenceStyle.from_json(style) if style else None
+    except (TypeError, ValueError) as err:  # another shape than lm2vec writes
+        raise ModelLoadError(f"{own_file}: reference_style is not lm2vec's ({err})") from None
     return STSettings(
         bidirectional=saved_bidirectional(_settings(path / "config.json")),
         pooling=_pooling_mode(pooling, pooling_file),
         max_length=max_length,
         prompts=prompts,
         default_prompt_name=default_prompt,
-        reference_style=ReferenceStyle.from_json(style) if style else None,
+        reference_style=reference_style,
         matryoshka_dims=tuple(int(d) for d in dims) if dims else None,
         normalize=any(str(m.get("type")).endswith("Normalize") for m in modules),
         include_prompt=pooling.get("include_prompt", True) is not False,  # sentence-transformers' default: pooled
@@ -177,7 +184,9 @@ def _pooling_mode(config: dict, where: Path) -> PoolingMode:
     keys, as in sentence-transformers), else the legacy keys; none: mean."""
     declared = config.get("pooling_mode")
     if declared is not None:
-        names = [declared] if isinstance(declared, str) else list(declared)
+        if not isinstance(declared, str | list):
+            raise ModelLoadError(f"{where}: pooling_mode must be a mode's name or a list of them, got {declared!r}")
+        names = [declared] if isinstance(declared, str) else declared
     else:
         names = [name for key, name in ST_POOLING_KEYS.items() if config.get(key)] or ["mean"]
     ours = {name: mode for mode, name in ST_POOLING_NAMES.items()}
@@ -187,6 +196,10 @@ def _pooling_mode(config: dict, where: Path) -> PoolingMode:
             f"(it pools with one of: {', '.join(ours)})"
         )
     return ours[names[0]]
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _settings(path: Path) -> dict[str, Any]:
