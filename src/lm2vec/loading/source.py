@@ -125,7 +125,7 @@ def gguf_to_directory(gguf: Path) -> Path:
         atomic_write(target, lambda tmp: _convert(gguf, tmp), directory=True)
     except ModelLoadError:
         raise
-    except (ValueError, KeyError, OSError, RuntimeError) as err:  # transformers' reader: raw errors, no file named
+    except (ValueError, KeyError, IndexError, RuntimeError) as err:  # transformers' reader: bare errors, no file named
         raise ModelLoadError(f"cannot read the GGUF file {gguf}: {err}{_gguf_hint(err)}") from err
     return target
 
