@@ -32,6 +32,7 @@ from .inputs import (
     Tokenization,
     check_flag,
     check_positive,
+    check_prompts,
     length_batches,
     normalize,
 )
@@ -121,10 +122,7 @@ class Encoder:
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = parse_pooling(pooling)
-        if prompts is not None and not (
-            isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
-        ):
-            raise TypeError(f"prompts must map names to instructions (dict of str to str), got {prompts!r:.80}")
+        check_prompts(prompts, default_prompt_name)
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         check_flag("bidirectional", bidirectional)
@@ -149,10 +147,6 @@ class Encoder:
         check_flag("include_prompt", include_prompt)
         self._include_prompt = include_prompt  # read by the tokenization the max_length setter builds
         self.max_length = fitted_length(model.config) if max_length is None else max_length  # builds self.tokenization
-        if default_prompt_name is not None and default_prompt_name not in self.prompts:
-            raise ValueError(
-                f"default_prompt_name {default_prompt_name!r} is not one of the prompts {list(self.prompts)}"
-            )
 
     # -- properties --------------------------------------------------------------------------------
     @property

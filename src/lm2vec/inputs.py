@@ -32,6 +32,17 @@ def check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_prompts(prompts: object, default_prompt_name: object) -> None:
+    """Prompts map names to instructions (strings); a default prompt is one of them."""
+    if prompts is not None and not (
+        isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
+    ):
+        raise TypeError(f"prompts must map names to instructions (dict of str to str), got {prompts!r:.80}")
+    if default_prompt_name is not None and default_prompt_name not in (prompts or {}):
+        names = list(prompts or {})
+        raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts {names}")
+
+
 def check_flag(name: str, value: object) -> None:
     """Switches (``bidirectional``, ``trust_remote_code``): a bool, as a truthy string such as "no" or "false"
     would turn them on."""

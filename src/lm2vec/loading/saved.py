@@ -23,7 +23,7 @@ from torch import nn
 from ..attention import saved_bidirectional
 from ..choices import PoolingMode
 from ..dense import WEIGHTS, Dense
-from ..inputs import ReferenceStyle
+from ..inputs import ReferenceStyle, check_prompts
 from ..similarity import check_similarity
 from ..st_format import LM2VEC_CONFIG, MODULES, POOLING_DIR, ST_POOLING_KEYS, ST_POOLING_NAMES, STSettings
 from .source import ModelLoadError
@@ -61,10 +61,10 @@ def read_saved_settings(path: Path) -> STSettings | None:
     st_file = path / "config_sentence_transformers.json"
     st_config = _settings(st_file)
     prompts, default_prompt = st_config.get("prompts") or {}, st_config.get("default_prompt_name")
-    if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
-        raise ModelLoadError(f"{st_file}: prompts must map names to instructions (strings), got {prompts!r:.80}")
-    if default_prompt is not None and default_prompt not in prompts:
-        raise ModelLoadError(f"{st_file}: default_prompt_name {default_prompt!r} is not one of its prompts")
+    try:
+        check_prompts(prompts, default_prompt)  # the encoder's own check, named after the file
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"{st_file}: {err}") from None
     own_file = path / LM2VEC_CONFIG
     own = _settings(own_file)
     style, dims = own.get("reference_style"), own.get("matryoshka_dims")
