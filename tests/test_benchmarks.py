@@ -96,3 +96,13 @@ def test_vs_reference_measures_each_mode(tmp_path: Path):
     default = result["modes"]["default"]
     assert default["sentences_per_s"] > 0 and 0 < default["fraction_of_peak"] and default["peak_rss_mb"] > 0
     assert default["cosine_to_anchor_min"] >= 0.99
+
+
+def test_train_speed_times_peft_input_casting_in_paired_rounds():
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--paired", "4"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    machine, line = run.stdout.splitlines()[:2]
+    assert machine.startswith("Machine: ")
+    timing = json.loads(line)
+    assert timing["casting_s"] > 0 and timing["no_casting_s"] > 0 and len(timing["tokens_per_s"]) == 2

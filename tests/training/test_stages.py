@@ -8,6 +8,7 @@ import typing
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm2vec.cli import main
 from lm2vec.packing import PACKED
@@ -83,6 +84,48 @@ def test_bf16_training_runs_attention_in_float32_where_this_cpu_runs_it_faster_s
     assert states.dtype == torch.bfloat16
     torch.testing.assert_close(states, expected.transpose(1, 2).to(torch.bfloat16), rtol=0, atol=0)
     assert not torch.equal(dropped[0], dropped[1])  # attention dropout still drops
+
+
+def test_bf16_stages_leave_adapter_inputs_to_autocast_with_the_same_outputs_and_gradients():
+    """peft casts a bf16 input up to its adapter's float32 and autocast casts it back: the same values. A bf16 stage
+    skips both copies; its embeddings and adapter gradients stay bit-identical, LoRA dropout included."""
+    encoder = tiny_encoder()
+    model = embedding_stage(encoder, SupervisedConfig(bf16=True, lora_dropout=0.1)).train()
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    float32 = embedding_stage(tiny_encoder(), SupervisedConfig(bf16=False)).modules()
+    assert all(m.cast_input_dtype_enabled for m in float32 if isinstance(m, LoraLayer))  # float32 inputs: no copies
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # zero at initialisation: make every adapter weight get a gradient
+                parameter.normal_(std=0.1)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    batch = vars(encoder.tokenization([""] * 6, random_texts(6, seed=5, max_words=12)))
+
+    def run(casting: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = casting
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        with CastCount() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+            vectors = embed(model, batch, 3)
+        vectors.float().square().sum().backward()
+        return vectors.detach(), [p.grad.clone() for p in trained if p.grad is not None], casts.count
+
+    (vectors, gradients, fewer), (expected, expected_gradients, more) = run(False), run(True)
+    assert torch.equal(vectors, expected)
+    assert len(gradients) == len(trained) and all(map(torch.equal, gradients, expected_gradients))
+    assert fewer < more
+
+
+class CastCount(TorchDispatchMode):
+    """Counts the dtype casts a computation runs."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(("kept_graphs", "kept"), [(0, 0), (2, 2), (99, 5)])  # of 6 passes; the first always replays

@@ -76,6 +76,12 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         peft = get_peft_model(model, lora)
     if float32_attention_helps(model, config):
         model.set_attn_implementation(FLOAT32_SDPA)
+    if trains_in_bf16(config):
+        # peft casts a bf16 input up to its adapter's float32, and autocast casts it back down for the adapter's
+        # products: the same values, two copies of the input per layer (4% of a step). Left to autocast alone.
+        for layer in peft.modules():
+            if isinstance(layer, LoraLayer):
+                layer.cast_input_dtype_enabled = False
     if config.lora_dropout and model.device.type == "cpu":  # CUDA's own dropout is fast
         for layer in peft.modules():
             if isinstance(layer, LoraLayer):
