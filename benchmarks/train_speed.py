@@ -96,12 +96,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", choices=list(SETTINGS), default=None)
     parser.add_argument("--paired", type=int, default=0, metavar="N", help="time peft's input casting, N rounds")
+    parser.add_argument("--rows", type=int, default=64, help="--paired's batch: rows of 32 tokens (SimCSE's: 64)")
     args = parser.parse_args()
     if 0 < args.paired < 4:
         parser.error("--paired needs at least 4 rounds (2 pairs, for a standard error)")
     print(f"Machine: {describe_machine()}")
     if args.paired:
-        paired_casting(args.paired)
+        paired_casting(args.paired, args.rows)
         return
     for stage, settings in SETTINGS.items():
         if args.only and stage != args.only:

@@ -108,6 +108,7 @@ def test_gemma3_uses_its_own_flag_and_keeps_its_sliding_windows_as_embedding_gem
 # attention, a state-space layer), and blocks that mix none (MLP-only). Per type: its block layout, the causal blocks.
 HYBRIDS = {
     "lfm2": ({"layer_types": ["conv", "full_attention", "conv", "full_attention"]}, [0, 2]),
+    "minimax": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),  # lightning attention
     "qwen3_5_text": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),
     "nemotron_h": ({"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"]}, [0]),
 }

@@ -99,7 +99,7 @@ def test_vs_reference_measures_each_mode(tmp_path: Path):
 
 
 def test_train_speed_times_peft_input_casting_in_paired_rounds():
-    command = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--paired", "4"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--paired", "4", "--rows", "4"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     machine, line = run.stdout.splitlines()[:2]

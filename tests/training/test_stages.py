@@ -86,6 +86,23 @@ def test_bf16_training_runs_attention_in_float32_where_this_cpu_runs_it_faster_s
     assert not torch.equal(dropped[0], dropped[1])  # attention dropout still drops
 
 
+@pytest.mark.parametrize("model_type", ["glm4_moe", "ernie4_5_moe", "exaone_moe"])
+def test_lora_goes_on_the_shared_experts_layers_named_not_on_the_routed_experts_weights(model_type: str):
+    """peft 0.21 took a shared expert's ``gate_proj`` for transformers 4's name of a routed expert's layer and put
+    LoRA on the fused expert weights instead (refusing LoRA dropout there): a stage on these models failed."""
+    encoder = tiny_encoder(model_type)
+    shared = {n for n, m in encoder.model.named_modules() if ".shared_experts." in n and isinstance(m, torch.nn.Linear)}
+    model = embedding_stage(encoder, SupervisedConfig(lora_dropout=0.1))  # LoRA goes on encoder.model in place
+    layers = {name: m for name, m in encoder.model.named_modules() if isinstance(m, LoraLayer)}
+    assert shared and shared <= set(layers)
+    assert not [name for name, _ in model.named_parameters() if "lora_" in name and ".mlp.experts." in name]
+    assert all(type(d) is Dropout for m in layers.values() for d in m.lora_dropout.values())
+    encoder = tiny_encoder(model_type)  # targets named by the end of a name, as in peft: this model's layers too
+    gates = {n for n, m in encoder.model.named_modules() if n.endswith(".gate_proj") and isinstance(m, torch.nn.Linear)}
+    embedding_stage(encoder, SupervisedConfig(lora_targets=["gate_proj"]))
+    assert {name for name, m in encoder.model.named_modules() if isinstance(m, LoraLayer)} == gates
+
+
 def test_bf16_stages_leave_adapter_inputs_to_autocast_with_the_same_outputs_and_gradients():
     """peft casts a bf16 input up to its adapter's float32 and autocast casts it back: the same values. A bf16 stage
     skips both copies; its embeddings and adapter gradients stay bit-identical, LoRA dropout included."""

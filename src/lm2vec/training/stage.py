@@ -4,14 +4,16 @@ of the LoRA-wrapped model), running and resuming the Trainer, merging the adapte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import peft.utils.transformers_weight_conversion as peft_conversion
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -59,7 +61,8 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
     LoRA on the upper layers only also shortens the backward pass: autograd stops at the lowest adapter.
     """
     targets = config.lora_targets
-    if config.lora_layers is not None or targets == "all-linear":
+    named = config.lora_layers is not None or targets == "all-linear"  # every layer by its full name
+    if named:
         targets = _linear_targets(model, config)
     lora = LoraConfig(
         r=config.lora_r,
@@ -71,9 +74,12 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     set_seed(config.seed)  # the adapter's initial weights follow the stage's seed, as the data order does
-    with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates: nothing for a user to do
+    with warnings.catch_warnings(), _targets_as_named():
+        # peft reads an attribute transformers 5 deprecates: nothing for a user to do
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         peft = get_peft_model(model, lora)
+    if named and (wrapped := _wrapped(model)) != set(targets):
+        raise RuntimeError(f"peft put LoRA on {sorted(wrapped ^ set(targets))[:4]} against the targets named")
     if float32_attention_helps(model, config):
         model.set_attn_implementation(FLOAT32_SDPA)
     if trains_in_bf16(config):
@@ -89,6 +95,29 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
                     if isinstance(dropout, nn.Dropout):
                         layer.lora_dropout[name] = Dropout(dropout.p)
     return peft
+
+
+@contextlib.contextmanager
+def _targets_as_named() -> Iterator[None]:
+    """peft 0.21 rewrites the targets of mixture-of-experts models from the names transformers 4 gave their experts'
+    layers to transformers 5's fused expert weights, matching the end of a name: a shared expert's ``gate_proj``, a
+    linear layer of this model, became the routed experts' 3D weights (GLM-4 MoE, ERNIE 4.5 MoE, EXAONE MoE;
+    huggingface/peft#3711), which then took LoRA and refused LoRA dropout. lm2vec names this model's own linear
+    layers, never transformers 4's: peft's rewrite is skipped while the adapter is made."""
+    convert = getattr(peft_conversion, "convert_peft_config_for_transformers", None)
+    if convert is None:
+        yield
+        return
+    peft_conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        peft_conversion.convert_peft_config_for_transformers = convert
+
+
+def _wrapped(model: nn.Module) -> set[str]:
+    """The names of the modules that carry LoRA, as the model named them before."""
+    return {name.replace(".base_layer", "") for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 class Dropout(nn.Dropout):
