@@ -55,8 +55,9 @@ class StepTimer(TrainerCallback):
 
 
 def paired_casting(rounds: int, rows: int = 64, length: int = 32) -> None:
-    """Forward and backward of SimCSE's batch (its two views: 64 rows of 32 tokens) under bf16 autocast, peft's
-    input casting on in even rounds and off in odd ones; the mean paired difference and its standard error."""
+    """Forward and backward of ``rows`` texts of ``length`` tokens (SimCSE's batch, both views: 64 of 32) under bf16
+    autocast, peft's input casting on in even rounds and off in odd ones; the mean paired difference and its
+    standard error."""
     encoder = lm2vec.load(dtype=TRAINING_DTYPE)
     model = embedding_stage(encoder, SimCSEConfig(bf16=True, lora_dropout=0.0, max_length=length), 0.1).train()
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import peft.utils.transformers_weight_conversion as peft_conversion
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -84,7 +83,7 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         model.set_attn_implementation(FLOAT32_SDPA)
     if trains_in_bf16(config):
         # peft casts a bf16 input up to its adapter's float32, and autocast casts it back down for the adapter's
-        # products: the same values, two copies of the input per layer (4% of a step). Left to autocast alone.
+        # products: the same values, two copies of the input per layer (4-6% of a step). Left to autocast alone.
         for layer in peft.modules():
             if isinstance(layer, LoraLayer):
                 layer.cast_input_dtype_enabled = False
@@ -104,20 +103,22 @@ def _targets_as_named() -> Iterator[None]:
     linear layer of this model, became the routed experts' 3D weights (GLM-4 MoE, ERNIE 4.5 MoE, EXAONE MoE;
     huggingface/peft#3711), which then took LoRA and refused LoRA dropout. lm2vec names this model's own linear
     layers, never transformers 4's: peft's rewrite is skipped while the adapter is made."""
-    convert = getattr(peft_conversion, "convert_peft_config_for_transformers", None)
-    if convert is None:
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # a peft from before transformers 5: it rewrites nothing
         yield
         return
-    peft_conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    convert = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        peft_conversion.convert_peft_config_for_transformers = convert
+        conversion.convert_peft_config_for_transformers = convert
 
 
 def _wrapped(model: nn.Module) -> set[str]:
-    """The names of the modules that carry LoRA, as the model named them before."""
-    return {name.replace(".base_layer", "") for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    """The names of the modules that carry LoRA (each wrapper takes the name of the layer it wraps)."""
+    return {name for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 class Dropout(nn.Dropout):
