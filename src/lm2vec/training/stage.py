@@ -81,18 +81,15 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         raise RuntimeError(f"peft put LoRA on {sorted(wrapped ^ set(targets))[:4]} against the targets named")
     if float32_attention_helps(model, config):
         model.set_attn_implementation(FLOAT32_SDPA)
-    if trains_in_bf16(config):
-        # peft casts a bf16 input up to its adapter's float32, and autocast casts it back down for the adapter's
-        # products: the same values, two copies of the input per layer (4-6% of a step). Left to autocast alone.
-        for layer in peft.modules():
-            if isinstance(layer, LoraLayer):
-                layer.cast_input_dtype_enabled = False
-    if config.lora_dropout and model.device.type == "cpu":  # CUDA's own dropout is fast
-        for layer in peft.modules():
-            if isinstance(layer, LoraLayer):
-                for name, dropout in layer.lora_dropout.items():
-                    if isinstance(dropout, nn.Dropout):
-                        layer.lora_dropout[name] = Dropout(dropout.p)
+    # peft casts a bf16 input up to its adapter's float32, and autocast casts it back down for the adapter's products:
+    # the same values, two copies of the input per layer (4-6% of a step). Left to autocast alone.
+    cast = not trains_in_bf16(config)
+    cheap_dropout = config.lora_dropout and model.device.type == "cpu"  # CUDA's own dropout is fast
+    for layer in (m for m in peft.modules() if isinstance(m, LoraLayer)):
+        layer.cast_input_dtype_enabled = cast
+        for name, dropout in layer.lora_dropout.items():
+            if cheap_dropout and isinstance(dropout, nn.Dropout):
+                layer.lora_dropout[name] = Dropout(dropout.p)
     return peft
 
 
