@@ -63,6 +63,26 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
+# Hybrid decoders: the settings that give each its Mamba, convolution or linear-attention blocks, which stay causal
+HYBRIDS = {
+    "lfm2": ({"layer_types": ["conv", "full_attention", "conv", "full_attention"]}, [0, 2]),
+    "minimax": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),  # lightning attention
+    "qwen3_5_text": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),
+    "nemotron_h": (
+        {
+            "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"],
+            "mamba_num_heads": 8,
+            "mamba_head_dim": 8,
+            "ssm_state_size": 16,
+            "chunk_size": 16,
+            "moe_intermediate_size": 32,
+            "moe_shared_expert_intermediate_size": 32,
+        },
+        [0],
+    ),
+}
+
+
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     kwargs = dict(
         vocab_size=VOCAB,

@@ -10,7 +10,7 @@ import torch
 
 import lm2vec
 from lm2vec.attention import UNSUPPORTED, causal_blocks, first_token_moves, set_bidirectional, verify_attention
-from tests.support import ARCHITECTURES, VOCAB, has_sdpa, random_texts, tiny_config, tiny_model, tiny_tokenizer
+from tests.support import ARCHITECTURES, HYBRIDS, VOCAB, has_sdpa, random_texts, tiny_config, tiny_model, tiny_tokenizer
 
 IMPLEMENTATIONS = ("eager", "sdpa")
 # What transformers itself does not offer (not an lm2vec limitation).
@@ -106,14 +106,6 @@ def test_gemma3_uses_its_own_flag_and_keeps_its_sliding_windows_as_embedding_gem
 
 # Hybrid decoders, as transformers builds them: blocks that mix tokens without attention (a short convolution, linear
 # attention, a state-space layer), and blocks that mix none (MLP-only). Per type: its block layout, the causal blocks.
-HYBRIDS = {
-    "lfm2": ({"layer_types": ["conv", "full_attention", "conv", "full_attention"]}, [0, 2]),
-    "minimax": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),  # lightning attention
-    "qwen3_5_text": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),
-    "nemotron_h": ({"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"]}, [0]),
-}
-
-
 def hybrid(model_type: str, bidirectional: bool) -> torch.nn.Module:
     config = tiny_config(model_type, num_hidden_layers=4, head_dim=16, **HYBRIDS[model_type][0])
     return tiny_model(set_bidirectional(config, bidirectional))

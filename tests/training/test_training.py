@@ -41,11 +41,13 @@ from lm2vec.training.mntp import IGNORE, MaskingCollator, mntp_loss
 from lm2vec.training.stage import add_lora, claim_stage_dir, embedding_stage, length_chunks
 from tests.support import (
     ARCHITECTURES,
+    HYBRIDS,
     VOCAB,
     needs_data,
     random_texts,
     tiny_config,
     tiny_encoder,
+    tiny_model,
     tiny_tokenizer,
     word_encoder,
     write_jsonl,
@@ -247,6 +249,31 @@ def test_mixture_of_experts_models_train_lora_on_their_linear_layers(model_type:
     reloaded = dict(lm2vec.load(tmp_path / "out" / "encoder", dtype="float32").model.named_parameters())
     assert all(torch.equal(reloaded[name], weight) for name, weight in experts.items())
     assert trained.encode(["w5 w6", "w7"]).shape == (2, 64)
+
+
+MAMBA = {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_state": 16, "mamba_chunk_size": 16}  # Falcon-H1's, tiny
+
+
+@pytest.mark.parametrize("model_type, blocks", [("falcon_h1", MAMBA), ("nemotron_h", HYBRIDS["nemotron_h"][0])])
+def test_mamba_hybrids_train_causal_with_lora_on_every_layer_peft_allows(
+    model_type: str, blocks: dict, corpus: Path, tmp_path: Path
+):
+    """peft refuses LoRA on a Mamba mixer's ``out_proj`` (its CUDA kernels read the weight): "all-linear" leaves it
+    out, where every stage on these models failed; named in ``lora_targets``, peft's own error says why."""
+    config = tiny_config(model_type, pad_token_id=3, num_hidden_layers=4, head_dim=16, **blocks)
+    encoder = lm2vec.Encoder(tiny_model(lm2vec.set_bidirectional(config, False)), tiny_tokenizer(), bidirectional=False)
+    linear = {n for n, m in encoder.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    mixers = {n for n in linear if n.endswith(".out_proj")}
+    settings = dict(data=[str(corpus)], steps=2, batch_size=8, lora_dropout=0.05, **FAST)
+    trained = train_simcse(encoder, SimCSEConfig(**settings), tmp_path / "out")
+    wrapped = {
+        key.split(".lora_")[0].removeprefix("base_model.model.") for key in adapter(last_checkpoint(tmp_path / "out"))
+    }
+    assert mixers and wrapped == linear - mixers
+    reloaded = lm2vec.load(tmp_path / "out" / "encoder", dtype="float32", bidirectional=False)
+    np.testing.assert_allclose(reloaded.encode(["w5 w6", "w7"]), trained.encode(["w5 w6", "w7"]), atol=1e-5)
+    with pytest.raises(ValueError, match="'out_proj' is incompatible with Mamba"):
+        train_simcse(trained, SimCSEConfig(**settings, lora_targets=["out_proj"]), tmp_path / "named")
 
 
 def test_a_stage_does_not_pass_on_peft_s_deprecation_warning():

@@ -182,14 +182,30 @@ def _linear_targets(model: PreTrainedModel, config: StageConfig) -> list[str]:
         total = model.config.get_text_config().num_hidden_layers
         keep = set(range(max(total - config.lora_layers, 0), total))
     head = model.get_output_embeddings()
+    every = config.lora_targets == "all-linear"
     return [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear | Conv1D)
         and module is not head
         and (keep is None or _layer_index(name) in keep)
-        and (config.lora_targets == "all-linear" or name.rsplit(".", 1)[-1] in config.lora_targets)
+        and (name.rsplit(".", 1)[-1] in config.lora_targets if not every else _peft_allows(model, name))
     ]
+
+
+def _peft_allows(model: PreTrainedModel, name: str) -> bool:
+    """Whether peft takes LoRA on this layer. It refuses a Mamba mixer's ``out_proj`` (Falcon-H1, Nemotron-H, Mamba
+    2), whose CUDA kernels read the weight directly: "all-linear" means every layer peft allows; a layer named
+    in ``lora_targets`` is left to peft's own error."""
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:  # a peft without the check refuses nothing
+        return True
+    try:
+        check(LoraConfig(), model, name.rsplit(".", 1)[-1])
+    except ValueError:
+        return False
+    return True
 
 
 def _layer_index(name: str) -> int | None:
