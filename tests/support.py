@@ -63,6 +63,7 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
+MAMBA2 = {"mamba_d_state": 16, "mamba_chunk_size": 16}  # tiny state-space sizes
 # Hybrid decoders: the settings that give each its Mamba, convolution or linear-attention blocks, which stay causal
 HYBRIDS = {
     "lfm2": ({"layer_types": ["conv", "full_attention", "conv", "full_attention"]}, [0, 2]),
@@ -80,6 +81,24 @@ HYBRIDS = {
         },
         [0],
     ),
+    "jamba": (
+        dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, num_experts=4, mamba_d_state=8),
+        [0, 2],
+    ),
+    "bamba": (dict(attn_layer_indices=[1, 3], mamba_n_heads=16, mamba_d_head=8, **MAMBA2), [0, 2]),
+    "granitemoehybrid": (
+        dict(layer_types=["mamba", "attention"] * 2, mamba_n_heads=16, mamba_d_head=8, **MAMBA2),
+        [0, 2],
+    ),
+    "zamba2": (
+        dict(layers_block_type=["mamba", "hybrid"] * 2, mamba_headdim=16, n_mamba_heads=8, chunk_size=16),
+        [0, 2],
+    ),
+    "qwen3_next": (
+        dict(layer_types=["linear_attention", "full_attention"] * 2, num_experts=4, num_experts_per_tok=2),
+        [0, 2],
+    ),
+    "lfm2_moe": (dict(layer_types=["conv", "full_attention"] * 2, num_experts=4, moe_intermediate_size=32), [0, 2]),
 }
 
 

@@ -228,6 +228,9 @@ def test_a_model_that_fails_when_run_is_named_with_its_attention_mode(dtype: str
     ) as err:
         lm2vec.load(tmp_path, dtype=dtype)
     assert "RuntimeError: The size of tensor a" in str(err.value) and "bidirectional=False" in str(err.value)
+    assert ("if it runs with dtype='float32', lm2vec's lower-precision layers (auto)" in str(err.value)) == (
+        dtype == "auto"
+    )
     with pytest.raises(ModelLoadError, match=r"codegen \(sdpa attention, causal\) failed when first run: Runtime"):
         lm2vec.load(tmp_path, dtype=dtype, bidirectional=False)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 import lm2vec
@@ -45,6 +46,7 @@ from lm2vec.quantization import (
     blocks,
     int_product,
     linear_layers,
+    lower_kind,
     lower_precision,
     lowered,
     lowered_in_turn,
@@ -53,7 +55,9 @@ from lm2vec.quantization import (
     quantize_rows2,
     smoothing_factors,
 )
-from tests.support import ARCHITECTURES, random_texts, tiny_encoder
+from lm2vec.training import SupervisedConfig
+from lm2vec.training.stage import embedding_stage
+from tests.support import ARCHITECTURES, random_texts, tiny_config, tiny_encoder, tiny_model, tiny_tokenizer
 
 TEXTS = random_texts(24, seed=3)
 VARIANT = (True, "mean", "cpu")  # bidirectional, mean pooling, a CPU: what the cache of a default load is keyed by
@@ -107,6 +111,42 @@ def test_int8x2_linear_is_near_float32_where_int8_and_bf16_are_not():
     assert errors["int8x2"] < 1e-3 and errors["int8x2"] * 5 < min(errors["int8"], errors["bf16"]), errors
     rows = torch.cat([Int8x2Linear(linear)(x[i : i + 1]) for i in range(len(x))])
     assert torch.equal(rows, Int8x2Linear(linear)(x))  # exact integer sums: a row's result ignores the batch
+
+
+def test_an_int8_layer_answers_for_its_weight_with_the_float_weight_it_stands_for():
+    """Some model code reads a layer's weight instead of calling it (HunYuan-MoE's router checks its dtype, Jamba's
+    Mamba multiplies by ``dt_proj.weight``): within half a quantization step per row, smoothing undone."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    weight = linear.weight.detach()
+    smooth = torch.rand(64) * 3 + 1
+    step = (weight * smooth).abs().amax(1, keepdim=True) / 127  # the int8 step of each (smoothed) row
+    for layer, bound in ((Int8Linear(linear, smooth=smooth), step / smooth), (Int8x2Linear(linear), step / 254)):
+        assert layer.weight.shape == weight.shape and layer.weight.dtype == torch.float32
+        assert ((layer.weight - weight).abs() <= bound / 2 + 1e-7).all()
+        assert not torch.equal(layer.weight, weight)
+
+
+@pytest.mark.parametrize(
+    "model_type, sizes",
+    [
+        ("phimoe", dict(num_local_experts=4, num_experts_per_tok=2)),
+        ("hunyuan_v1_moe", dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=32)),
+    ],
+)
+def test_routers_that_are_no_plain_linear_layer_load_in_int8(model_type: str, sizes: dict, tmp_path: Path):
+    """Phi-MoE's router is an ``nn.Linear`` subclass that returns the experts it picks: it keeps its own forward
+    (float32; without LoRA in training). HunYuan-MoE's router reads its layer's weight: both failed to load in int8."""
+    config = lm2vec.set_bidirectional(tiny_config(model_type, pad_token_id=3, **sizes))
+    path = lm2vec.Encoder(tiny_model(config), tiny_tokenizer()).save(tmp_path / model_type)
+    reference = lm2vec.load(path, dtype="float32").encode(TEXTS)
+    encoder = lm2vec.load(path, dtype="int8")
+    assert lower_kind(encoder.model) == "int8"
+    assert cosine_rows(encoder.encode(TEXTS), reference).min() > 0.99
+    routers = [m for name, m in encoder.model.named_modules() if name.endswith(("mlp.router", "mlp.gate.wg"))]
+    assert routers and all(isinstance(m, LINEAR) for m in routers) == (model_type == "phimoe")
+    model = embedding_stage(lm2vec.load(path, dtype="float32"), SupervisedConfig(max_length=64))
+    assert not [name for name, m in model.named_modules() if name.endswith("mlp.router") and isinstance(m, LoraLayer)]
 
 
 def test_quantize_rows2_keeps_the_rounding_error_of_the_first_level():

@@ -191,6 +191,13 @@ class Int8Linear(_FrozenLinear):
         self.register_buffer("weight_scale", scale.reshape(1, -1))
         self.register_buffer("input_scale", smooth.reciprocal())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight this layer stands for, (out, in), from its int8 values: for model code that reads a
+        layer's weight rather than calling it (HunYuan-MoE's router checks its dtype; Jamba's Mamba multiplies by
+        ``dt_proj.weight``)."""
+        return self.weight_t.t().float() * self.weight_scale.t() * self.input_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = self.last_input.get(x, self.in_features, self.input_scale)
         out = int_product(q, self.weight_t) * scale  # int32 x float32 -> float32, one pass
@@ -224,6 +231,12 @@ class Int8x2Linear(_FrozenLinear):
         high, low = weight.split(self.in_features, dim=1)
         self.register_buffer("weight_t", torch.cat([low.t(), high.t()]).contiguous())  # (2 * in, out): [low ; high]
         self.register_buffer("weight_scale", scale.reshape(1, -1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight, (out, in), from its two levels (see :attr:`Int8Linear.weight`)."""
+        low, high = self.weight_t.float().split(self.in_features)
+        return (high + low / LOW).t() * self.weight_scale.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = self.last_input.get(x, self.in_features)  # (rows, 2 * in): [high | low]
@@ -314,12 +327,18 @@ def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
     return {name: seconds["float32"] / value for name, value in seconds.items()}
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or Conv1D itself. A subclass has a forward of its own, which a converted (or LoRA-wrapped)
+    layer would not run: Phi-MoE's router is an ``nn.Linear`` that returns the experts it picks."""
+    return type(module) in LINEAR
+
+
 def linear_layers(model: nn.Module, block: str = "") -> list[str]:
     """Names of the float linear layers (in ``block`` if given), the LM head excepted."""
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, LINEAR) and f"{name}.".startswith(block) and "lm_head" not in name
+        if is_linear(module) and f"{name}.".startswith(block) and "lm_head" not in name
     ]
 
 

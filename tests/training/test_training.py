@@ -42,6 +42,7 @@ from lm2vec.training.stage import add_lora, claim_stage_dir, embedding_stage, le
 from tests.support import (
     ARCHITECTURES,
     HYBRIDS,
+    MAMBA2,
     VOCAB,
     needs_data,
     random_texts,
@@ -251,7 +252,7 @@ def test_mixture_of_experts_models_train_lora_on_their_linear_layers(model_type:
     assert trained.encode(["w5 w6", "w7"]).shape == (2, 64)
 
 
-MAMBA = {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_state": 16, "mamba_chunk_size": 16}  # Falcon-H1's, tiny
+MAMBA = {"mamba_d_ssm": 64, "mamba_n_heads": 8, **MAMBA2}  # Falcon-H1's sizes, tiny
 
 
 @pytest.mark.parametrize("model_type, blocks", [("falcon_h1", MAMBA), ("nemotron_h", HYBRIDS["nemotron_h"][0])])

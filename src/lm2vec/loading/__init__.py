@@ -113,7 +113,7 @@ def load(
     if model is None:
         model = load_model(resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
     encoder = build(model)
-    with _named_failures(model.config, bidirectional):  # the config: the first model's weights must be freeable
+    with _named_failures(model.config, bidirectional, chosen):  # the config: the first model's weights must be freeable
         if chosen in (*LOWER, "auto") and lower_kind(model) is None:
             if _lower(encoder, resolved, variant, chosen, cache=checkpoint is None):  # adapters merged: uncached
                 # Until the first model is gone its float32 weights stay mapped from their file, resident: read the
@@ -139,9 +139,10 @@ def _check_device(device: str | torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _named_failures(config: PretrainedConfig, bidirectional: bool) -> Iterator[None]:
+def _named_failures(config: PretrainedConfig, bidirectional: bool, chosen: str) -> Iterator[None]:
     """The first forward passes (calibration, verification) run the model as transformers built it: an error from
-    inside says only what broke there, so it is raised again naming the architecture and the attention mode."""
+    inside says only what broke there, so it is raised again naming the architecture, the attention mode and, where
+    lm2vec put layers in lower precision, the way to load without them."""
     try:
         yield
     except (AttentionError, ModelLoadError):
@@ -152,6 +153,10 @@ def _named_failures(config: PretrainedConfig, bidirectional: bool) -> Iterator[N
         message += f"{type(err).__name__}: {err}"
         if bidirectional:
             message += "; if it runs with bidirectional=False, transformers cannot run this architecture bidirectional"
+        if chosen in (*LOWER, "auto"):
+            message += (
+                f"; if it runs with dtype='float32', lm2vec's lower-precision layers ({chosen}) fail: please report it"
+            )
         raise ModelLoadError(message) from err
 
 

@@ -35,6 +35,7 @@ from ..evaluation.sts import STSPairs, load_sts
 from ..inputs import Batch, Tokenization
 from ..loading import load
 from ..packing import PACKED
+from ..quantization import is_linear
 from .config import SimCSEConfig, StageConfig, SupervisedConfig
 from .trainer import (
     COMPLETE,
@@ -186,7 +187,7 @@ def _linear_targets(model: PreTrainedModel, config: StageConfig) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear | Conv1D)
+        if is_linear(module)
         and module is not head
         and (keep is None or _layer_index(name) in keep)
         and (name.rsplit(".", 1)[-1] in config.lora_targets if not every else _peft_allows(model, name))
