@@ -128,25 +128,33 @@ def test_an_int8_layer_answers_for_its_weight_with_the_float_weight_it_stands_fo
 
 
 @pytest.mark.parametrize(
-    "model_type, sizes",
+    "model_type, sizes, kept",
     [
-        ("phimoe", dict(num_local_experts=4, num_experts_per_tok=2)),
-        ("hunyuan_v1_moe", dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=32)),
+        ("phimoe", dict(num_local_experts=4, num_experts_per_tok=2), {"PhimoeTopKRouter"}),
+        ("hunyuan_v1_moe", dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=32), set()),
+        ("falcon", {}, set()),
     ],
 )
-def test_routers_that_are_no_plain_linear_layer_load_in_int8(model_type: str, sizes: dict, tmp_path: Path):
-    """Phi-MoE's router is an ``nn.Linear`` subclass that returns the experts it picks: it keeps its own forward
-    (float32; without LoRA in training). HunYuan-MoE's router reads its layer's weight: both failed to load in int8."""
+def test_linear_layers_of_a_model_s_own_class_are_lowered_and_adapted_where_they_compute_the_product(
+    model_type: str, sizes: dict, kept: set[str], tmp_path: Path
+):
+    """Phi-MoE's router is an ``nn.Linear`` subclass that returns the experts it picks: it keeps its forward
+    (float32, no LoRA). Falcon's ``FalconLinear`` computes the linear product: lowered and adapted as ``nn.Linear``.
+    HunYuan-MoE's router reads its layer's weight. Phi-MoE and HunYuan-MoE failed to load in int8."""
     config = lm2vec.set_bidirectional(tiny_config(model_type, pad_token_id=3, **sizes))
     path = lm2vec.Encoder(tiny_model(config), tiny_tokenizer()).save(tmp_path / model_type)
-    reference = lm2vec.load(path, dtype="float32").encode(TEXTS)
+    reference = lm2vec.load(path, dtype="float32")
     encoder = lm2vec.load(path, dtype="int8")
     assert lower_kind(encoder.model) == "int8"
-    assert cosine_rows(encoder.encode(TEXTS), reference).min() > 0.99
-    routers = [m for name, m in encoder.model.named_modules() if name.endswith(("mlp.router", "mlp.gate.wg"))]
-    assert routers and all(isinstance(m, LINEAR) for m in routers) == (model_type == "phimoe")
-    model = embedding_stage(lm2vec.load(path, dtype="float32"), SupervisedConfig(max_length=64))
-    assert not [name for name, m in model.named_modules() if name.endswith("mlp.router") and isinstance(m, LoraLayer)]
+    assert cosine_rows(encoder.encode(TEXTS), reference.encode(TEXTS)).min() > 0.99
+
+    def classes(model: torch.nn.Module, kinds: type | tuple[type, ...]) -> set[str]:
+        return {type(m).__name__ for name, m in model.named_modules() if isinstance(m, kinds) and "lm_head" not in name}
+
+    assert classes(lower_precision(tiny_model(config), "int8"), LINEAR) == kept
+    model = embedding_stage(reference, SupervisedConfig(max_length=64))
+    adapted = {type(m.base_layer).__name__ for m in model.modules() if isinstance(m, LoraLayer)}
+    assert adapted == classes(tiny_model(config), LINEAR) - kept
 
 
 def test_quantize_rows2_keeps_the_rounding_error_of_the_first_level():

@@ -328,9 +328,23 @@ def _measure_linear_speeds(rounds: int = 20) -> dict[str, float]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or Conv1D itself. A subclass has a forward of its own, which a converted (or LoRA-wrapped)
-    layer would not run: Phi-MoE's router is an ``nn.Linear`` that returns the experts it picks."""
-    return type(module) in LINEAR
+    """An ``nn.Linear`` or Conv1D, or a subclass whose forward computes the same product (Falcon's layers), as run on
+    three rows. A subclass that computes anything else keeps its forward, which a lowered or LoRA-wrapped layer would
+    not run: Phi-MoE's and Llama 4's routers are ``nn.Linear`` layers that return the experts they pick."""
+    if type(module) in LINEAR:
+        return True
+    if not isinstance(module, LINEAR):
+        return False
+    weight = _float_weight(module)
+    x = torch.linspace(-1, 1, 3 * weight.shape[1], device=weight.device).cos().reshape(1, 3, -1).to(weight.dtype)
+    with torch.no_grad():
+        try:
+            out = module(x)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # a forward that takes inputs of another shape
+            return False
+        product = nn.functional.linear(x, weight, module.bias)
+    same = isinstance(out, torch.Tensor) and out.shape == product.shape
+    return same and (weight.is_meta or torch.allclose(out, product, rtol=1e-3, atol=1e-5))  # meta: the cached load
 
 
 def linear_layers(model: nn.Module, block: str = "") -> list[str]:
