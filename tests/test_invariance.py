@@ -81,6 +81,20 @@ def test_narrow_elementwise_functions_give_a_row_its_bits_in_any_batch(width: in
                 assert torch.equal(function(rows[:count]), everything[:count]), (function, count)
 
 
+def test_token_rows_times_one_matrix_give_a_row_its_bits_in_any_batch():
+    """Falcon's linear layers compute ``hidden_states @ weight.T`` on (batch, tokens, in) states: a linear layer the
+    mode must block as ``F.linear`` (a text's vector moved by 3e-7 with its batch); attention's batched products
+    (both operands batched) are left alone."""
+    generator = torch.Generator().manual_seed(0)
+    states, weight = torch.randn(1, 300, 256, generator=generator), torch.randn(1024, 256, generator=generator)
+    with torch.inference_mode(), BatchInvariant():
+        everything = states @ weight.T
+        torch.testing.assert_close(everything, (states.double() @ weight.double().T).float(), rtol=1e-5, atol=1e-4)
+        for count in (*range(1, 40), 127, 129, 255, 257):
+            assert torch.equal(states[:, :count] @ weight.T, everything[:, :count]), count
+            assert torch.equal(torch.matmul(states[0, :count], weight.T), everything[0, :count]), count
+
+
 def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_alike_blocks(tmp_path, monkeypatch):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(1))

@@ -50,11 +50,12 @@ Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, weight) 
 # elements take it depends on how many rows there are.
 ELEMENTWISE = frozenset(
     {torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh, torch.exp, torch.Tensor.exp}
-    | {nn.functional.silu, nn.functional.gelu}
+    | {nn.functional.silu, nn.functional.gelu, nn.functional.softplus, nn.functional.mish}  # softplus: Laguna's gates
+    | {nn.functional.elu, nn.functional.selu, nn.functional.celu}
 )
 LANES = 64  # elements: a multiple of every CPU vector width (AVX-512: 16 float32, 32 bf16)
-# Products written with ``@`` (GPT-OSS's experts: each expert's tokens @ its (in, out) weight): matrix by matrix only,
-# so attention's batched products are left alone.
+# Products written with ``@`` (GPT-OSS's experts: each expert's tokens @ its (in, out) weight; Falcon's linear layers:
+# a batch of token rows @ the transposed weight): by one matrix only, so attention's batched products are left alone.
 MATMUL = frozenset({torch.matmul, torch.Tensor.matmul})  # `a @ b` arrives as Tensor.matmul
 _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measured here, this process
 
@@ -148,7 +149,7 @@ def _mm_transposed(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class BatchInvariant(TorchFunctionMode):
     """Within this context, float32 CPU linear layers use :func:`blocked_linear`, and ``torch.addmm`` (GPT-2's
-    Conv1D layers) and 2-D ``@`` products (:data:`MATMUL`) blocks of :data:`ROWS` rows (inference only)."""
+    Conv1D layers) and ``@`` products by one matrix (:data:`MATMUL`) blocks of :data:`ROWS` rows (inference only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -157,15 +158,18 @@ class BatchInvariant(TorchFunctionMode):
         if func is torch.addmm and not kwargs and len(args) == 3 and _applies(args[1], args[2]):
             bias, rows, weight = args
             return in_row_blocks(functools.partial(torch.addmm, bias), rows, weight)
-        if func in MATMUL and not kwargs and len(args) == 2 and _matrices(*args):
-            return in_row_blocks(torch.mm, *args)
+        if func in MATMUL and not kwargs and len(args) == 2 and _rows_by_matrix(*args):
+            rows, matrix = args
+            return in_row_blocks(torch.mm, rows.reshape(-1, rows.shape[-1]), matrix).reshape(*rows.shape[:-1], -1)
         if func in ELEMENTWISE and len(args) == 1 and not kwargs.get("inplace") and _narrow(args[0]):
             return _in_whole_vectors(func, args[0], kwargs)
         return func(*args, **kwargs)
 
 
-def _matrices(a: object, b: object) -> bool:
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim() == 2 and _applies(a, b)
+def _rows_by_matrix(a: object, b: object) -> bool:
+    return (
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() == 2 and _applies(a, b)
+    )
 
 
 def _narrow(x: torch.Tensor) -> bool:
