@@ -116,6 +116,13 @@ def test_a_window_no_text_reaches_still_packs(model_type: str):
     assert not enc.packs()
 
 
+def test_a_model_whose_attention_fails_packed_runs_in_padded_batches():
+    """Inkling's attention adds a relative-position bias built over the whole sequence: packed, its shapes do not
+    fit (a RuntimeError while checking), so it runs in padded batches, as a model the check finds wrong does."""
+    model = tiny_model(lm2vec.set_bidirectional(tiny_config("inkling_text", head_dim=16)))
+    assert not enable_packing(model, 64) and model.config._attn_implementation == "sdpa"
+
+
 def test_training_mode_runs_padded_and_gradients_flow():
     enc = tiny_encoder()
     enc.model.train()

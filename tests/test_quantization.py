@@ -113,17 +113,19 @@ def test_int8x2_linear_is_near_float32_where_int8_and_bf16_are_not():
     assert torch.equal(rows, Int8x2Linear(linear)(x))  # exact integer sums: a row's result ignores the batch
 
 
-def test_an_int8_layer_answers_for_its_weight_with_the_float_weight_it_stands_for():
+def test_a_lowered_layer_answers_for_its_weight_with_the_float32_weight_it_stands_for():
     """Some model code reads a layer's weight instead of calling it (HunYuan-MoE's router checks its dtype, Jamba's
-    Mamba multiplies by ``dt_proj.weight``): within half a quantization step per row, smoothing undone."""
+    Mamba multiplies by ``dt_proj.weight``, ERGO casts its branches to ``o_proj.weight.dtype``): float32, within half
+    a quantization step per row (smoothing undone) or bf16's rounding."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     weight = linear.weight.detach()
     smooth = torch.rand(64) * 3 + 1
     step = (weight * smooth).abs().amax(1, keepdim=True) / 127  # the int8 step of each (smoothed) row
-    for layer, bound in ((Int8Linear(linear, smooth=smooth), step / smooth), (Int8x2Linear(linear), step / 254)):
+    layers = [(Int8Linear(linear, smooth=smooth), step / smooth / 2), (Int8x2Linear(linear), step / 254 / 2)]
+    for layer, bound in [*layers, (Bf16Linear(linear), weight.abs() / 256)]:
         assert layer.weight.shape == weight.shape and layer.weight.dtype == torch.float32
-        assert ((layer.weight - weight).abs() <= bound / 2 + 1e-7).all()
+        assert ((layer.weight - weight).abs() <= bound + 1e-7).all()
         assert not torch.equal(layer.weight, weight)
 
 

@@ -112,8 +112,8 @@ def enable_packing(model: PreTrainedModel, max_length: int) -> bool:
     try:
         model.set_attn_implementation(PACKED)
         packs = _packs_right(model)
-    except (AttributeError, TypeError, ValueError):  # a wrapper without the switch, a model refusing the kwargs
-        pass
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        pass  # a wrapper without the switch; a model refusing the kwargs, or whose attention takes another mask
     finally:
         if not packs:  # also where the model fails outright: its error names the implementation it was loaded with
             model.set_attn_implementation("sdpa")

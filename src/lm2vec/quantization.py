@@ -57,7 +57,7 @@ QMAX = 127
 LOW = 254  # the second int8 level's step: the first level's step / LOW (|rounding error| <= step / 2)
 SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
 SPEED_VERSION = 3  # bump when what linear_speeds() measures changes
-SCHEME = "lower-v4"  # names the cached layout of lowered models: change it when a layout changes
+SCHEME = "lower-v5"  # names the cached layout of lowered models: change it when a layout changes
 # The linear layers that open a transformer block's MLP, by transformers' names (Llama and most since; Phi-3 and GLM
 # fuse two; Phi; GPT-2 and StarCoder2; GPT-NeoX): their outputs pass only an element-wise activation (and a product
 # with each other) into the MLP's output projection. In a bf16 block they keep their bf16 outputs: casting them to
@@ -277,7 +277,7 @@ class Bf16Linear(_FrozenLinear):
     activation on the way to the next bf16 layer)."""
 
     kind = "bfloat16"
-    weight: torch.Tensor
+    weight_bf16: torch.Tensor
 
     def __init__(
         self, linear: nn.Linear | Conv1D, last_input: _LastInput[torch.Tensor] | None = None, bf16_output: bool = False
@@ -285,11 +285,17 @@ class Bf16Linear(_FrozenLinear):
         super().__init__()
         self.last_input = last_input or _LastInput(_to_bf16)
         self.bf16_output = bf16_output
-        self.register_buffer("weight", self._take(linear, torch.bfloat16).to(torch.bfloat16).contiguous())
+        self.register_buffer("weight_bf16", self._take(linear, torch.bfloat16).to(torch.bfloat16).contiguous())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in float32, the precision the layer takes and returns (see :attr:`Int8Linear.weight`): model
+        code that casts its states to a layer's weight dtype keeps them float32 (ERGO's branches)."""
+        return self.weight_bf16.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.last_input.get(x, self.in_features)
-        out = in_row_blocks(self._product, rows, self.weight, self.probe)
+        out = in_row_blocks(self._product, rows, self.weight_bf16, self.probe)
         # a bf16 input comes from an MLP's opening layers: the MLP's output returns to float32, the residual stream's
         return self._finish(out, x, torch.bfloat16 if self.bf16_output else torch.promote_types(x.dtype, torch.float32))
 
