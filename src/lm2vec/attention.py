@@ -33,6 +33,9 @@ UNSUPPORTED: dict[tuple[str, str | None], str] = {
     ("mpt", None): "transformers' MPT converts the attention mask to bool without checking for None, and a "
     "bidirectional mask over a sequence without padding is None, so its forward pass fails; load it with "
     "bidirectional=False",
+    ("modernbert-decoder", "eager"): "its eager attention adds the mask without checking for None, and a "
+    "bidirectional mask over a sequence without padding is None, so its forward pass fails; use "
+    "attn_implementation='sdpa' (the default)",
 }
 
 

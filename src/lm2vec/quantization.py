@@ -59,12 +59,12 @@ SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a sma
 SPEED_VERSION = 3  # bump when what linear_speeds() measures changes
 SCHEME = "lower-v5"  # names the cached layout of lowered models: change it when a layout changes
 # The linear layers that open a transformer block's MLP, by transformers' names (Llama and most since; Phi-3 and GLM
-# fuse two; Phi; GPT-2 and StarCoder2; GPT-J and CodeGen; GPT-NeoX): their outputs pass only an element-wise activation
-# (and a product with each other) into the MLP's output projection. In a bf16 block they keep their bf16 outputs:
-# casting them to float32 and the activation's result back to bf16 cost 2-4% of a trained all-bf16 SmolLM2's encoding
-# time (1000 STS-B sentences, Zen 4, profiled) for no accuracy (cosine to float32 unchanged to 5 digits); calibration
-# measures blocks so.
-MLP_INPUTS = frozenset({"gate_proj", "up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h"})
+# fuse two, as ModernBERT's Wi; Phi; GPT-2 and StarCoder2; GPT-J and CodeGen; GPT-NeoX): their outputs pass only an
+# element-wise activation (and a product with each other) into the MLP's output projection. In a bf16 block they keep
+# their bf16 outputs: casting them to float32 and the activation's result back to bf16 cost 2-4% of a trained all-bf16
+# SmolLM2's encoding time (1000 STS-B sentences, Zen 4, profiled) for no accuracy (cosine to float32 unchanged to 5
+# digits); calibration measures blocks so.
+MLP_INPUTS = frozenset({"gate_proj", "up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "dense_h_to_4h", "Wi"})
 Plan = tuple[str, ...]  # one of KINDS per transformer block
 Quantized = tuple[torch.Tensor, torch.Tensor]  # int8 values, float32 scale per row
 T = TypeVar("T")
