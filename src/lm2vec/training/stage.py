@@ -190,14 +190,14 @@ def _linear_targets(model: PreTrainedModel, config: StageConfig) -> list[str]:
         if is_linear(module)
         and module is not head
         and (keep is None or _layer_index(name) in keep)
-        and (name.rsplit(".", 1)[-1] in config.lora_targets if not every else _peft_allows(model, name))
+        and (_peft_allows(model, name) if every else name.rsplit(".", 1)[-1] in config.lora_targets)
     ]
 
 
 def _peft_allows(model: PreTrainedModel, name: str) -> bool:
-    """Whether peft takes LoRA on this layer. It refuses a Mamba mixer's ``out_proj`` (Falcon-H1, Nemotron-H, Mamba
-    2), whose CUDA kernels read the weight directly: "all-linear" means every layer peft allows; a layer named
-    in ``lora_targets`` is left to peft's own error."""
+    """Whether peft takes LoRA on this layer, by peft's own (private) check: it refuses a Mamba mixer's ``out_proj``
+    (Falcon-H1, Nemotron-H, Mamba 2), whose CUDA kernels read the weight directly. "all-linear" means every layer
+    peft allows; a layer named in ``lora_targets`` is left to peft's own error."""
     try:
         from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
     except ImportError:  # a peft without the check refuses nothing
