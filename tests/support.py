@@ -66,7 +66,9 @@ ARCHITECTURES: dict[str, dict] = {
 
 
 MAMBA2 = {"mamba_d_state": 16, "mamba_chunk_size": 16}  # tiny state-space sizes
-# Hybrid decoders: the settings that give each its Mamba, convolution or linear-attention blocks, which stay causal
+# Hybrid decoders, as transformers builds them: blocks that mix tokens without attention (a short convolution, linear
+# attention, a state-space layer), and blocks that mix none (MLP-only). Per type: the settings that give its block
+# layout, and the blocks that stay causal.
 HYBRIDS = {
     "lfm2": ({"layer_types": ["conv", "full_attention", "conv", "full_attention"]}, [0, 2]),
     "minimax": ({"layer_types": ["linear_attention", "full_attention"] * 2}, [0, 2]),  # lightning attention

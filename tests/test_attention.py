@@ -107,8 +107,6 @@ def test_gemma3_uses_its_own_flag_and_keeps_its_sliding_windows_as_embedding_gem
     assert config.sliding_window == 8
 
 
-# Hybrid decoders, as transformers builds them: blocks that mix tokens without attention (a short convolution, linear
-# attention, a state-space layer), and blocks that mix none (MLP-only). Per type: its block layout, the causal blocks.
 def hybrid(model_type: str, bidirectional: bool) -> torch.nn.Module:
     config = tiny_config(model_type, num_hidden_layers=4, head_dim=16, **HYBRIDS[model_type][0])
     return tiny_model(set_bidirectional(config, bidirectional))
