@@ -59,6 +59,7 @@ ARCHITECTURES: dict[str, dict] = {
     "smollm3": {},
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
     "gptj": {"rotary_dim": 8},  # its MLP opens with fc_in
+    "falcon": {},  # its FalconLinear layers: an nn.Linear subclass, written as states @ weight.T
     "modernbert-decoder": {"cls_token_id": 1, "sep_token_id": 2},  # Ettin's decoders; SDPA only
     "nemotron": {},
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 4},
