@@ -78,15 +78,16 @@ def add_lora(model: PreTrainedModel, config: StageConfig) -> PeftModel:
         # peft reads an attribute transformers 5 deprecates: nothing for a user to do
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         peft = get_peft_model(model, lora)
-    if named and (wrapped := _wrapped(model)) != set(targets):
-        raise RuntimeError(f"peft put LoRA on {sorted(wrapped ^ set(targets))[:4]} against the targets named")
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}  # named as the layer wrapped
+    if named and set(adapted) != set(targets):
+        raise RuntimeError(f"peft put LoRA on {sorted(set(adapted) ^ set(targets))[:4]} against the targets named")
     if float32_attention_helps(model, config):
         model.set_attn_implementation(FLOAT32_SDPA)
     # peft casts a bf16 input up to its adapter's float32, and autocast casts it back down for the adapter's products:
     # the same values, two copies of the input per layer (4-6% of a step). Left to autocast alone.
     cast = not trains_in_bf16(config)
     cheap_dropout = config.lora_dropout and model.device.type == "cpu"  # CUDA's own dropout is fast
-    for layer in (m for m in peft.modules() if isinstance(m, LoraLayer)):
+    for layer in adapted.values():
         layer.cast_input_dtype_enabled = cast
         for name, dropout in layer.lora_dropout.items():
             if cheap_dropout and isinstance(dropout, nn.Dropout):
@@ -112,11 +113,6 @@ def _targets_as_named() -> Iterator[None]:
         yield
     finally:
         conversion.convert_peft_config_for_transformers = convert
-
-
-def _wrapped(model: nn.Module) -> set[str]:
-    """The names of the modules that carry LoRA (each wrapper takes the name of the layer it wraps)."""
-    return {name for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 class Dropout(nn.Dropout):
