@@ -100,6 +100,7 @@ def reference_worker(args: argparse.Namespace, texts: list[str]) -> None:
         pooling_mode="mean",
         max_length=args.max_length,
         doc_max_length=args.max_length,
+        **({"attn_implementation": args.attention} if args.attention else {}),
     )
     model.eval()
     tokens = sum(len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"])
@@ -117,7 +118,8 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    encoder = lm2vec.load(args.model, dtype=LM2VEC_MODES[args.worker], max_length=args.max_length)
+    dtype = LM2VEC_MODES[args.worker]
+    encoder = lm2vec.load(args.model, dtype=dtype, max_length=args.max_length, attn_implementation=args.attention)
     if args.prepare:  # the one-time work of a first load (calibration, conversion), cached for later loads
         reply({"load_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
         return
@@ -163,6 +165,7 @@ def compile_blocks(encoder) -> None:
     object, so that no batch's segment lengths become guards."""
     import torch
     from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from lm2vec import packing, quantization
     from lm2vec.blocks import block_modules
@@ -170,14 +173,17 @@ def compile_blocks(encoder) -> None:
     lowered = (quantization.Int8Linear, quantization.Int8x2Linear, quantization.Bf16Linear, quantization.OneDnnLinear)
     for layer in lowered:
         layer.forward = torch.compiler.disable(layer.forward)
-    attention = packing.packed_attention
 
-    @torch.compiler.disable
-    def opaque_attention(module, query, key, value, attention_mask, segments=None, **kwargs):
-        segments = segments.value if segments is not None else None
-        return attention(module, query, key, value, attention_mask, segments=segments, **kwargs)
+    def opaque(attention):
+        @torch.compiler.disable
+        def opaque_attention(module, query, key, value, attention_mask, segments=None, **kwargs):
+            segments = segments.value if segments is not None else None
+            return attention(module, query, key, value, attention_mask, segments=segments, **kwargs)
 
-    AttentionInterface.register(packing.PACKED, opaque_attention)
+        return opaque_attention
+
+    for name in (packing.PACKED, packing.PACKED_EAGER):
+        AttentionInterface.register(name, opaque(ALL_ATTENTION_FUNCTIONS[name]))
     model = encoder.model
     forward = model.forward
     model.forward = lambda *a, segments=None, **kw: forward(*a, segments=segments and _Opaque(segments), **kw)
@@ -256,6 +262,7 @@ class Worker:
         command += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         command += ["--max-length", str(args.max_length), "--reference", str(args.reference)]
         command += ["--model", str(args.model)] if args.model else []
+        command += ["--attention", args.attention] if args.attention else []
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -339,6 +346,7 @@ def main() -> None:
     parser.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated, from: " + MODE_NAMES)
     parser.add_argument("--model", type=Path, help="a trained encoder directory (default: the built-in model)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--attention", choices=["sdpa", "eager"], help="every mode's attention (default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--data", type=Path, default=None, help="the datasets folder (default: LM2VEC_DATA)")
@@ -408,8 +416,8 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"{len(texts)} {args.texts} texts ({tokens / len(texts):.1f} tokens each), batch {args.batch_size} "
         f"(lm2vec: and at most {CPU_MAX_TOKENS} tokens, its CPU default), "
-        f"{args.threads} threads, max length {args.max_length}; warm-up on one batch, then {args.repeats} timed "
-        f"runs per mode, alternating"
+        f"{args.threads} threads, max length {args.max_length}, {args.attention or 'default'} attention; warm-up on "
+        f"one batch, then {args.repeats} timed runs per mode, alternating"
     )
     print("matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
     best = {p: max(v for k, v in peaks.items() if k.startswith(p)) for p in ("fp32", "bf16", "int8")}

@@ -10,11 +10,17 @@ import torch
 import transformers
 
 import lm2vec
-from lm2vec.packing import PACKED, enable_packing, packed_states
+from lm2vec.packing import PACKED, PACKED_EAGER, enable_packing, packed_states
 
 from .support import random_texts, tiny_config, tiny_encoder, tiny_model, tiny_tokenizer
 
 TEXTS = random_texts(24, seed=5, max_words=30)  # 1 to 30 tokens: many lengths per batch
+
+
+def padded(encoder: lm2vec.Encoder) -> lm2vec.Encoder:
+    """``encoder`` with packing decided off: its padded batches, to compare packed vectors with."""
+    encoder._packing = False
+    return encoder
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo2", "glm"])
@@ -25,10 +31,28 @@ def test_packed_is_bit_identical_in_any_batch_and_equals_padded(model_type: str,
     assert enc.packs() and enc.model.config._attn_implementation == PACKED
     alone = np.stack([enc.encode(t) for t in TEXTS])
     np.testing.assert_array_equal(together, alone)
-    # against the padded batch the model computes unpacked (eager attention: never packed)
-    eager = tiny_encoder(model_type, padding_side=padding_side, attn_implementation="eager")
-    assert not eager.packs()
+    # against the padded batch the model computes unpacked, on its eager attention
+    eager = padded(tiny_encoder(model_type, padding_side=padding_side, attn_implementation="eager"))
     np.testing.assert_allclose(together, eager.encode(TEXTS, batch_size=24), atol=2e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_eager_models_pack_on_their_own_attention(bidirectional: bool):
+    """Gemma 2 runs eager (SDPA cannot soft-cap its scores; capped at 0.1 here, so the cap decides every score):
+    packed on its own eager attention, each text under the top-left corner of the packed sequence's mask (causal
+    or not, as loaded), bit-identical in any batch and equal to the padded batch's vectors."""
+
+    def gemma2() -> lm2vec.Encoder:  # a 128-token window: no text of max_length 64 reaches its edge
+        config = tiny_config("gemma2", pad_token_id=3, sliding_window=128, attn_logit_softcapping=0.1)
+        model = tiny_model(lm2vec.set_bidirectional(config, bidirectional))
+        return lm2vec.Encoder(model, tiny_tokenizer(), max_length=64, bidirectional=bidirectional)
+
+    enc = gemma2()
+    assert enc.model.config._attn_implementation == "eager"
+    together = enc.encode(TEXTS, batch_size=24)
+    assert enc.packs() and enc.model.config._attn_implementation == PACKED_EAGER
+    np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in TEXTS]))
+    np.testing.assert_allclose(together, padded(gemma2()).encode(TEXTS, batch_size=24), atol=2e-5)
 
 
 def test_causal_models_pack_too():
@@ -111,7 +135,7 @@ def test_a_window_no_text_reaches_still_packs(model_type: str):
     assert enc.packs()
     together = enc.encode(texts, batch_size=16)
     np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
-    np.testing.assert_allclose(together, windowed("eager").encode(texts, batch_size=16), atol=2e-5)
+    np.testing.assert_allclose(together, padded(windowed("eager")).encode(texts, batch_size=16), atol=2e-5)
     enc.max_length = 65
     assert not enc.packs()
 

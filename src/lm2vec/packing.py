@@ -11,25 +11,37 @@ The mechanism is transformers' own: an attention implementation registered as :d
 (which the model passes through its keyword arguments) it runs SDPA on each group of equal-length texts (views of
 the packed sequence where they lie side by side, as in ``encode``'s length-sorted batches); without,
 it *is* SDPA, masks included, so padded batches, training and :func:`~lm2vec.attention.verify_attention` work as
-before. :func:`enable_packing` switches a model to it after checking, on that model, that packed states equal the
+before. Models on eager attention (Gemma 2's soft-capped scores, StableLM, Nemotron) run packed alike on their own
+eager attention (:data:`PACKED_EAGER`). Each group takes the top-left corner of the mask the model built for the
+packed sequence: the mask it builds for one unpadded text of that length (causal or not, as the model was loaded).
+:func:`enable_packing` switches a model to it after checking, on that model, that packed states equal the
 states of each text alone (an architecture that drops the keyword arguments would mix texts) and that no block
 lets one text's inputs move another text's states (a convolution or state-space layer would carry them over).
 Packed attention applies no window: models with sliding-window attention are packed only where no text can be
 longer than the window (``max_length`` below it: Mistral v0.1's 4,096, Phi-3's 2,047 against lm2vec's 512 tokens),
-those with chunked attention or on other attention implementations never.
+those with chunked attention or on other attention implementations (flash, flex) never.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 
 from .attention import MIXES, block_changes
 from .invariance import BatchInvariant
 
-PACKED = "lm2vec_packed"
+PACKED = "lm2vec_packed"  # SDPA per group of texts
+PACKED_EAGER = "lm2vec_packed_eager"  # the model's own eager attention per group
+# The implementation a model runs packed, by the one it was loaded with.
+PACKED_AS = {"sdpa": PACKED, "eager": PACKED_EAGER}
+UNPACKED = {packed: loaded for loaded, packed in PACKED_AS.items()}
+Attention = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]  # transformers' attention functions
 # Per text length: (length, the positions of those texts' tokens in the packed sequence, text after text): a slice
 # where the texts lie side by side, else an index.
 Segments = list[tuple[int, slice | torch.Tensor]]
@@ -42,17 +54,21 @@ def packed_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     segments: Segments | None = None,
+    *,
+    inner: Attention = sdpa_attention_forward,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """SDPA per group of equal-length texts of a packed sequence (batch of one), or plain SDPA without ``segments``.
-    Returns (batch, tokens, heads, head_dim), as transformers' attention functions do."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``inner`` attention per group of equal-length texts of a packed sequence (batch of one), or plain ``inner``
+    without ``segments``. Returns (batch, tokens, heads, head_dim), as transformers' attention functions do."""
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return inner(module, query, key, value, attention_mask, **kwargs)
     heads, dim = query.shape[1], value.shape[-1]
     out: torch.Tensor | None = None
     for length, positions in segments:
         q, k, v = (_group(states, positions, length) for states in (query, key, value))
-        states, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
+        # The packed sequence's mask, top-left: one unpadded text's (distances only, no padding); SDPA's is None
+        mask = None if attention_mask is None else attention_mask[..., :length, :length]
+        states, _ = inner(module, q, k, v, mask, **kwargs)
         if out is None:  # SDPA's dtype, which autocast may set
             out = states.new_empty(query.shape[2], heads, dim)
         out[positions] = states.reshape(-1, heads, dim)
@@ -67,8 +83,17 @@ def _group(states: torch.Tensor, positions: slice | torch.Tensor, length: int) -
     return states[0][:, positions].unflatten(1, (-1, length)).transpose(0, 1)
 
 
+def eager_attention(module: torch.nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own eager attention: ``eager_attention_forward`` of the module defining its attention layer, as
+    transformers' model files each define it (Gemma 2's soft-caps the scores). A model without one fails the packing
+    check and runs padded."""
+    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+
 AttentionInterface.register(PACKED, packed_attention)
 AttentionMaskInterface.register(PACKED, sdpa_mask)  # padded batches get SDPA's masks
+AttentionInterface.register(PACKED_EAGER, functools.partial(packed_attention, inner=eager_attention))
+AttentionMaskInterface.register(PACKED_EAGER, eager_mask)  # and eager's
 
 
 def packed_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -104,19 +129,20 @@ def _segment(starts: torch.Tensor, length: int) -> tuple[int, slice | torch.Tens
 
 @torch.inference_mode()
 def enable_packing(model: PreTrainedModel, max_length: int) -> bool:
-    """Switch an SDPA model to :data:`PACKED` if packed states match each text's states alone (else leave it);
-    ``max_length``: the longest text it will see (see :func:`window_applies`)."""
-    if model.config._attn_implementation not in ("sdpa", PACKED) or window_applies(model.config, max_length):
+    """Switch an SDPA or eager model to :data:`PACKED` or :data:`PACKED_EAGER` if packed states match each text's
+    states alone (else leave it); ``max_length``: the longest text it will see (see :func:`window_applies`)."""
+    loaded = UNPACKED.get(model.config._attn_implementation, model.config._attn_implementation)
+    if loaded not in PACKED_AS or window_applies(model.config, max_length):
         return False
     packs = False
     try:
-        model.set_attn_implementation(PACKED)
+        model.set_attn_implementation(PACKED_AS[loaded])
         packs = _packs_right(model)
     except (AttributeError, TypeError, ValueError, RuntimeError):
         pass  # a wrapper without the switch; a model refusing the kwargs, or whose attention takes another mask
     finally:
         if not packs:  # also where the model fails outright: its error names the implementation it was loaded with
-            model.set_attn_implementation("sdpa")
+            model.set_attn_implementation(loaded)
     return packs
 
 
