@@ -23,8 +23,10 @@ a load from the cache and the encoding, as every later process sees it. All work
 first, one at a time; then the timed runs alternate between modes so drift in the machine's speed hits all alike. In
 the same run the parent measures the matmul peak of each precision (2048^3 products on the same threads, in torch
 and in ONNX Runtime; the better counts), and each mode's model FLOP/s is given as a fraction of its precision's
-peak. Model FLOPs: 2 x non-embedding parameters x real tokens, plus attention (4 x layers x hidden x length^2 per
-text). Accuracy: per-text cosine to lm2vec fp32.
+peak. Model FLOPs: 2 x non-embedding parameters x real tokens (of a mixture of experts: the experts a token is
+routed to), plus attention (4 x layers x hidden x length^2 per text). Accuracy: per-text cosine to lm2vec fp32.
+The reference loads four architectures (Llama, Mistral, Gemma, Qwen2): leave ``reference`` out of ``--modes`` for
+others (``benchmarks/moe_model.py`` writes a mixture-of-experts model to run).
 
     python benchmarks/vs_reference.py [--texts stsb|scifact] [--model DIR] [--repeats 3] [--modes ...]
 """
@@ -135,19 +137,28 @@ def lm2vec_worker(args: argparse.Namespace, texts: list[str]) -> None:
     if args.worker.startswith(("ort-", "openvino-")):
         encoder, chosen = engine_encoder(encoder, args.worker), args.worker
     lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
-    config = encoder.model.config
-    embedding = encoder.model.get_input_embeddings().weight.numel()
-    parameters = sum(p.numel() for p in encoder.model.parameters()) + sum(
-        b.numel() for name, b in encoder.model.named_buffers() if name.endswith(("weight_t", "weight"))
-    )
-    attention = sum(4 * config.num_hidden_layers * config.hidden_size * n * n for n in lengths)
-    flops = 2 * (parameters - embedding) * sum(lengths) + attention
+    flops = model_flops(encoder.model, lengths)
 
     def encode(batch: list[str]):
         return encoder.encode(batch, batch_size=args.batch_size, show_progress_bar=False)
 
     extra |= {"flops": flops, "dtype": chosen, "blocks": encoder.info()["blocks"]}
     serve(encode, sum(lengths), texts, args, extra)
+
+
+def model_flops(model, lengths: list[int]) -> float:
+    """2 x the non-embedding parameters a token passes x real tokens, plus attention: of a mixture-of-experts layer's
+    experts (3D weights), the share each token is routed to (``num_experts_per_tok`` of them)."""
+    from lm2vec.experts import ExpertLinears, is_fused_experts
+    from lm2vec.quantization import parameter_count
+
+    config = model.config.get_text_config()
+    embedding = model.get_input_embeddings().weight.numel()
+    experts = {m: len(m.up) for m in model.modules() if isinstance(m, ExpertLinears)}  # lowered, or fused:
+    experts |= {m: m.num_experts for m in model.modules() if is_fused_experts(m)}
+    idle = sum(parameter_count(m) * (1 - config.num_experts_per_tok / count) for m, count in experts.items())
+    attention = sum(4 * config.num_hidden_layers * config.hidden_size * n * n for n in lengths)
+    return 2 * (parameter_count(model) - embedding - idle) * sum(lengths) + attention
 
 
 class _Opaque:

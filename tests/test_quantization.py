@@ -30,6 +30,7 @@ from lm2vec.calibration import (
     smoothing,
 )
 from lm2vec.evaluation import cosine_rows
+from lm2vec.experts import ExpertLinears, is_fused_experts
 from lm2vec.loading.dtype import resolve_dtype
 from lm2vec.loading.model import lower_cache_path
 from lm2vec.loading.source import resolve_source
@@ -328,6 +329,37 @@ def test_lowered_in_turn_converts_one_block_at_a_time_and_computes_as_the_lowere
     assert encoder.dtype == "float32"
     with pytest.raises(ValueError, match="a plan names one of"):
         lowered_in_turn(encoder.model, plan[:-1]).__enter__()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_the_experts_of_a_mixture_of_experts_model_take_their_block_s_precision(model_type: str):
+    """transformers stores a layer's experts as 3D weights (GPT-OSS's transposed, with biases and a clamped gate of
+    its own), most of such a model's weights: each expert becomes a pair of layers in its block's kind, the eager
+    loop's computation in lower precision; the kept block's experts stay as they were, and ``lowered`` gives the
+    model its own experts back."""
+    encoder = tiny_encoder(model_type)
+    model, before, count = encoder.model, encoder.encode(TEXTS), encoder.info()["parameters"]
+    prefixes = blocks(model)
+    fused = {name: m for name, m in model.named_modules() if is_fused_experts(m)}
+    assert len(fused) == len(prefixes)
+    with lowered(model, "bfloat16"):
+        assert not any(is_fused_experts(m) for m in model.modules())
+    assert {name: m for name, m in model.named_modules() if is_fused_experts(m)} == fused
+    lower_precision(model, "int8", keep=(0,))
+    assert blocks(model) == prefixes  # not a list of experts, as long as the list of blocks here
+    experts = model.config.num_local_experts if model_type == "gpt_oss" else model.config.num_experts
+    lowered_experts = [m for m in model.modules() if isinstance(m, ExpertLinears)]
+    assert len(lowered_experts) == len(prefixes) - 1
+    for module in lowered_experts:
+        layers = [*module.up, *module.down]
+        assert len(layers) == 2 * experts and all(isinstance(layer, Int8Linear) for layer in layers)
+    assert [name for name, p in model.named_parameters() if p.dim() == 3] == [
+        f"{next(iter(fused))}.{weight}" for weight in ("gate_up_proj", "down_proj")
+    ]  # the kept block's
+    assert encoder.info()["parameters"] == count
+    together = encoder.encode(TEXTS, batch_size=8)
+    np.testing.assert_array_equal(together, np.stack([encoder.encode(t) for t in TEXTS]))
+    assert cosine_rows(together, before).min() > 0.99
 
 
 @pytest.mark.parametrize("kind", ["int8", "bfloat16"])

@@ -16,6 +16,9 @@
   BLAS (MKL), which takes a slower path on AMD CPUs (Zen 5: 0.19 against 0.43 TFLOP/s); float32 throughout.
 - "float32": the layer as it was.
 
+A mixture-of-experts layer's experts, stored as 3D weights, become a layer per expert in their block's kind
+(:class:`~lm2vec.experts.ExpertLinears`): they hold most of such a model's weights.
+
 How fast each kind runs on this machine is measured once and cached (:func:`linear_speeds`): ``dtype="auto"`` and
 calibration choose by it.
 
@@ -43,6 +46,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .blocks import block_modules, blocks
+from .experts import ExpertLinears, is_fused_experts
 from .hardware import fast_int8, measured_once
 from .invariance import in_row_blocks
 
@@ -57,7 +61,7 @@ QMAX = 127
 LOW = 254  # the second int8 level's step: the first level's step / LOW (|rounding error| <= step / 2)
 SPEED_SHAPE = (256, 576, 1536)  # tokens x in x out: one MLP projection of a small LLM's batch
 SPEED_VERSION = 3  # bump when what linear_speeds() measures changes
-SCHEME = "lower-v5"  # names the cached layout of lowered models: change it when a layout changes
+SCHEME = "lower-v6"  # names the cached layout of lowered models: change it when a layout changes (6: experts)
 # The linear layers that open a transformer block's MLP, by transformers' names (Llama and most since; Phi-3 and GLM
 # fuse two, as ModernBERT's Wi; Phi; GPT-2 and StarCoder2; GPT-J and CodeGen; GPT-NeoX): their outputs pass only an
 # element-wise activation (and a product with each other) into the MLP's output projection. In a bf16 block they keep
@@ -391,13 +395,18 @@ def _plan(model: nn.Module, kind: str | Sequence[str]) -> Plan:
 
 
 def _targets(model: nn.Module, plan: Plan) -> dict[str, str]:
-    """Each linear layer a plan lowers, by name, and its kind."""
+    """Each linear layer and fused experts module (:func:`~lm2vec.experts.is_fused_experts`) a plan lowers, by name,
+    and its kind."""
     return {
         name: plan[i]
         for i, prefix in enumerate(blocks(model))
         if plan[i] != "float32"
-        for name in linear_layers(model, prefix)
+        for name in linear_layers(model, prefix) + _fused_experts(model, prefix)
     }
+
+
+def _fused_experts(model: nn.Module, block: str) -> list[str]:
+    return [name for name, module in model.named_modules() if name.startswith(block) and is_fused_experts(module)]
 
 
 def _replace(model: nn.Module, targets: dict[str, str], smoothing: dict[str, torch.Tensor] | None) -> None:
@@ -413,10 +422,14 @@ def _replace(model: nn.Module, targets: dict[str, str], smoothing: dict[str, tor
     for name, layer_kind in targets.items():  # by name: each float layer is freed as soon as it is replaced
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        module = getattr(parent, child)
+        if is_fused_experts(module):  # a layer per expert, in the block's kind
+            setattr(parent, child, ExpertLinears(module, makers[layer_kind]))
+            continue
         extra: dict = {"smooth": smoothing[name]} if layer_kind == "int8" and name in smoothing else {}
         if layer_kind == "bfloat16":
             extra["bf16_output"] = child in MLP_INPUTS
-        setattr(parent, child, makers[layer_kind](getattr(parent, child), **extra))
+        setattr(parent, child, makers[layer_kind](module, **extra))
 
 
 def _put_back(model: nn.Module, originals: dict[str, nn.Module]) -> None:
@@ -431,7 +444,7 @@ def lowered(
 ) -> Iterator[nn.Module]:
     """``model`` run by :func:`lower_precision` (``kind``: a kind or a plan) inside the block, its own linear layers
     put back afterwards: for running a float32 model on faster kernels for a while (scoring during training)."""
-    originals = {name: model.get_submodule(name) for name in linear_layers(model)}
+    originals = {name: model.get_submodule(name) for name in _targets(model, _plan(model, kind))}
     try:
         yield lower_precision(model, kind, smoothing=smoothing)
     finally:
