@@ -11,9 +11,10 @@ The mechanism is transformers' own: an attention implementation registered as :d
 (which the model passes through its keyword arguments) it runs SDPA on each group of equal-length texts (views of
 the packed sequence where they lie side by side, as in ``encode``'s length-sorted batches); without,
 it *is* SDPA, masks included, so padded batches, training and :func:`~lm2vec.attention.verify_attention` work as
-before. Models on eager attention (Gemma 2's soft-capped scores, StableLM, Nemotron) run packed alike on their own
-eager attention (:data:`PACKED_EAGER`). Each group takes the top-left corner of the mask the model built for the
-packed sequence: the mask it builds for one unpadded text of that length (causal or not, as the model was loaded).
+before. Models on eager attention (Gemma 2, whose soft-capped scores SDPA cannot compute; any model loaded eager)
+run packed alike on their own eager attention (:data:`PACKED_EAGER`). Each group takes the top-left corner of the
+mask the model built for the packed sequence: the mask it builds for one unpadded text of that length (causal or
+not, as the model was loaded).
 :func:`enable_packing` switches a model to it after checking, on that model, that packed states equal the
 states of each text alone (an architecture that drops the keyword arguments would mix texts) and that no block
 lets one text's inputs move another text's states (a convolution or state-space layer would carry them over).

@@ -410,8 +410,8 @@ def _fused_experts(model: nn.Module, block: str) -> list[str]:
 
 
 def _replace(model: nn.Module, targets: dict[str, str], smoothing: dict[str, torch.Tensor] | None) -> None:
-    """Swap each named linear layer for its converted kind; layers converted together share their input's
-    conversion (:class:`_LastInput`)."""
+    """Swap each named linear layer (or fused experts module: a layer per expert) for its converted kind; layers
+    converted together share their input's conversion (:class:`_LastInput`)."""
     makers: dict[str, Callable[..., nn.Module]] = {
         "int8": functools.partial(Int8Linear, last_input=_LastInput(quantize_rows)),
         "int8x2": functools.partial(Int8x2Linear, last_input=_LastInput(quantize_rows2)),
