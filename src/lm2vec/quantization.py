@@ -397,16 +397,13 @@ def _plan(model: nn.Module, kind: str | Sequence[str]) -> Plan:
 def _targets(model: nn.Module, plan: Plan) -> dict[str, str]:
     """Each linear layer and fused experts module (:func:`~lm2vec.experts.is_fused_experts`) a plan lowers, by name,
     and its kind."""
-    return {
-        name: plan[i]
-        for i, prefix in enumerate(blocks(model))
-        if plan[i] != "float32"
-        for name in linear_layers(model, prefix) + _fused_experts(model, prefix)
+    return {  # each block's own modules, walked once
+        name: kind
+        for kind, prefix in zip(plan, blocks(model), strict=True)
+        if kind != "float32"
+        for name, module in model.get_submodule(prefix[:-1]).named_modules(prefix=prefix[:-1])
+        if is_linear(module) or is_fused_experts(module)
     }
-
-
-def _fused_experts(model: nn.Module, block: str) -> list[str]:
-    return [name for name, module in model.named_modules() if name.startswith(block) and is_fused_experts(module)]
 
 
 def _replace(model: nn.Module, targets: dict[str, str], smoothing: dict[str, torch.Tensor] | None) -> None:
