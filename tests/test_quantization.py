@@ -22,6 +22,7 @@ from lm2vec.calibration import (
     _recorded,
     _replayed,
     _search,
+    _Trials,
     best_plan,
     calibrate,
     calibration_texts,
@@ -465,9 +466,11 @@ def test_calibration_replays_the_float32_blocks_before_the_first_lowered_one(mod
     def embed() -> torch.Tensor:
         return encoder.embed_tokens(ids, prefix, batch_size=8, max_tokens=64)
 
-    with _recorded(modules) as outputs:
+    with _recorded(encoder.model, modules) as recording:
         reference = embed()
-    assert all(len(kept) > 1 for kept in outputs)  # several passes
+    outputs = recording.outputs
+    assert all(len(kept) > 1 for kept in outputs) and len(recording.passes) > 1  # several passes
+    assert recording.in_order() and recording.passes[0] == list(range(len(modules)))
     plan = ("float32", "bfloat16", *("float32",) * (len(modules) - 2))
     with lowered_in_turn(encoder.model, plan):
         whole = embed()
@@ -483,6 +486,47 @@ def test_calibration_replays_the_float32_blocks_before_the_first_lowered_one(mod
     assert not calls and torch.equal(replayed, whole) and not torch.equal(whole, reference)
     assert torch.equal(every, reference)
     assert torch.equal(embed(), reference)  # the blocks compute again outside
+
+
+# Models that run blocks more than once a pass (tiny sizes): Inkling 2 Loop its middle blocks (2 and 3) three times
+# over, HRM its stack of 2 blocks in cycles.
+LOOPED = {
+    "inkling2_loop_text": dict(
+        num_hidden_layers=6,
+        n_layers_per_attn_res_block=2,
+        loop_layer_index_start=2,
+        loop_layer_index_end=4,
+        loop_gate_rank=8,
+        swa_head_dim=16,
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        unpadded_vocab_size=128,
+        d_rel=4,
+        rel_extent=64,
+        sliding_window_size=64,
+    ),
+    "hrm_text": {},
+}
+
+
+@pytest.mark.parametrize("model_type", ["llama", *LOOPED])
+def test_a_calibration_trial_measures_what_the_whole_pass_gives(model_type: str):
+    """Calibration replays the recorded outputs of the float32 blocks before a plan's first lowered block only where
+    every pass runs each block once, in order. A looped model runs earlier blocks again on a lowered block's outputs:
+    replayed, those would hand on the float32 pass's states and the plan would be measured wrong."""
+    config = tiny_config(model_type, head_dim=16, pad_token_id=3, **LOOPED.get(model_type, {}))
+    lm2vec.set_bidirectional(config)
+    encoder = lm2vec.Encoder(tiny_model(config), tiny_tokenizer(), max_length=64)
+    trials = _Trials(encoder, TEXTS)
+    count = len(trials.modules)
+    assert trials.recording.in_order() == (model_type not in LOOPED)
+    plan = tuple("bfloat16" if block == count // 2 else "float32" for block in range(count))  # inside the loop
+    with lowered_in_turn(encoder.model, plan):
+        whole = trials._embedded()
+    assert trials.worst(plan) == float((whole * trials.reference).sum(-1).min()) < 1.0
 
 
 def test_plans_of_mixed_precisions_and_their_speed():

@@ -14,11 +14,13 @@ The answer, a plan (one kind per block), is cached per model (weights fingerprin
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any, cast
 
@@ -43,7 +45,7 @@ from .quantization import (
 )
 
 MIN_COSINE = 0.9998  # per calibration text, against float32; the bar on unseen texts is 0.99 (min), 0.999 (mean)
-VERSION = 6  # bump when the procedure changes: cached answers are then measured again
+VERSION = 7  # bump when the procedure changes: cached answers are then measured again
 # int8x2 this much faster than float32 pays for trying it again in blocks the search raised to float32 (a pass each):
 # on an Intel Xeon without AMX, int8 the default's kind, maybe; not on the AMD EPYC Zen 4 (1.06x float32 on oneDNN)
 MIDDLE_SPEEDUP = 1.3
@@ -156,26 +158,42 @@ def smoothing(encoder: Encoder, texts: list[str] | None = None) -> dict[str, tor
 
 
 def _measure(encoder: Encoder, kinds: tuple[str, ...], texts: list[str], min_cosine: float) -> Plan:
-    ids, prefix = encoder.tokenization.tokenize([""] * len(texts), texts)
-    modules = block_modules(encoder.model)
-    count = len(modules)
-    encoder.packs()  # decided (by running the model) before any pass is recorded
     description = f"Calibrating {kinds[0]} (once per model and machine)"
+    encoder.packs()  # decided (by running the model) before smoothing's pass and the recorded one
     with encoder.batch_variant(), tqdm(desc=description, unit="pass", disable=not sys.stderr.isatty()) as bar:
         smooth = smoothing(encoder, texts) if "int8" in kinds else None
-        with _recorded(modules) as outputs:
-            reference = _normalized(encoder.embed_tokens(ids, prefix).numpy())
+        trials = _Trials(encoder, texts, smooth)
 
         def worst(plan: Plan) -> float:
-            """The lowest cosine to float32 with the model run by ``plan``; the float32 blocks before its first lowered
-            one replay their outputs (computed again, they would be the same bits)."""
-            start = next((b for b, kind in enumerate(plan) if kind != "float32"), count)
-            with _replayed(modules[:start], outputs[:start]), lowered_in_turn(encoder.model, plan, smooth):
-                embeddings = _normalized(encoder.embed_tokens(ids, prefix).numpy())
             bar.update()
-            return float((embeddings * reference).sum(-1).min())
+            return trials.worst(plan)
 
-        return _search(worst, count, kinds, min_cosine, linear_speeds())
+        return _search(worst, len(trials.modules), kinds, min_cosine, linear_speeds())
+
+
+class _Trials:
+    """Calibration's passes over ``texts``: the float32 pass, recorded, then :meth:`worst` for each plan tried."""
+
+    def __init__(self, encoder: Encoder, texts: list[str], smooth: dict[str, torch.Tensor] | None = None):
+        self.encoder, self.smooth = encoder, smooth
+        self.ids, self.prefix = encoder.tokenization.tokenize([""] * len(texts), texts)
+        self.modules = block_modules(encoder.model)
+        encoder.packs()  # (see _measure)
+        with _recorded(encoder.model, self.modules) as self.recording:
+            self.reference = self._embedded()
+
+    def worst(self, plan: Plan) -> float:
+        """The lowest cosine to float32 with the model run by ``plan``; the float32 blocks before its first lowered
+        one replay their outputs (computed again, they would be the same bits) where the model runs its blocks once
+        a pass, in order."""
+        first = next((b for b, kind in enumerate(plan) if kind != "float32"), len(plan))
+        start = first if self.recording.in_order() else 0
+        replies = self.recording.outputs[:start]
+        with _replayed(self.modules[:start], replies), lowered_in_turn(self.encoder.model, plan, self.smooth):
+            return float((self._embedded() * self.reference).sum(-1).min())
+
+    def _embedded(self) -> np.ndarray:
+        return _normalized(self.encoder.embed_tokens(self.ids, self.prefix).numpy())
 
 
 def _search(
@@ -222,17 +240,37 @@ def _search(
     return tuple(plan)
 
 
+@dataclass
+class _Recording:
+    """What :func:`_recorded` saw: each block's outputs (copies) in call order, and the blocks each forward pass of
+    the model ran, in order."""
+
+    outputs: list[list[Any]]
+    passes: list[list[int]] = field(default_factory=list)
+
+    def in_order(self) -> bool:
+        """Whether every pass ran each block at most once and in order, so that a block's outputs depend only on the
+        blocks before it: not so in a looped model (Inkling 2 Loop runs its middle blocks again on their own outputs,
+        HRM its stack in cycles), whose earlier blocks cannot be replayed while a later one runs lowered."""
+        return all(a < b for calls in self.passes for a, b in itertools.pairwise(calls))
+
+
 @contextlib.contextmanager
-def _recorded(modules: list[nn.Module]) -> Iterator[list[list[Any]]]:
-    """Each module's outputs (copies), in call order, while inside."""
-    outputs: list[list[Any]] = [[] for _ in modules]
+def _recorded(model: nn.Module, modules: list[nn.Module]) -> Iterator[_Recording]:
+    """What the ``modules`` (the blocks of ``model``) output while inside, pass by pass."""
+    recording = _Recording([[] for _ in modules])
 
-    def keep(kept: list[Any]) -> Callable[..., None]:
-        return lambda _module, _args, out: kept.append(_copied(out))
+    def keep(block: int) -> Callable[..., None]:
+        def hook(_module, _args, out) -> None:
+            recording.outputs[block].append(_copied(out))
+            recording.passes[-1].append(block)
 
-    handles = [module.register_forward_hook(keep(kept)) for module, kept in zip(modules, outputs, strict=True)]
+        return hook
+
+    handles = [module.register_forward_hook(keep(block)) for block, module in enumerate(modules)]
+    handles.append(model.register_forward_pre_hook(lambda *_: recording.passes.append([])))
     try:
-        yield outputs
+        yield recording
     finally:
         for handle in handles:
             handle.remove()
