@@ -95,6 +95,22 @@ def test_token_rows_times_one_matrix_give_a_row_its_bits_in_any_batch():
             assert torch.equal(torch.matmul(states[0, :count], weight.T), everything[0, :count]), count
 
 
+def test_token_rows_times_stacked_weights_give_a_row_its_bits_in_any_batch():
+    """Inkling's shared experts compute ``torch.bmm(states, weights.transpose(1, 2))``: each expert's weight times
+    all of a batch's token rows (a text's vector moved by 1e-7 with its batch). Batched products of two activations
+    (attention's) are left alone."""
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(300, 256, generator=generator).expand(2, -1, -1)
+    weights = nn.Parameter(torch.randn(2, 1024, 256, generator=generator))
+    with torch.inference_mode(), BatchInvariant():
+        everything = torch.bmm(states, weights.transpose(1, 2))
+        expected = torch.bmm(states.double(), weights.double().transpose(1, 2)).float()
+        torch.testing.assert_close(everything, expected, rtol=1e-5, atol=1e-4)
+        for count in (*range(1, 40), 127, 129, 255, 257):
+            assert torch.equal(torch.bmm(states[:, :count], weights.transpose(1, 2)), everything[:, :count]), count
+            assert torch.equal(states[:, :count].bmm(weights.transpose(1, 2)), everything[:, :count]), count
+
+
 def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_alike_blocks(tmp_path, monkeypatch):
     monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path))
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(1))

@@ -57,6 +57,9 @@ LANES = 64  # elements: a multiple of every CPU vector width (AVX-512: 16 float3
 # Products written with ``@`` (GPT-OSS's experts: each expert's tokens @ its (in, out) weight; Falcon's linear layers:
 # a batch of token rows @ the transposed weight): by one matrix only, so attention's batched products are left alone.
 MATMUL = frozenset({torch.matmul, torch.Tensor.matmul})  # `a @ b` arrives as Tensor.matmul
+# Batched products by a stack of weights (Inkling's shared experts, Llama 4's and DeepSeek-V4's experts): each
+# matrix's rows in blocks; attention's batched products (by other activations, not by weights) are left alone.
+BMM = frozenset({torch.bmm, torch.Tensor.bmm})
 _sizes: dict[tuple[str, int], tuple[int, ...]] = {}  # (probe, threads) -> measured here, this process
 
 
@@ -149,7 +152,8 @@ def _mm_transposed(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class BatchInvariant(TorchFunctionMode):
     """Within this context, float32 CPU linear layers use :func:`blocked_linear`, and ``torch.addmm`` (GPT-2's
-    Conv1D layers) and ``@`` products by one matrix (:data:`MATMUL`) blocks of :data:`ROWS` rows (inference only)."""
+    Conv1D layers), ``@`` products by one matrix (:data:`MATMUL`) and batched products by stacked weights
+    (:data:`BMM`) blocks of :data:`ROWS` rows (inference only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -161,6 +165,8 @@ class BatchInvariant(TorchFunctionMode):
         if func in MATMUL and not kwargs and len(args) == 2 and _rows_by_matrix(*args):
             rows, matrix = args
             return in_row_blocks(torch.mm, rows.reshape(-1, rows.shape[-1]), matrix).reshape(*rows.shape[:-1], -1)
+        if func in BMM and not kwargs and len(args) == 2 and _rows_by_weights(*args):
+            return torch.stack([in_row_blocks(torch.mm, rows, weight) for rows, weight in zip(*args, strict=True)])
         if func in ELEMENTWISE and len(args) == 1 and not kwargs.get("inplace") and _narrow(args[0]):
             return _in_whole_vectors(func, args[0], kwargs)
         return func(*args, **kwargs)
@@ -169,6 +175,17 @@ class BatchInvariant(TorchFunctionMode):
 def _rows_by_matrix(a: object, b: object) -> bool:
     return (
         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() == 2 and _applies(a, b)
+    )
+
+
+def _rows_by_weights(a: object, b: object) -> bool:
+    """``b`` a stack of weight matrices: a 3D parameter or a view of one (``weight.transpose(1, 2)``)."""
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and b.dim() == 3
+        and isinstance(b if b._base is None else b._base, nn.Parameter)
+        and _applies(a, b)
     )
 
 
