@@ -58,6 +58,28 @@ def test_attention_with_values_narrower_than_queries_packs_bit_identical(model_t
     np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
 
 
+def test_sparse_attention_is_not_packed_where_a_text_can_be_longer_than_its_selection():
+    """DeepSeek-V3.2's sparse attention lets a query attend to the ``index_topk`` keys its indexer picks, on SDPA and
+    eager attention only: packed, texts longer than that would attend to all their keys. Such a model packs only
+    where no text can be longer (as a sliding window)."""
+
+    def sparse(max_length: int) -> lm2vec.Encoder:
+        heads = MLA_HEADS["deepseek_v3"] | dict(index_topk=8, index_n_heads=2, index_head_dim=64)
+        config = tiny_config("deepseek_v32", pad_token_id=3, moe_intermediate_size=32, **MLA, **heads)
+        return lm2vec.Encoder(tiny_model(lm2vec.set_bidirectional(config)), tiny_tokenizer(), max_length=max_length)
+
+    texts = random_texts(12, seed=9, max_words=30)
+    enc = sparse(64)
+    together = enc.encode(texts, batch_size=12)
+    assert not enc.packs() and sparse(8).packs()
+    np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
+    ids = torch.arange(4, 24)[None]  # 20 tokens: the model's own attention picks 8 keys for each query
+    with torch.inference_mode():
+        own = enc.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        enc.model.set_attn_implementation(PACKED)
+        assert not torch.allclose(packed_states(enc.model, ids, torch.ones_like(ids)), own, atol=1e-3)  # all 20
+
+
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_eager_models_pack_on_their_own_attention(bidirectional: bool):
     """Gemma 2 runs eager (SDPA cannot soft-cap its scores; capped at 0.1 here, so the cap decides every score):

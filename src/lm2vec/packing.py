@@ -20,7 +20,8 @@ states of each text alone (an architecture that drops the keyword arguments woul
 lets one text's inputs move another text's states (a convolution or state-space layer would carry them over).
 Packed attention applies no window: models with sliding-window attention are packed only where no text can be
 longer than the window (``max_length`` below it: Mistral v0.1's 4,096, Phi-3's 2,047 against lm2vec's 512 tokens),
-those with chunked attention or on other attention implementations (flash, flex) never.
+nor any sparse selection of keys (DeepSeek-V3.2's 2,048 keys a query), those with chunked attention or on other
+attention implementations (flash, flex) never.
 """
 
 from __future__ import annotations
@@ -153,10 +154,14 @@ def enable_packing(model: PreTrainedModel, max_length: int) -> bool:
 
 def window_applies(config: PretrainedConfig, max_length: int) -> bool:
     """Whether a text of up to ``max_length`` tokens can meet a sliding window's edge (a token at distance >= the
-    window is masked) or chunked attention: packed attention applies neither, and a short check cannot see them."""
+    window is masked), chunked attention, or sparse attention's selection (DeepSeek-V3.2's DSA and its followers:
+    a query attends to the ``index_topk`` keys its indexer picks, which the models apply on SDPA and eager attention
+    only): packed attention applies none of them, and a short check cannot see them."""
     text = config.get_text_config()
     window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
-    return bool((window and max_length >= window) or getattr(text, "attention_chunk_size", None))
+    topk = getattr(text, "index_topk", None)
+    chunked = getattr(text, "attention_chunk_size", None)
+    return bool((window and max_length >= window) or chunked or (topk and max_length > topk))
 
 
 def _packs_right(model: PreTrainedModel) -> bool:
