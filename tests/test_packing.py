@@ -58,26 +58,43 @@ def test_attention_with_values_narrower_than_queries_packs_bit_identical(model_t
     np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
 
 
-def test_sparse_attention_is_not_packed_where_a_text_can_be_longer_than_its_selection():
-    """DeepSeek-V3.2's sparse attention lets a query attend to the ``index_topk`` keys its indexer picks, on SDPA and
-    eager attention only: packed, texts longer than that would attend to all their keys. Such a model packs only
-    where no text can be longer (as a sliding window)."""
+# What a text past some length gets from a model's own attention that packed attention does not apply, by the model
+# that has it: sparse attention's selection (DeepSeek-V3.2's DSA: each query attends to the ``index_topk`` keys its
+# indexer picks, on SDPA and eager attention only) and LongRoPE's long factors (Phi-3.5, Phi-4-mini: taken for the
+# whole sequence once its last position passes ``original_max_position_embeddings``). Both past 16 tokens here.
+LONGROPE = dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8, long_factor=[4.0] * 8)
+PAST_A_LENGTH = {
+    "deepseek_v32": dict(MLA, **MLA_HEADS["deepseek_v3"], index_topk=16, index_n_heads=2, index_head_dim=64),
+    "phi3": dict(
+        rope_parameters=LONGROPE | {"original_max_position_embeddings": 16}, original_max_position_embeddings=16
+    ),
+}
 
-    def sparse(max_length: int) -> lm2vec.Encoder:
-        heads = MLA_HEADS["deepseek_v3"] | dict(index_topk=8, index_n_heads=2, index_head_dim=64)
-        config = tiny_config("deepseek_v32", pad_token_id=3, moe_intermediate_size=32, **MLA, **heads)
+
+@pytest.mark.parametrize("model_type", sorted(PAST_A_LENGTH))
+def test_a_model_packs_only_where_no_text_passes_a_length_its_attention_treats_otherwise(model_type: str):
+    """Packed, a long text would attend to all its keys (DSA) or hand its long factors to the short texts beside it
+    (LongRoPE): such a model packs only where ``max_length`` stays within that length, as with a sliding window."""
+
+    def encoder(max_length: int) -> lm2vec.Encoder:
+        config = tiny_config(model_type, pad_token_id=3, moe_intermediate_size=32, **PAST_A_LENGTH[model_type])
         return lm2vec.Encoder(tiny_model(lm2vec.set_bidirectional(config)), tiny_tokenizer(), max_length=max_length)
 
     texts = random_texts(12, seed=9, max_words=30)
-    enc = sparse(64)
+    enc = encoder(64)
     together = enc.encode(texts, batch_size=12)
-    assert not enc.packs() and sparse(8).packs()
+    assert not enc.packs() and encoder(16).packs()
     np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
-    ids = torch.arange(4, 24)[None]  # 20 tokens: the model's own attention picks 8 keys for each query
+    lengths = (4, 20)  # one text within the length, one past it
+    ids = torch.full((2, 20), 3).index_put_((torch.tensor([0] * 4), torch.arange(4)), torch.arange(5, 9))
+    ids[1] = torch.arange(4, 24)
+    mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
     with torch.inference_mode():
-        own = enc.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        own = torch.zeros(2, 20, enc.model.config.hidden_size)
+        for row, n in enumerate(lengths):
+            own[row, :n] = enc.model(input_ids=ids[row : row + 1, :n], attention_mask=mask[row : row + 1, :n])[0][0]
         enc.model.set_attn_implementation(PACKED)
-        assert not torch.allclose(packed_states(enc.model, ids, torch.ones_like(ids)), own, atol=1e-3)  # all 20
+        assert not torch.allclose(packed_states(enc.model, ids, mask), own, atol=1e-3)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])

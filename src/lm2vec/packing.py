@@ -154,14 +154,24 @@ def enable_packing(model: PreTrainedModel, max_length: int) -> bool:
 
 def window_applies(config: PretrainedConfig, max_length: int) -> bool:
     """Whether a text of up to ``max_length`` tokens can meet a sliding window's edge (a token at distance >= the
-    window is masked), chunked attention, or sparse attention's selection (DeepSeek-V3.2's DSA and its followers:
-    a query attends to the ``index_topk`` keys its indexer picks, which the models apply on SDPA and eager attention
-    only): packed attention applies none of them, and a short check cannot see them."""
+    window is masked), chunked attention, sparse attention's selection (DeepSeek-V3.2's DSA and its followers: a
+    query attends to the ``index_topk`` keys its indexer picks, which the models apply on SDPA and eager attention
+    only), or LongRoPE's long factors (Phi-3.5, Phi-4-mini: taken for a whole sequence once its last position passes
+    ``original_max_position_embeddings``, so a packed long text would hand them to the short texts beside it): packed
+    attention applies none of them alike, and a short check cannot see them."""
     text = config.get_text_config()
     window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
-    topk = getattr(text, "index_topk", None)
-    chunked = getattr(text, "attention_chunk_size", None)
-    return bool((window and max_length >= window) or chunked or (topk and max_length > topk))
+    limits = [window - 1 if window else None, getattr(text, "index_topk", None), _longrope_length(text)]
+    chunked = bool(getattr(text, "attention_chunk_size", None))
+    return chunked or any(max_length > limit for limit in limits if limit is not None)
+
+
+def _longrope_length(config: PretrainedConfig) -> int | None:
+    """The sequence length past which LongRoPE takes its long factors (the shortest over layer types), if any."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    kinds = list(rope.values()) if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    lengths = [k.get("original_max_position_embeddings") for k in kinds if k.get("rope_type") == "longrope"]
+    return min((n for n in lengths if n), default=None)
 
 
 def _packs_right(model: PreTrainedModel) -> bool:
