@@ -36,20 +36,20 @@ def test_packed_is_bit_identical_in_any_batch_and_equals_padded(model_type: str,
     np.testing.assert_allclose(together, eager.encode(TEXTS, batch_size=24), atol=2e-5)
 
 
-# Multi-head latent attention, tiny but for the head sizes of the released models: queries and keys of 192 values
-# (DeepSeek-V3) or 96 (MiniCPM3), values of 128 or 64.
+# Attention whose kernels computed the views of a group of short texts differently by how many texts it held (63 of
+# 100 texts moved in the last bits): multi-head latent attention at the released head sizes, tiny otherwise, with
+# values narrower than queries on SDPA (DeepSeek-V3: queries and keys 192, values 128; MiniCPM3: 96 and 64), and
+# HY-V4's (256 and 256) on its own eager attention (with sinks). Groups are copied first there.
 MLA = dict(kv_lora_rank=16, q_lora_rank=16, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2)
 MLA_HEADS = {
     "deepseek_v3": dict(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_group=1, topk_group=1),
     "minicpm3": dict(qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
+    "hy_v4": dict(qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256),
 }
 
 
 @pytest.mark.parametrize("model_type", sorted(MLA_HEADS))
-def test_attention_with_values_narrower_than_queries_packs_bit_identical(model_type: str):
-    """CPU SDPA computes the views of a group of short texts differently by how many texts the group holds where
-    values are narrower than queries (63 of 100 short texts moved in the last bits on DeepSeek-V3): such groups are
-    copied first."""
+def test_groups_of_short_texts_of_latent_attention_pack_bit_identical(model_type: str):
     texts = random_texts(40, seed=8, max_words=8)
     config = tiny_config(model_type, pad_token_id=3, moe_intermediate_size=32, **MLA, **MLA_HEADS[model_type])
     enc = lm2vec.Encoder(tiny_model(lm2vec.set_bidirectional(config)), tiny_tokenizer(), max_length=64)

@@ -89,11 +89,14 @@ def _group(states: torch.Tensor, positions: slice | torch.Tensor, length: int, c
     return group.contiguous() if contiguous else group
 
 
-def eager_attention(module: torch.nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+def eager_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's own eager attention: ``eager_attention_forward`` of the module defining its attention layer, as
     transformers' model files each define it (Gemma 2's soft-caps the scores). A model without one fails the packing
-    check and runs padded."""
-    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+    check and runs padded. On copies of the group: its products of views rounded by the group's size (HY-V4)."""
+    own = sys.modules[type(module).__module__].eager_attention_forward
+    return own(module, query.contiguous(), key.contiguous(), value.contiguous(), *args, **kwargs)
 
 
 AttentionInterface.register(PACKED, packed_attention)
