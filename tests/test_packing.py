@@ -86,8 +86,8 @@ def test_a_model_packs_only_where_no_text_passes_a_length_its_attention_treats_o
     assert not enc.packs() and encoder(16).packs()
     np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
     lengths = (4, 20)  # one text within the length, one past it
-    ids = torch.full((2, 20), 3).index_put_((torch.tensor([0] * 4), torch.arange(4)), torch.arange(5, 9))
-    ids[1] = torch.arange(4, 24)
+    ids = torch.full((2, 20), 3)  # the pad id
+    ids[0, :4], ids[1] = torch.arange(5, 9), torch.arange(4, 24)
     mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
     with torch.inference_mode():
         own = torch.zeros(2, 20, enc.model.config.hidden_size)
