@@ -65,9 +65,10 @@ def packed_attention(
     if segments is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
     heads, dim = query.shape[1], value.shape[-1]
-    # Where values are narrower than queries (DeepSeek's MLA: 192 against 128), CPU SDPA computes a group's views
-    # differently by how many texts it holds (short texts: 63 of 100 moved in the last bits); copies it computes alike.
-    contiguous = dim != query.shape[-1]
+    # A group's views are computed differently by how many texts it holds (short texts: 63 of 100 moved in the last
+    # bits) by CPU SDPA where values are narrower than queries (DeepSeek's MLA: 192 against 128), and by eager
+    # attention (HY-V4's); copies are computed alike. SDPA with equal sizes was swept alike on views: no copy there.
+    contiguous = inner is not sdpa_attention_forward or dim != query.shape[-1]
     out: torch.Tensor | None = None
     for length, positions in segments:
         q, k, v = (_group(states, positions, length, contiguous) for states in (query, key, value))
@@ -89,14 +90,11 @@ def _group(states: torch.Tensor, positions: slice | torch.Tensor, length: int, c
     return group.contiguous() if contiguous else group
 
 
-def eager_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def eager_attention(module: torch.nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's own eager attention: ``eager_attention_forward`` of the module defining its attention layer, as
     transformers' model files each define it (Gemma 2's soft-caps the scores). A model without one fails the packing
-    check and runs padded. On copies of the group: its products of views rounded by the group's size (HY-V4)."""
-    own = sys.modules[type(module).__module__].eager_attention_forward
-    return own(module, query.contiguous(), key.contiguous(), value.contiguous(), *args, **kwargs)
+    check and runs padded."""
+    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
 
 
 AttentionInterface.register(PACKED, packed_attention)
