@@ -83,8 +83,7 @@ def test_narrow_elementwise_functions_give_a_row_its_bits_in_any_batch(width: in
 
 def test_token_rows_times_one_matrix_give_a_row_its_bits_in_any_batch():
     """Falcon's linear layers compute ``hidden_states @ weight.T`` on (batch, tokens, in) states: a linear layer the
-    mode must block as ``F.linear`` (a text's vector moved by 3e-7 with its batch); attention's batched products
-    (both operands batched) are left alone."""
+    mode must block as ``F.linear`` (a text's vector moved by 3e-7 with its batch)."""
     generator = torch.Generator().manual_seed(0)
     states, weight = torch.randn(1, 300, 256, generator=generator), torch.randn(1024, 256, generator=generator)
     with torch.inference_mode(), BatchInvariant():
@@ -109,6 +108,40 @@ def test_token_rows_times_stacked_weights_give_a_row_its_bits_in_any_batch():
         for count in (*range(1, 40), 127, 129, 255, 257):
             assert torch.equal(torch.bmm(states[:, :count], weights.transpose(1, 2)), everything[:, :count]), count
             assert torch.equal(states[:, :count].bmm(weights.transpose(1, 2)), everything[:, :count]), count
+
+
+def _shared_key_head(generator: torch.Generator, texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention's scores with one key/value head for all query heads (Gemma 3 1B, DeepSeek-V4): the keys are
+    a stride-0 view, as ``repeat_kv`` leaves them."""
+    keys = torch.randn(texts, 1, 5, 128, generator=generator).expand(-1, 4, -1, -1)
+    return torch.randn(texts, 4, 5, 128, generator=generator), keys.transpose(2, 3)
+
+
+def _head_major_views(generator: torch.Generator, texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniMax's lightning attention: (batch, tokens, heads, dim) states viewed as (batch, heads, tokens, dim)."""
+    queries, keys = torch.randn(2, texts, 2, 4, 128, generator=generator)
+    return queries.transpose(1, 2), keys.permute(0, 2, 3, 1)
+
+
+def _strided_vectors(generator: torch.Generator, texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's scan: each text's (channels, state) matrix times a state vector sliced from a larger tensor."""
+    return torch.randn(texts, 128, 16, generator=generator), torch.randn(texts, 16, 20, generator=generator)[..., :1]
+
+
+@pytest.mark.parametrize("operands", [_shared_key_head, _head_major_views, _strided_vectors])
+def test_products_of_a_batchs_activations_give_a_text_its_bits_in_any_batch(operands):
+    """Batched products of two activations where an operand is broadcast or laid out sparsely: ``torch.matmul``
+    computed one text by another path than a batch of them (texts moved by 1e-7 to 2e-6 in MQA models on eager
+    attention, MiniMax, Mamba). Each text's product now equals its own, alone."""
+    a, b = operands(torch.Generator().manual_seed(0), 16)
+    with torch.inference_mode(), BatchInvariant():
+        everything = a @ b
+        torch.testing.assert_close(everything, (a.double() @ b.double()).float())
+        for count in (1, 2, 3, 8):
+            for start in (0, 5):
+                part = slice(start, start + count)
+                assert torch.equal(a[part] @ b[part], everything[part]), (count, start)
+                assert torch.equal(torch.matmul(a[part], b[part]), everything[part]), (count, start)
 
 
 def test_a_row_count_dependent_kernel_is_probed_as_such_and_keeps_alike_blocks(tmp_path, monkeypatch):

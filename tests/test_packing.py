@@ -212,6 +212,19 @@ def test_a_model_whose_attention_fails_packed_runs_in_padded_batches():
     assert not enc.packs()
 
 
+@pytest.mark.parametrize("packs", [True, False])
+def test_eager_attention_over_one_shared_key_head_keeps_a_texts_bits_in_any_batch(packs: bool):
+    """One key/value head for all query heads (Gemma 3 1B; DeepSeek-V4 at its released head size 512), on eager
+    attention: packed groups and padded batches of short texts moved by 5e-7 with how many texts they held."""
+    texts = random_texts(40, seed=8, max_words=8)
+    config = tiny_config("llama", pad_token_id=3, attn_implementation="eager", num_key_value_heads=1, head_dim=128)
+    enc = lm2vec.Encoder(tiny_model(lm2vec.set_bidirectional(config)), tiny_tokenizer(), max_length=64)
+    enc = enc if packs else padded(enc)
+    together = enc.encode(texts, batch_size=40)
+    assert enc.packs() == packs
+    np.testing.assert_array_equal(together, np.stack([enc.encode(t) for t in texts]))
+
+
 def test_training_mode_runs_padded_and_gradients_flow():
     enc = tiny_encoder()
     enc.model.train()

@@ -21,7 +21,7 @@ one-column expert gate). The encoder has mixture-of-experts layers loop over the
 (:mod:`lm2vec.experts`), each a blocked product.
 The lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
 blocks (of the sizes probed alike); their integer products are exact and need none. Attention is the other half:
-see :mod:`lm2vec.packing`.
+see :mod:`lm2vec.packing`; eager attention's own products run text by text here (:func:`_batched_activations`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ ELEMENTWISE = frozenset(
 )
 LANES = 64  # elements: a multiple of every CPU vector width (AVX-512: 16 float32, 32 bf16)
 # Products written with ``@`` (GPT-OSS's experts: each expert's tokens @ its (in, out) weight; Falcon's linear layers:
-# a batch of token rows @ the transposed weight): by one matrix only, so attention's batched products are left alone.
+# a batch of token rows @ the transposed weight) in row blocks; products of two batched activations (eager attention's)
+# one text at a time.
 MATMUL = frozenset({torch.matmul, torch.Tensor.matmul})  # `a @ b` arrives as Tensor.matmul
 # Batched products by a stack of weights (Inkling's shared experts, Llama 4's and DeepSeek-V4's experts): each
 # matrix's rows in blocks; attention's batched products (by other activations, not by weights) are left alone.
@@ -153,7 +154,8 @@ def _mm_transposed(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class BatchInvariant(TorchFunctionMode):
     """Within this context, float32 CPU linear layers use :func:`blocked_linear`, and ``torch.addmm`` (GPT-2's
     Conv1D layers), ``@`` products by one matrix (:data:`MATMUL`) and batched products by stacked weights
-    (:data:`BMM`) blocks of :data:`ROWS` rows (inference only)."""
+    (:data:`BMM`) blocks of :data:`ROWS` rows; ``@`` products of two batched activations run one text at a time
+    (inference only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -165,6 +167,8 @@ class BatchInvariant(TorchFunctionMode):
         if func in MATMUL and not kwargs and len(args) == 2 and _rows_by_matrix(*args):
             rows, matrix = args
             return in_row_blocks(torch.mm, rows.reshape(-1, rows.shape[-1]), matrix).reshape(*rows.shape[:-1], -1)
+        if func in MATMUL and not kwargs and len(args) == 2 and _batched_activations(*args):
+            return _text_by_text(func, *args)
         if func in BMM and not kwargs and len(args) == 2 and _rows_by_weights(*args):
             return torch.stack([in_row_blocks(torch.mm, rows, weight) for rows, weight in zip(*args, strict=True)])
         if func in ELEMENTWISE and len(args) == 1 and not kwargs.get("inplace") and _narrow(args[0]):
@@ -176,6 +180,35 @@ def _rows_by_matrix(a: object, b: object) -> bool:
     return (
         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() == 2 and _applies(a, b)
     )
+
+
+def _batched_activations(a: object, b: object) -> bool:
+    """Batched products of two activations that ``torch.matmul`` computes by another path for one text than for a
+    batch: where an operand is broadcast over the other's batch dimensions (a key/value head shared by all query
+    heads, a stride-0 view: a text alone is folded into one product of all its heads' rows, a batch is not) or laid
+    out otherwise than densely (MiniMax's lightning attention on (batch, tokens, heads) views, Mamba's per-text
+    vectors). Moved texts by 1e-7 to 2e-6; contiguous operands (a transposed one too) computed alike in any batch."""
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.dim() == b.dim() >= 3
+        and max(a.shape[0], b.shape[0]) > 1
+        and (_irregular(a, b) or _irregular(b, a))
+        and _applies(a, b)
+    )
+
+
+def _irregular(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """``x`` broadcast over a batch dimension of ``other`` (size 1 against more, or a stride-0 view), or neither
+    contiguous nor a contiguous matrix transposed."""
+    broadcast = any(other.shape[i] > 1 and (x.shape[i] == 1 or x.stride(i) == 0) for i in range(x.dim() - 2))
+    return broadcast or not (x.is_contiguous() or x.transpose(-1, -2).is_contiguous())
+
+
+def _text_by_text(func: Callable, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``func(a, b)`` one index of the leading (batch) dimension at a time: each text's product as if alone."""
+    count = max(a.shape[0], b.shape[0])
+    return torch.cat([func(a[i : i + 1] if len(a) > 1 else a, b[i : i + 1] if len(b) > 1 else b) for i in range(count)])
 
 
 def _rows_by_weights(a: object, b: object) -> bool:
