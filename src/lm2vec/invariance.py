@@ -21,7 +21,8 @@ one-column expert gate). The encoder has mixture-of-experts layers loop over the
 (:mod:`lm2vec.experts`), each a blocked product.
 The lower-precision layers of :mod:`lm2vec.quantization` compute their float products (bf16, oneDNN) in the same
 blocks (of the sizes probed alike); their integer products are exact and need none. Attention is the other half:
-see :mod:`lm2vec.packing`; eager attention's own products run text by text here (:func:`_batched_activations`).
+see :mod:`lm2vec.packing`; products of two activations laid out irregularly (shared key/value heads, strided views)
+run text by text here (:func:`_batched_activations`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ ELEMENTWISE = frozenset(
 )
 LANES = 64  # elements: a multiple of every CPU vector width (AVX-512: 16 float32, 32 bf16)
 # Products written with ``@`` (GPT-OSS's experts: each expert's tokens @ its (in, out) weight; Falcon's linear layers:
-# a batch of token rows @ the transposed weight) in row blocks; products of two batched activations (eager attention's)
-# one text at a time.
+# a batch of token rows @ the transposed weight) in row blocks; products of two batched activations laid out
+# irregularly (eager attention's over one shared key/value head) one text at a time.
 MATMUL = frozenset({torch.matmul, torch.Tensor.matmul})  # `a @ b` arrives as Tensor.matmul
 # Batched products by a stack of weights (Inkling's shared experts, Llama 4's and DeepSeek-V4's experts): each
 # matrix's rows in blocks; attention's batched products (by other activations, not by weights) are left alone.
@@ -154,8 +155,8 @@ def _mm_transposed(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class BatchInvariant(TorchFunctionMode):
     """Within this context, float32 CPU linear layers use :func:`blocked_linear`, and ``torch.addmm`` (GPT-2's
     Conv1D layers), ``@`` products by one matrix (:data:`MATMUL`) and batched products by stacked weights
-    (:data:`BMM`) blocks of :data:`ROWS` rows; ``@`` products of two batched activations run one text at a time
-    (inference only)."""
+    (:data:`BMM`) blocks of :data:`ROWS` rows; ``@`` products of two batched activations laid out irregularly run
+    one text at a time (inference only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
