@@ -20,8 +20,10 @@ states of each text alone (an architecture that drops the keyword arguments woul
 lets one text's inputs move another text's states (a convolution or state-space layer would carry them over).
 Packed attention applies no window: models with sliding-window attention are packed only where no text can be
 longer than the window (``max_length`` below it: Mistral v0.1's 4,096, Phi-3's 2,047 against lm2vec's 512 tokens),
-nor any sparse selection of keys (DeepSeek-V3.2's 2,048 keys a query), those with chunked attention or on other
-attention implementations (flash, flex) never.
+nor any sparse selection of keys (DeepSeek-V3.2's 2,048 keys a query) or LongRoPE's switch to long factors (Phi-3.5:
+past 4,096 tokens), those with chunked attention or on other attention implementations (flash, flex) never (see
+:func:`window_applies`). Eager attention's groups are copied here; its products over a shared key/value head are
+split text by text in :mod:`lm2vec.invariance`.
 """
 
 from __future__ import annotations
