@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 import lm2vec
 from lm2vec.dense import Dense
@@ -26,8 +26,10 @@ from lm2vec.packing import PACKED
 from lm2vec.training import MNTPConfig, train_mntp
 from tests.support import (
     ARCHITECTURES,
+    MULTIMODAL,
     default_attention,
     random_texts,
+    save_multimodal,
     tiny_config,
     tiny_encoder,
     tiny_gguf,
@@ -54,6 +56,38 @@ def test_every_architecture_reloads_with_its_attention_and_weights(model_type: s
     assert loaded.model.config._attn_implementation in {attention, PACKED}
     ids, prefix = saved.tokenization.tokenize([""] * len(TEXTS), TEXTS)  # transformers gives a saved qwen2 its own
     assert torch.equal(loaded.embed_tokens(ids, prefix), saved.embed_tokens(ids, prefix))  # tokenizer class
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL))
+def test_a_multimodal_model_encodes_with_its_text_decoder_alone(
+    model_type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Gemma 3 4B+, Llava, Qwen2-VL: the text decoder with the checkpoint's weights, bidirectional (Gemma 3's own
+    wrapper builds causal masks), without the vision tower, saved and reloaded as a model of the text type."""
+    monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / "cache"))
+    path = save_multimodal(tmp_path / model_type, model_type)
+    text_type = MULTIMODAL[model_type][0]
+    encoder = lm2vec.load(path, dtype="float32")  # verifies bidirectional attention
+    assert encoder.model.config.model_type == text_type and encoder.bidirectional
+    wrapper = AutoModel.from_pretrained(path)  # transformers' own multimodal model
+    decoder = next(m for m in wrapper.modules() if type(m) is type(encoder.model))
+    torch.testing.assert_close(encoder.model.state_dict(), decoder.state_dict(), rtol=0, atol=0)
+    assert not any("vision" in name for name, _ in encoder.model.named_parameters())
+
+    causal = lm2vec.load(path, dtype="float32", bidirectional=False)  # what the wrapper computes from text alone
+    batch = causal.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = wrapper(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None]
+    np.testing.assert_allclose(causal.encode(TEXTS), ((states * mask).sum(1) / mask.sum(1)).numpy(), atol=1e-5)
+
+    vectors = encoder.encode(TEXTS)
+    saved = encoder.save(tmp_path / "encoder")
+    assert json.loads((saved / "config.json").read_text())["model_type"] == text_type
+    np.testing.assert_array_equal(lm2vec.load(saved, dtype="float32").encode(TEXTS), vectors)
+    lowered = lm2vec.load(path, dtype="int8")  # the text decoder's lowered weights, cached and read back alike
+    np.testing.assert_array_equal(lm2vec.load(path, dtype="int8").encode(TEXTS), lowered.encode(TEXTS))
+    assert list((tmp_path / "cache" / "lower").glob("int8-*.safetensors"))
 
 
 @pytest.mark.parametrize("missing", ["./no/such/model", "/no/such/dir", "missing.gguf"])

@@ -43,9 +43,11 @@ from tests.support import (
     ARCHITECTURES,
     HYBRIDS,
     MAMBA2,
+    MULTIMODAL,
     VOCAB,
     needs_data,
     random_texts,
+    save_multimodal,
     tiny_config,
     tiny_encoder,
     tiny_model,
@@ -440,6 +442,35 @@ def test_every_architecture_trains_through_the_recipe_and_reloads_with_its_embed
     assert np.isfinite(trained).all() and np.abs(trained - untrained).max() > 1e-3  # the stages changed the model
     reloaded = lm2vec.load(tmp_path / "supervised" / "encoder", dtype="float32")  # verifies bidirectional attention
     np.testing.assert_allclose(reloaded.encode(texts), trained, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "llava"])
+def test_a_multimodal_models_text_decoder_trains_with_its_lm_head_and_lora_on_its_text_layers(
+    model_type: str, corpus: Path, tmp_path: Path
+):
+    """MNTP predicts with the multimodal model's own LM head (Gemma 3's causal LM class, Llava's multimodal one),
+    LoRA on the text decoder alone; the stages save an encoder of the text type."""
+    path = save_multimodal(tmp_path / model_type, model_type)
+    fast = dict(FAST, steps=2, batch_size=4, learning_rate=1e-2)
+    train_mntp(str(path), MNTPConfig(data=[str(corpus)], mask_token="eos", **fast), tmp_path / "mntp")
+    trained = adapter(last_checkpoint(tmp_path / "mntp"))
+    assert trained and not [name for name in trained if "vision" in name or "lm_head" in name]
+    encoder = train_simcse(str(tmp_path / "mntp" / "encoder"), SimCSEConfig(data=[str(corpus)], **fast), tmp_path / "s")
+    texts = random_texts(6, seed=4, max_words=12)
+    vectors = encoder.encode(texts)
+    assert np.abs(vectors - lm2vec.load(path, dtype="float32").encode(texts)).max() > 1e-3  # the stages trained it
+    reloaded = lm2vec.load(tmp_path / "s" / "encoder", dtype="float32")  # verifies bidirectional attention
+    assert reloaded.model.config.model_type == MULTIMODAL[model_type][0]
+    np.testing.assert_allclose(reloaded.encode(texts), vectors, atol=1e-5)
+
+
+def test_mntp_needs_a_causal_lm_of_a_multimodal_models_text_type_and_simcse_does_not(corpus: Path, tmp_path: Path):
+    path = save_multimodal(tmp_path / "qwen2_vl", "qwen2_vl")  # transformers has no Qwen2-VL text causal LM
+    fast = dict(FAST, steps=2, batch_size=4)
+    with pytest.raises(ModelLoadError, match="no causal LM of qwen2_vl_text.*cpu-no-mntp"):
+        train_mntp(str(path), MNTPConfig(data=[str(corpus)], mask_token="eos", **fast), tmp_path / "mntp")
+    encoder = train_simcse(str(path), SimCSEConfig(data=[str(corpus)], **fast), tmp_path / "simcse")
+    assert encoder.model.config.model_type == "qwen2_vl_text"
 
 
 def test_pairs_without_negatives_and_sentence_transformers_column_names(tmp_path: Path, monkeypatch):

@@ -10,11 +10,20 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMultimodalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -78,6 +87,8 @@ def load_model(
 ) -> PreTrainedModel:
     """Load the model with the attention mode set *before* it is built. Weights: safetensors only."""
     config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
+    if model_class is not AutoModel and text_decoder_class(config) and not auto_class(model_class, config):
+        model_class = AutoModelForMultimodalLM  # a multimodal model's LM head: its text decoder's is taken from it
     try:
         with _head_keys_expected(model_class, config):
             model, info = model_class.from_pretrained(
@@ -102,7 +113,56 @@ def load_model(
             f"the checkpoint {source.path} lacks {len(missing)} weight(s) of the {config.model_type} model "
             f"({named}): an incomplete download, or weights of another architecture?"
         )
-    return model
+    return text_decoder(model, head=model_class is not AutoModel)
+
+
+def auto_class(auto: type[_BaseAutoModelClass], config: PretrainedConfig) -> type[PreTrainedModel] | None:
+    """The class ``auto`` (``AutoModel``, ``AutoModelForCausalLM``, ...) builds from ``config``, or None: one it does
+    not map (remote code, another kind of model)."""
+    mapping = auto._model_mapping
+    if mapping is None or type(config) not in mapping:
+        return None
+    return cast("type[PreTrainedModel]", mapping[type(config)])
+
+
+def text_decoder_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
+    """The class of a multimodal model's text decoder (Gemma 3 4B+, Llava, Qwen2-VL: their ``text_config``'s model),
+    or None for a text-only model."""
+    text = config.get_text_config()
+    return None if text is config else auto_class(AutoModel, text)
+
+
+def text_decoder(model: PreTrainedModel, head: bool = False) -> PreTrainedModel:
+    """A multimodal model's text decoder alone, with the model's LM head where ``head`` (a causal LM of the text
+    model's type); a text-only model as it is.
+
+    An encoder of texts runs the text decoder only, and must: the multimodal wrappers build their own masks, causal
+    whatever the text config says (Gemma 3), and their vision and audio towers would take memory, LoRA adapters and
+    a place in every saved encoder. Saved, the encoder is a model of the text type (``gemma3_text``).
+    """
+    decoder_class = text_decoder_class(model.config)
+    decoders = [m for m in model.modules() if decoder_class is not None and type(m) is decoder_class]
+    if len(decoders) != 1:
+        return model
+    (decoder,) = decoders
+    if not head:
+        return decoder
+    text = decoder.config
+    lm_class = auto_class(AutoModelForCausalLM, text)
+    if lm_class is None:
+        raise ModelLoadError(
+            f"transformers has no causal LM of {text.model_type}, the text model of {model.config.model_type}, "
+            "to train MNTP with; the contrastive stages train its text decoder without one (--recipe cpu-no-mntp)"
+        )
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        lm = lm_class(text)
+    setattr(lm, lm.base_model_prefix, decoder)
+    lm.set_output_embeddings(model.get_output_embeddings())
+    if empty := [name for name, p in lm.named_parameters() if p.is_meta]:  # a part of the causal LM the model lacks
+        raise ModelLoadError(f"{model.config.model_type}'s text decoder as a causal LM lacks {empty[:3]}")
+    return lm
 
 
 @contextlib.contextmanager
@@ -110,11 +170,10 @@ def _head_keys_expected(model_class: type[_BaseAutoModelClass], config: Pretrain
     """The encoder is the causal LM without its output head: the head's weights in the checkpoint are expected, not
     reported as UNEXPECTED on every load of a model with an untied head (sentence-transformers sets the same class
     attribute the same way). Keys the decoder lacks or cannot use are still reported."""
-    mapping = model_class._model_mapping
-    if mapping is None or type(config) not in mapping:  # remote code: left to transformers' report
+    cls = auto_class(model_class, config)
+    if cls is None:  # remote code: left to transformers' report
         yield
         return
-    cls = mapping[type(config)]
     own = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
     cls._keys_to_ignore_on_load_unexpected = [*(cls._keys_to_ignore_on_load_unexpected or []), *HEAD_KEYS]
     try:
@@ -148,6 +207,8 @@ def cached_lower_model(
         with safe_open(str(path), "pt") as cached:
             plan = tuple(json.loads((cached.metadata() or {})["plan"]))
         config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
+        if text_decoder_class(config):  # the text decoder's weights were cached (text_decoder)
+            config = config.get_text_config()
         with init_empty_weights(include_buffers=False):  # weights on the meta device; computed buffers are real
             model = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
         lower_precision(model, plan)
