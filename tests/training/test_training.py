@@ -465,10 +465,20 @@ def test_a_multimodal_models_text_decoder_trains_with_its_lm_head_and_lora_on_it
 
 
 def test_mntp_needs_a_causal_lm_of_a_multimodal_models_text_type_and_simcse_does_not(corpus: Path, tmp_path: Path):
+    """Refused from the config, before the weights load and, in ``convert``, before the baselines are scored."""
     path = save_multimodal(tmp_path / "qwen2_vl", "qwen2_vl")  # transformers has no Qwen2-VL text causal LM
     fast = dict(FAST, steps=2, batch_size=4)
-    with pytest.raises(ModelLoadError, match="no causal LM of qwen2_vl_text.*cpu-no-mntp"):
-        train_mntp(str(path), MNTPConfig(data=[str(corpus)], mask_token="eos", **fast), tmp_path / "mntp")
+    weights = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(b"not weights")  # loading them would fail otherwise
+    config = MNTPConfig(data=[str(corpus)], mask_token="eos", **fast)
+    refused = "no causal LM of qwen2_vl_text, the text model of qwen2_vl.*cpu-no-mntp"
+    with pytest.raises(ModelLoadError, match=refused):
+        train_mntp(str(path), config, tmp_path / "mntp")
+    from lm2vec.training import Recipe, convert
+
+    with pytest.raises(ModelLoadError, match=refused):
+        convert(str(path), Recipe("tiny", "test", "test", [("mntp", config)]), tmp_path / "out", data_root=tmp_path)
+    (path / "model.safetensors").write_bytes(weights)
     encoder = train_simcse(str(path), SimCSEConfig(data=[str(corpus)], **fast), tmp_path / "simcse")
     assert encoder.model.config.model_type == "qwen2_vl_text"
 

@@ -132,6 +132,19 @@ def text_decoder_class(config: PretrainedConfig) -> type[PreTrainedModel] | None
     return None if text is config else auto_class(AutoModel, text)
 
 
+def text_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The causal LM of a multimodal model's text type, which MNTP trains its decoder and LM head in; refused where
+    transformers has none (asked of the config alone, before any weights load)."""
+    text = config.get_text_config()
+    lm_class = auto_class(AutoModelForCausalLM, text)
+    if lm_class is None:
+        raise ModelLoadError(
+            f"transformers has no causal LM of {text.model_type}, the text model of {config.model_type}, "
+            "to train MNTP with; the contrastive stages train its text decoder without one (--recipe cpu-no-mntp)"
+        )
+    return lm_class
+
+
 def text_decoder(model: PreTrainedModel, head: bool = False) -> PreTrainedModel:
     """A multimodal model's text decoder alone, with the model's LM head where ``head`` (a causal LM of the text
     model's type); a text-only model as it is.
@@ -147,17 +160,10 @@ def text_decoder(model: PreTrainedModel, head: bool = False) -> PreTrainedModel:
     (decoder,) = decoders
     if not head:
         return decoder
-    text = decoder.config
-    lm_class = auto_class(AutoModelForCausalLM, text)
-    if lm_class is None:
-        raise ModelLoadError(
-            f"transformers has no causal LM of {text.model_type}, the text model of {model.config.model_type}, "
-            "to train MNTP with; the contrastive stages train its text decoder without one (--recipe cpu-no-mntp)"
-        )
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        lm = lm_class(text)
+        lm = text_lm_class(model.config)(decoder.config)
     setattr(lm, lm.base_model_prefix, decoder)
     lm.set_output_embeddings(model.get_output_embeddings())
     if empty := [name for name, p in lm.named_parameters() if p.is_meta]:  # a part of the causal LM the model lacks

@@ -27,12 +27,11 @@ from ..encoder import Encoder
 from ..evaluation.sts import evaluate_sts
 from ..hardware import describe_machine
 from ..loading import load
-from ..loading.model import load_tokenizer
 from ..loading.source import resolve_source
 from ..quantization import ONEDNN, linear_layers, lowered
 from .config import STAGES, MNTPConfig, Recipe, StageConfig, load_recipe
 from .data import check_data
-from .mntp import mask_token_id
+from .mntp import mntp_inputs
 from .stage import ENCODER_DIR, TRAINING_DTYPE, Source, claim_stage_dir, saved_encoder
 
 CAUSAL_BASELINE = "causal, weighted mean (baseline)"
@@ -150,8 +149,8 @@ def convert(
         raise ValueError(f"recipe {recipe.name} has no stage but MNTP, which the causal ablation skips")
     for i, (stage, config) in enumerate(stages, start=1):  # before anything runs: an edited recipe fails here
         claim_stage_dir(output_dir / f"{i}-{stage}", config, resume)
-        if isinstance(config, MNTPConfig):  # and a mask token the vocabulary lacks, not after the baselines' scores
-            mask_token_id(load_tokenizer(resolve_source(source)), config.mask_token)
+        if isinstance(config, MNTPConfig):  # and a model MNTP cannot train, not after the baselines' scores
+            mntp_inputs(resolve_source(source), config)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     results = Results(output_dir, recipe, data_root, evaluate, log, resume)
     current = starting_point(source, causal, results if baselines and evaluate else None, first_stage=stages[0][0])

@@ -17,8 +17,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from ..attention import verify_attention
 from ..encoder import Encoder
 from ..inputs import check_flag
-from ..loading.model import load_model, load_tokenizer, read_config
-from ..loading.source import resolve_source
+from ..loading.model import load_model, load_tokenizer, read_config, text_decoder_class, text_lm_class
+from ..loading.source import Source, resolve_source
 from . import data
 from .config import MNTPConfig
 from .stage import add_lora, merge_lora, run_stage, save_stage_encoder, stage_length, transformers_model
@@ -26,6 +26,19 @@ from .trainer import StageModel, StageTrainer
 
 MASK_TOKEN = "<mask>"
 IGNORE = -100  # label of the positions MNTP does not score
+
+
+def mntp_inputs(
+    source: Source, config: MNTPConfig, trust_remote_code: bool = False
+) -> tuple[PreTrainedTokenizerBase, int]:
+    """The tokenizer and the mask token's id, with what MNTP needs of the model checked from its files alone,
+    before any weights load (``lm2vec convert``: before the baselines are scored): a mask token the vocabulary has,
+    and for a multimodal model a causal LM of its text type."""
+    model_config = read_config(source, trust_remote_code)
+    if text_decoder_class(model_config):
+        text_lm_class(model_config)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    return tokenizer, mask_token_id(tokenizer, config.mask_token)
 
 
 def mask_token_id(tokenizer: PreTrainedTokenizerBase, choice: str) -> int:
@@ -118,10 +131,9 @@ def train_mntp(
     """Train MNTP on ``source`` (any :func:`lm2vec.load` source); return the bidirectional encoder, LoRA merged."""
     check_flag("trust_remote_code", trust_remote_code)
     resolved = resolve_source(source)
-    tokenizer = load_tokenizer(resolved, trust_remote_code)
+    tokenizer, mask_id = mntp_inputs(resolved, config, trust_remote_code)
     length = stage_length(read_config(resolved, trust_remote_code), config.max_length)
     chunks = data.chunks(tokenizer, config.data, length, data_root)  # bad data fails before loading
-    mask_id = mask_token_id(tokenizer, config.mask_token)
     lm = load_model(resolved, True, torch.float32, None, trust_remote_code, model_class=AutoModelForCausalLM)
     if mask_id >= lm.config.get_text_config().vocab_size:  # a new mask token: a row for it
         lm.resize_token_embeddings(len(tokenizer))
