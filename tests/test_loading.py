@@ -69,6 +69,7 @@ def test_a_multimodal_model_encodes_with_its_text_decoder_alone(
     text_type = MULTIMODAL[model_type][0]
     encoder = lm2vec.load(path, dtype="float32")  # verifies bidirectional attention
     assert encoder.model.config.model_type == text_type and encoder.bidirectional
+    assert encoder.model.config.name_or_path == str(path)  # named in the model card as the checkpoint it came from
     wrapper = AutoModel.from_pretrained(path)  # transformers' own multimodal model
     decoder = next(m for m in wrapper.modules() if type(m) is type(encoder.model))
     torch.testing.assert_close(encoder.model.state_dict(), decoder.state_dict(), rtol=0, atol=0)

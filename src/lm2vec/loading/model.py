@@ -158,6 +158,7 @@ def text_decoder(model: PreTrainedModel, head: bool = False) -> PreTrainedModel:
     if len(decoders) != 1:
         return model
     (decoder,) = decoders
+    decoder.config.name_or_path = decoder.name_or_path = model.name_or_path  # the checkpoint it came from (model card)
     if not head:
         return decoder
     from accelerate import init_empty_weights
