@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
 import lm2vec
@@ -112,6 +112,12 @@ def test_bad_adapters_get_clear_errors(made: Path, tmp_path: Path):
     tiny_tokenizer().save_pretrained(other)
     with pytest.raises(lm2vec.ModelLoadError, match="does not fit the base model"):
         lm2vec.load(other, adapter=made / "supervised")
+    renamed = shutil.copytree(made / "supervised", tmp_path / "renamed")  # its weights' names reach no layer
+    weights = load_file(renamed / "adapter_model.safetensors")
+    inside = {name.replace("base_model.model.", "base_model.model.decoder.", 1): w for name, w in weights.items()}
+    save_file(inside, renamed / "adapter_model.safetensors")
+    with pytest.raises(lm2vec.ModelLoadError, match="does not fit the base model.*missing adapter keys"):
+        lm2vec.load(made / "mntp", adapter=renamed)  # peft would warn and merge the layers' initial weights
 
 
 def _rebuild_weights(folder: Path) -> None:

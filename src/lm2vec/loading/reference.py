@@ -66,12 +66,14 @@ class ReferenceCheckpoint:
         model = load_model(self.base, bidirectional, dtype, attn_implementation, trust_remote_code)
         for adapter in self.adapters:
             try:
-                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+                # strict: an adapter weight the model has no place for (or a layer of the model's adapter that gets
+                # none) would be dropped with a warning, leaving the adapter's layers at their initial weights
+                model = PeftModel.from_pretrained(model, str(adapter), strict_adapter_check="error").merge_and_unload()
             except (RuntimeError, ValueError, KeyError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ModelLoadError(
                     f"the adapter {adapter} does not fit the base model {self.base.path} "
-                    f"(trained on another base?): {first}"
+                    f"(trained on another base?): {first:.400}"  # peft's lists every weight's name
                 ) from err
         return model
 
