@@ -2,10 +2,10 @@
 
 The steps, each in its own module: :mod:`.source` turns the name into a local directory or hub id (converting
 GGUF files once), :mod:`.dtype` decides the precision (``"auto"``: the device's fastest that stays float32-grade),
-:mod:`.model` builds the tokenizer and the model (attention mode set before it is built; int8 weights cached),
-:mod:`.saved` reads the settings a saved encoder directory carries, :mod:`.reference` reads the reference llm2vec's
-checkpoints (an MNTP adapter directory, a second adapter), and :mod:`lm2vec.calibration` measures which precision
-each block of a bfloat16 or int8 model runs in.
+:mod:`.model` builds the tokenizer and the model (attention mode set before it is built; of a multimodal model its
+text decoder alone; int8 weights cached), :mod:`.saved` reads the settings a saved encoder directory carries,
+:mod:`.reference` reads the reference llm2vec's checkpoints (an MNTP adapter directory, a second adapter), and
+:mod:`lm2vec.calibration` measures which precision each block of a bfloat16 or int8 model runs in.
 """
 
 from __future__ import annotations

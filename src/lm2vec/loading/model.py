@@ -1,5 +1,6 @@
 """Build the tokenizer and the model from a :class:`~.source.Source`: attention mode set before the model exists,
-safetensors weights only; models in lower precision cached as safetensors.
+safetensors weights only, of a multimodal model its text decoder alone (:func:`text_decoder`); models in lower
+precision cached as safetensors.
 """
 
 from __future__ import annotations
