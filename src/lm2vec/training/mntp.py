@@ -17,7 +17,14 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from ..attention import verify_attention
 from ..encoder import Encoder
 from ..inputs import check_flag
-from ..loading.model import load_model, load_tokenizer, read_config, text_decoder_class, text_lm_class
+from ..loading.model import (
+    load_model,
+    load_tokenizer,
+    model_config,
+    read_config,
+    text_decoder_class,
+    text_lm_class,
+)
 from ..loading.source import Source, resolve_source
 from . import data
 from .config import MNTPConfig
@@ -34,9 +41,9 @@ def mntp_inputs(
     """The tokenizer and the mask token's id, with what MNTP needs of the model checked from its files alone,
     before any weights load (``lm2vec convert``: before the baselines are scored): a mask token the vocabulary has,
     and for a multimodal model a causal LM of its text type."""
-    model_config = read_config(source, trust_remote_code)
-    if text_decoder_class(model_config):
-        text_lm_class(model_config)
+    architecture = model_config(source, trust_remote_code=trust_remote_code)  # refuses an encoder-decoder first
+    if text_decoder_class(architecture):
+        text_lm_class(architecture)
     tokenizer = load_tokenizer(source, trust_remote_code)
     return tokenizer, mask_token_id(tokenizer, config.mask_token)
 
