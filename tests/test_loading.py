@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import lm2vec
 from lm2vec.dense import Dense
@@ -90,6 +91,18 @@ def test_a_multimodal_model_encodes_with_its_text_decoder_alone(
     lowered = lm2vec.load(path, dtype="int8")  # the text decoder's lowered weights, cached and read back alike
     np.testing.assert_array_equal(lm2vec.load(path, dtype="int8").encode(TEXTS), lowered.encode(TEXTS))
     assert list((tmp_path / "cache" / "lower").glob("int8-*.safetensors"))
+
+
+def test_a_part_built_by_a_package_not_installed_is_a_load_error_naming_it(tmp_path: Path):
+    """Gemma 3n's vision tower is a timm model: transformers builds it with the text decoder."""
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed: Gemma 3n builds")
+    text = tiny_config("gemma3n_text", pad_token_id=3).to_dict()
+    AutoConfig.for_model("gemma3n", text_config=text).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    save_file({"unread": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=f"(?s)cannot load the weights of {tmp_path}: .*pip install timm"):
+        lm2vec.load(tmp_path)
 
 
 @pytest.mark.parametrize("missing", ["./no/such/model", "/no/such/dir", "missing.gguf"])

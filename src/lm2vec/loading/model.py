@@ -101,7 +101,9 @@ def load_model(
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
             )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # RuntimeError: a weight of another shape
+    except (OSError, ValueError, RuntimeError, SafetensorError, ImportError) as err:
+        # RuntimeError: a weight of another shape; ImportError: a part built by a package not installed (Gemma 3n's
+        # vision tower is a timm model, built before lm2vec takes the text decoder)
         raise ModelLoadError(f"cannot load the weights of {source.path}: {err}") from err
     if missing := sorted(info["missing_keys"]):  # transformers fills them at random and goes on: embeddings of noise
         named = f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
