@@ -86,7 +86,8 @@ def load_model(
     trust_remote_code: bool = False,
     model_class: type[_BaseAutoModelClass] = AutoModel,
 ) -> PreTrainedModel:
-    """Load the model with the attention mode set *before* it is built. Weights: safetensors only."""
+    """Load the model with the attention mode set *before* it is built; of a multimodal model, its text decoder
+    (:func:`text_decoder`). Weights: safetensors only."""
     config = model_config(source, bidirectional, attn_implementation, trust_remote_code)
     if model_class is not AutoModel and text_decoder_class(config) and not auto_class(model_class, config):
         model_class = AutoModelForMultimodalLM  # a multimodal model's LM head: its text decoder's is taken from it
