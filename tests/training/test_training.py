@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -656,6 +657,12 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
         convert(str(causal_lm_dir), edited, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
     with pytest.raises(FileExistsError, match="1-mntp holds an earlier run; pass resume=True"):
         convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, log=lines.append)
+    other = save_causal_lm(tmp_path / "mistral", "mistral")  # the same layers' names and shapes: nothing else tells
+    with pytest.raises(ValueError, match=f"holds a conversion of another model \\({causal_lm_dir}\\)"):
+        convert(str(other), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
+    moved = shutil.copytree(causal_lm_dir, tmp_path / "moved")  # the same model elsewhere: its run resumes
+    convert(str(moved), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
+    assert sum("already finished" in line for line in lines) == 6
     assert json.loads((tmp_path / "out" / "recipe.json").read_text())["stages"][2]["steps"] == 2  # left as it was
     card = (tmp_path / "out" / "encoder" / "README.md").read_text()
     assert "Recipe `tiny`" in card and "| mntp | 2 | 4 |" in card and "| supervised | 2 | 4 |" in card

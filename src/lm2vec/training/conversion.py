@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..blocks import blocks
+from ..cache import atomic_write, folder_digests
 from ..calibration import float_kind
 from ..choices import PoolingMode
 from ..encoder import Encoder
@@ -35,6 +36,7 @@ from .mntp import mntp_inputs
 from .stage import ENCODER_DIR, TRAINING_DTYPE, Source, claim_stage_dir, saved_encoder
 
 CAUSAL_BASELINE = "causal, weighted mean (baseline)"
+MODEL_RECORD = "model.json"  # which model an output folder converts (claim_for_model)
 
 
 @dataclass
@@ -151,6 +153,7 @@ def convert(
         claim_stage_dir(output_dir / f"{i}-{stage}", config, resume)
         if isinstance(config, MNTPConfig):  # and a model MNTP cannot train, not after the baselines' scores
             mntp_inputs(resolve_source(source), config)
+    claim_for_model(output_dir, source, resume)  # and another model's run
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     results = Results(output_dir, recipe, data_root, evaluate, log, resume)
     current = starting_point(source, causal, results if baselines and evaluate else None, first_stage=stages[0][0])
@@ -267,6 +270,26 @@ def starting_point(
     untrained = load(source, bidirectional=True, dtype=TRAINING_DTYPE)
     baselines.record("bidirectional, untrained", untrained, start, reused=True)
     return source if first_stage == "mntp" else untrained
+
+
+def claim_for_model(output_dir: Path, source: str | os.PathLike | None, resume: bool) -> None:
+    """Record which model ``output_dir`` converts (``model.json``), refusing to resume another model's run there:
+    its finished stages would be reused and its checkpoints continued as this model's. A local model (a GGUF file's
+    conversion, the built-in model) is known by its files' contents, so a moved or copied one resumes; a hub model
+    by its id."""
+    resolved = resolve_source(source)
+    identity: dict[str, object] = (
+        {"files": [list(pair) for pair in folder_digests(Path(resolved.path), (".safetensors", ".json"))]}
+        if resolved.local
+        else {"hub": resolved.path}
+    )
+    path = output_dir / MODEL_RECORD
+    if resume and path.is_file() and (earlier := json.loads(path.read_text()))["identity"] != identity:
+        raise ValueError(
+            f"{output_dir} holds a conversion of another model ({earlier['model']}), not of {resolved.path}: "
+            "choose another output folder"
+        )
+    atomic_write(path, json.dumps({"model": resolved.path, "identity": identity}, indent=2) + "\n")
 
 
 def run_or_reuse(
