@@ -133,24 +133,28 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
 
 
 # Multimodal models as the hub ships Gemma 3 4B+, Llava and Qwen2-VL: a tiny vision tower (2x2 patches of a 28-pixel
-# image) around a tiny text decoder. Per type: its text type, vision config and settings.
-MULTIMODAL: dict[str, tuple[str, dict, dict]] = {
+# image) around a tiny text decoder. Per type: its text type and settings, vision config, and the model's settings.
+MULTIMODAL: dict[str, tuple[str, dict, dict, dict]] = {
     "gemma3": (
         "gemma3_text",
+        {},
         dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64),
         dict(mm_tokens_per_image=4),
     ),
-    "llava": ("llama", dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64), {}),
-    "qwen2_vl": ("qwen2_vl_text", dict(embed_dim=32, hidden_size=64, num_heads=2), {}),
+    "llava": ("llama", {}, dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64), {}),
+    "qwen2_vl": (
+        "qwen2_vl_text",
+        dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),  # half a head
+        dict(embed_dim=32, hidden_size=64, num_heads=2),
+        {},
+    ),
 }
 
 
 def save_multimodal(path: Path, model_type: str) -> Path:
     """A tiny random multimodal model (its LM head included) with its tokenizer, saved as a user's model directory."""
-    text_type, vision, settings = MULTIMODAL[model_type]
-    text = tiny_config(text_type, pad_token_id=3, tie_word_embeddings=True)
-    if text_type == "qwen2_vl_text":  # its rotary sections, summed, are half the head size
-        text.rope_parameters["mrope_section"] = [2, 3, 3]
+    text_type, text_settings, vision, settings = MULTIMODAL[model_type]
+    text = tiny_config(text_type, pad_token_id=3, tie_word_embeddings=True, **text_settings)
     vision = dict(vision, num_hidden_layers=2, num_attention_heads=2, depth=2, image_size=28, patch_size=14)
     config = AutoConfig.for_model(model_type, text_config=text.to_dict(), vision_config=vision, **settings)
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..attention import set_bidirectional, unsupported_reason
-from ..cache import atomic_write, cache_dir, cache_key, folder_digests, mark_used
+from ..cache import atomic_write, cache_dir, cache_key, mark_used
 from ..calibration import VERSION as CALIBRATION_VERSION
 from ..quantization import SCHEME, Plan, linear_speeds, lower_precision
 from .source import ModelLoadError, Source
@@ -253,8 +253,8 @@ def lower_cache_path(source: Source, variant: object, dtype: str) -> Path | None
     ``variant``: what else the calibrated plan depends on (attention mode, pooling); the machine's measured
     speeds decide the plan too.
     """
-    if source.folder is None:
+    contents = source.contents()  # a copied or moved model finds its cache
+    if contents is None:
         return None
-    contents = folder_digests(source.folder, (".safetensors", ".json"))  # a copied or moved model finds its cache
     key = cache_key(SCHEME, CALIBRATION_VERSION, dtype, linear_speeds(), variant, contents)
     return cache_dir() / "lower" / f"{dtype}-{key[:20]}.safetensors"  # named by content alone, not by its folder

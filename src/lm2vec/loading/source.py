@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ..cache import atomic_write, cache_dir, cache_key, file_digest, mark_used
+from ..cache import atomic_write, cache_dir, cache_key, file_digest, folder_digests, mark_used
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,6 +62,11 @@ class Source:
         """The folder holding the model's files: a local model's own; a hub model's snapshot in the Hugging Face
         cache (:func:`hub_snapshot`), into which ``from_pretrained`` fetches the rest."""
         return Path(self.path) if self.local else hub_snapshot(self.path)
+
+    def contents(self) -> list[tuple[str, str]] | None:
+        """The model's files (weights and JSON settings) by name and content digest, or None where it has no folder
+        yet: what identifies it wherever it lies (a copied or moved model keeps its caches and its runs)."""
+        return None if self.folder is None else folder_digests(self.folder, (".safetensors", ".json"))
 
 
 # What lm2vec reads itself from a hub model: every JSON file (the config, a saved encoder's settings) and the weights

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..blocks import blocks
-from ..cache import atomic_write, folder_digests
+from ..cache import atomic_write
 from ..calibration import float_kind
 from ..choices import PoolingMode
 from ..encoder import Encoder
@@ -279,9 +279,7 @@ def claim_for_model(output_dir: Path, source: str | os.PathLike | None, resume: 
     by its id."""
     resolved = resolve_source(source)
     identity: dict[str, object] = (
-        {"files": [list(pair) for pair in folder_digests(Path(resolved.path), (".safetensors", ".json"))]}
-        if resolved.local
-        else {"hub": resolved.path}
+        {"files": [list(pair) for pair in resolved.contents() or []]} if resolved.local else {"hub": resolved.path}
     )
     path = output_dir / MODEL_RECORD
     if resume and path.is_file() and (earlier := json.loads(path.read_text()))["identity"] != identity:
