@@ -46,6 +46,7 @@ from lm2vec.quantization import (
     block_modules,
     block_plan,
     blocks,
+    float32_in_turn,
     int_product,
     linear_layers,
     lower_kind,
@@ -332,6 +333,46 @@ def test_lowered_in_turn_converts_one_block_at_a_time_and_computes_as_the_lowere
         lowered_in_turn(encoder.model, plan[:-1]).__enter__()
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "gpt2", "qwen3_moe"])
+def test_float32_in_turn_runs_a_16_bit_model_as_its_float32_self_one_block_at_a_time(model_type: str):
+    """A model loaded in its checkpoint's bf16 computes inside as the same weights in float32 do, bit for bit, with
+    one block's weights in float32 at a time; on exit it is that float32 model, but for layers lowered inside."""
+    encoder = tiny_encoder(model_type)
+    encoder.model.to(torch.bfloat16).float()  # weights a bf16 checkpoint holds, in float32: the reference
+    reference, weights = encoder.encode(TEXTS), {n: t.clone() for n, t in encoder.model.state_dict().items()}
+    plan = tuple(["int8", "bfloat16", "float32"][b % 3] for b in range(len(blocks(encoder.model))))
+    with lowered(encoder.model, plan):
+        lowered_vectors = encoder.encode(TEXTS)
+    modules = block_modules(encoder.model)
+    in_float32: list[list[int]] = []  # the blocks whose linear layers are float32, seen as each block runs
+
+    def seen(*_):
+        in_float32.append([b for b, m in enumerate(modules) if torch.float32 in weight_dtypes(m)])
+
+    encoder.model.to(torch.bfloat16)
+    hooks = [block.register_forward_hook(seen) for block in modules]
+    with float32_in_turn(encoder.model):
+        assert encoder.model.get_input_embeddings().weight.dtype == torch.float32  # outside the blocks: at once
+        np.testing.assert_array_equal(encoder.encode(TEXTS), reference)
+        assert set().union(*map(weight_dtypes, modules)) == {torch.bfloat16}  # between passes
+    for handle in hooks:
+        handle.remove()
+    assert in_float32 and all(len(now) == 1 for now in in_float32)
+    assert all(torch.equal(t, weights[n]) for n, t in encoder.model.state_dict().items())  # float32 on exit
+
+    encoder.model.to(torch.bfloat16)
+    with pytest.raises(KeyError), float32_in_turn(encoder.model):
+        lower_precision(encoder.model, plan)  # the lowered layers keep their precision on exit
+        raise KeyError("a failure inside")
+    assert block_plan(encoder.model) == plan
+    np.testing.assert_array_equal(encoder.encode(TEXTS), lowered_vectors)
+
+
+def weight_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+    """The dtypes of the weights of the linear layers in ``module``."""
+    return {m.weight.dtype for m in module.modules() if isinstance(m, LINEAR)}
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
 def test_the_experts_of_a_mixture_of_experts_model_take_their_block_s_precision(model_type: str):
     """transformers stores a layer's experts as 3D weights (GPT-OSS's transposed, with biases and a clamped gate of
@@ -580,6 +621,44 @@ def test_nothing_to_quantize():
         lower_precision(torch.nn.Sequential(torch.nn.ReLU()), "int8")
     with pytest.raises(ValueError, match="unknown precision"):
         lower_precision(tiny_encoder().model, "int4")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_a_model_stored_in_bf16_loads_in_bf16_and_lowers_as_its_float32_copy_does(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+):
+    """Checkpoints are stored in bf16: a lower precision loads them so (half the float32 model's memory: a 7B model
+    fits in 24 GB) and gets, from calibration on, what the float32 load of the same weights gets, bit for bit."""
+    half, full, mixed = (shutil.copytree(tiny_dir, tmp_path / name) for name in ("half", "full", "mixed"))
+    tensors = {name: t.to(torch.bfloat16) for name, t in load_file(tiny_dir / "model.safetensors").items()}
+    save_file(tensors, half / "model.safetensors", metadata={"format": "pt"})
+    save_file({n: t.float() for n, t in tensors.items()}, full / "model.safetensors", metadata={"format": "pt"})
+    first = next(iter(tensors))
+    save_file(tensors | {first: tensors[first].float()}, mixed / "model.safetensors", metadata={"format": "pt"})
+    sources = {path: resolve_source(path) for path in (half, full, mixed)}
+    assert [source.half_dtype() for source in sources.values()] == [torch.bfloat16, None, None]
+
+    dtypes: list[torch.dtype] = []
+    real = loading.load_model
+
+    def load_model(source, bidirectional, dtype, *args):  # the real loader, watched
+        dtypes.append(dtype)
+        return real(source, bidirectional, dtype, *args)
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+    encoders = {}
+    for path in (half, full):  # each calibrates on its own
+        monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / f"cache-{path.name}"))
+        encoders[path] = lm2vec.load(path, dtype=dtype)
+    assert dtypes == [torch.bfloat16, torch.float32]  # once each: the second load of each reads its cache
+    plan = block_plan(encoders[half].model)
+    assert dtype in plan and plan == block_plan(encoders[full].model)
+    np.testing.assert_array_equal(encoders[half].encode(TEXTS), encoders[full].encode(TEXTS))
+    state, expected = encoders[half].model.state_dict(), encoders[full].model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(t, state[n]) and t.dtype == state[n].dtype for n, t in expected.items())
+    assert lm2vec.load(half, dtype="float32").dtype == "float32"  # asked for: float32, loaded so
+    assert dtypes[-1] == torch.float32
 
 
 def test_int8_weights_are_cached_and_reload_bit_identical(

@@ -22,7 +22,7 @@ from ..attention import AttentionError
 from ..choices import DEFAULT_DTYPE, PoolingMode, parse_pooling
 from ..encoder import Encoder, check_length, fitted_length
 from ..inputs import check_flag, check_positive
-from ..quantization import FLOAT32, LOWER, lower_kind, lower_precision
+from ..quantization import FLOAT32, LOWER, float32_in_turn, lower_kind, lower_precision
 from ..st_format import STSettings
 from .dtype import MIN_SPEEDUP, Dtype, auto_candidates, resolve_dtype, torch_dtype
 from .model import cache_lower_model, cached_lower_model, load_model, load_tokenizer, read_config
@@ -105,23 +105,27 @@ def load(
     def cached() -> PreTrainedModel | None:
         return cached_lower_model(resolved, variant, chosen, bidirectional, attn_implementation, trust_remote_code)
 
-    model = None
+    lower = chosen in (*LOWER, "auto")
+    # a checkpoint's adapters merge into float32 weights; a model to lower loads in the 16-bit float it is stored in
+    weights = torch_dtype(chosen, resolved.half_dtype() if lower and checkpoint is None else None)
+
+    def loaded() -> PreTrainedModel:
+        return (cached() if lower else None) or load_model(
+            resolved, bidirectional, weights, attn_implementation, trust_remote_code
+        )
+
     if checkpoint is not None:
-        model = checkpoint.load_model(bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
-    elif chosen in (*LOWER, "auto"):
-        model = cached()
-    if model is None:
-        model = load_model(resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code)
+        model = checkpoint.load_model(bidirectional, weights, attn_implementation, trust_remote_code)
+    else:
+        model = loaded()
     encoder = build(model)
     with _named_failures(model.config, bidirectional, chosen):  # the config: the first model's weights must be freeable
-        if chosen in (*LOWER, "auto") and lower_kind(model) is None:
+        if lower and lower_kind(model) is None:
             if _lower(encoder, resolved, variant, chosen, cache=checkpoint is None):  # adapters merged: uncached
-                # Until the first model is gone its float32 weights stay mapped from their file, resident: read the
+                # Until the first model is gone its weights stay mapped from their file, resident: read the
                 # lowered weights back as every later load does (the built-in model: 1166 -> 684 MB held after loading).
                 del encoder, model
-                model = cached() or load_model(
-                    resolved, bidirectional, torch_dtype(chosen), attn_implementation, trust_remote_code
-                )
+                model = loaded()
                 encoder = build(model)
                 if lower_kind(model) is None:  # the cache just written was unreadable (warned): converted again
                     _lower(encoder, resolved, variant, chosen, cache=False)
@@ -166,10 +170,11 @@ def _lower(encoder: Encoder, source: Source, variant: object, chosen: str, cache
     where the lowered weights were cached for later loads."""
     from ..calibration import best_plan, calibrate, plan_speed, smoothing
 
-    plan = best_plan(encoder, auto_candidates()) if chosen == "auto" else calibrate(encoder, chosen)
-    if chosen == "auto" and plan_speed(plan) < MIN_SPEEDUP or set(plan) == {"float32"}:
-        return False
-    if chosen != "auto" and set(plan) <= set(FLOAT32):
-        warnings.warn(f"no block of this model stays float32-grade in {chosen}: running float32", stacklevel=3)
-    lower_precision(encoder.model, plan, smoothing=smoothing(encoder) if "int8" in plan else None)
+    with float32_in_turn(encoder.model):  # weights loaded in their stored bf16 / float16: float32 a block at a time
+        plan = best_plan(encoder, auto_candidates()) if chosen == "auto" else calibrate(encoder, chosen)
+        if chosen == "auto" and plan_speed(plan) < MIN_SPEEDUP or set(plan) == {"float32"}:
+            return False
+        if chosen != "auto" and set(plan) <= set(FLOAT32):
+            warnings.warn(f"no block of this model stays float32-grade in {chosen}: running float32", stacklevel=3)
+        lower_precision(encoder.model, plan, smoothing=smoothing(encoder) if "int8" in plan else None)
     return cache and cache_lower_model(source, variant, chosen, encoder.model, plan)

@@ -66,6 +66,11 @@ def resolve_dtype(dtype: Dtype, device: str | torch.device | None) -> str:
     return name
 
 
-def torch_dtype(dtype: str) -> torch.dtype:
-    """The torch dtype the weights are loaded in (a :func:`resolve_dtype` name): float32 but for "float16"."""
-    return torch.float16 if dtype == "float16" else torch.float32
+def torch_dtype(dtype: str, stored: torch.dtype | None = None) -> torch.dtype:
+    """The torch dtype the weights are loaded in, for ``dtype`` (a :func:`resolve_dtype` name): float16 for
+    "float16"; for the lower precisions ("auto" too) the 16-bit float the checkpoint stores every weight in
+    (``stored``, :meth:`~.source.Source.half_dtype`) where it has one, which calibration and lowering run as float32
+    a block at a time (:func:`lm2vec.quantization.float32_in_turn`: half the memory, the same bits); else float32."""
+    if dtype == "float16":
+        return torch.float16
+    return stored if stored is not None and dtype in (*LOWER, "auto") else torch.float32

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -68,6 +69,31 @@ class Source:
         yet: what identifies it wherever it lies (a copied or moved model keeps its caches and its runs)."""
         return None if self.folder is None else folder_digests(self.folder, (".safetensors", ".json"))
 
+    def half_dtype(self) -> torch.dtype | None:
+        """The 16-bit float every floating weight of the checkpoint is stored in (bf16 for most hub models), from
+        its safetensors headers (a hub model's from the hub where not yet fetched); None where some are float32, or
+        none can be read before loading."""
+        files = sorted(self.folder.glob("*.safetensors")) if self.folder else []
+        try:
+            if files:
+                stored = set()
+                for file in files:
+                    with safe_open(str(file), "pt") as weights:
+                        stored |= {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118
+            elif not self.local:
+                from huggingface_hub import get_safetensors_metadata
+
+                stored = set(get_safetensors_metadata(self.path).parameter_count)
+            else:
+                return None
+        except Exception:  # unreadable here, offline: transformers' load says what is wrong, if anything
+            return None
+        floats = {kind for kind in stored if kind.startswith(("F", "BF"))}  # F8_E4M3 ... F64, BF16
+        return HALF.get(floats.pop()) if len(floats) == 1 else None
+
+
+# The 16-bit floats by their safetensors names.
+HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 # What lm2vec reads itself from a hub model: every JSON file (the config, a saved encoder's settings) and the weights
 # of sentence-transformers' Dense modules (in folders it names N_Dense); from_pretrained fetches the model's weights.
