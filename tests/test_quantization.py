@@ -350,6 +350,7 @@ def test_float32_in_turn_runs_a_16_bit_model_as_its_float32_self_one_block_at_a_
         in_float32.append([b for b, m in enumerate(modules) if torch.float32 in weight_dtypes(m)])
 
     encoder.model.to(torch.bfloat16)
+    encoder.model.config.dtype = torch.bfloat16  # as transformers says of a model it loaded in bf16
     hooks = [block.register_forward_hook(seen) for block in modules]
     with float32_in_turn(encoder.model):
         assert encoder.model.get_input_embeddings().weight.dtype == torch.float32  # outside the blocks: at once
@@ -359,6 +360,7 @@ def test_float32_in_turn_runs_a_16_bit_model_as_its_float32_self_one_block_at_a_
         handle.remove()
     assert in_float32 and all(len(now) == 1 for now in in_float32)
     assert all(torch.equal(t, weights[n]) for n, t in encoder.model.state_dict().items())  # float32 on exit
+    assert encoder.model.config.dtype == torch.float32
 
     encoder.model.to(torch.bfloat16)
     with pytest.raises(KeyError), float32_in_turn(encoder.model):

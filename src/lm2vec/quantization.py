@@ -43,6 +43,7 @@ from typing import Generic, TypeVar
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from .blocks import block_modules, blocks
@@ -520,6 +521,8 @@ def float32_in_turn(model: nn.Module) -> Iterator[None]:
             put_back(index)
         spare.clear()
         _to_float32(model)
+        if isinstance(config := getattr(model, "config", None), PretrainedConfig):
+            config.dtype = torch.float32  # as a float32 load says (transformers set the dtype it loaded in)
 
 
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
