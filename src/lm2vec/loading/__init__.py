@@ -56,6 +56,8 @@ def load(
     ``dtype``: "auto" (default: the device's fastest path that stays float32-grade, see
     :mod:`lm2vec.loading.dtype`), "float32" (bit-identical embeddings in any batch on CPU), "bfloat16" or
     "int8" (linear layers in that precision in the blocks that tolerate it, measured once per model), "float16".
+    For "auto", "bfloat16" and "int8" a checkpoint stored in bf16 or float16 (most hub models) is held in it, not in
+    float32, while its first load measures and converts it: half the memory, the same result.
     ``adapter``: a PEFT adapter (directory or hub id) merged into the model; with the reference llm2vec's MNTP
     directory as ``source`` and its SimCSE or supervised adapter here, the reference's vectors
     (:mod:`.reference`).
