@@ -6,6 +6,7 @@ The checkpoints and the reference's vectors are made by the reference's own code
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -14,11 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
+from torch.nn.utils import parametrize
+from transformers import AutoModel
 
 import lm2vec
 from lm2vec.inputs import ReferenceStyle
+from lm2vec.loading.reference import ReferenceCheckpoint, merged_on_access
+from lm2vec.quantization import block_plan
 from tests.support import tiny_config, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +96,45 @@ def test_a_saved_copy_gives_the_same_vectors(made: Path, tmp_path: Path):
     st = SentenceTransformer(str(tmp_path / "mntp-untemplated"), device="cpu")
     reference = np.load(made / "untemplated-plain.npy")
     assert cosine(st.encode(items["plain"]), reference).min() >= MIN_COSINE
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_a_bf16_base_takes_its_adapters_on_access_with_the_vectors_of_a_float32_merge(
+    made: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+):
+    """The reference's published bases are stored in bf16: a lower precision loads them so and adds each adapter's
+    update to a weight as it is read (a 7B model merged in float32: 29.5 GB), with the plan and the vectors of the
+    float32 merge of the same weights."""
+    tensors = load_file(made / "base" / "model.safetensors")
+    folders = {}
+    for name, dtypes in (("half", [torch.bfloat16]), ("full", [torch.bfloat16, torch.float32])):
+        base = shutil.copytree(made / "base", tmp_path / name / "base")
+        stored = {key: functools.reduce(torch.Tensor.to, dtypes, t) for key, t in tensors.items()}
+        save_file(stored, base / "model.safetensors", metadata={"format": "pt"})
+        mntp = shutil.copytree(made / "mntp", tmp_path / name / "mntp")
+        config = json.loads((mntp / "adapter_config.json").read_text()) | {"base_model_name_or_path": str(base)}
+        (mntp / "adapter_config.json").write_text(json.dumps(config))
+        folders[name] = mntp
+    encoders = {}
+    for name, mntp in folders.items():
+        monkeypatch.setenv("LM2VEC_CACHE", str(tmp_path / f"cache-{name}"))  # each calibrates on its own
+        encoders[name] = lm2vec.load(mntp, adapter=made / "supervised", dtype=dtype)
+    plan = block_plan(encoders["half"].model)
+    assert dtype in plan and plan == block_plan(encoders["full"].model)
+    for items in inputs(made).values():
+        np.testing.assert_array_equal(encoders["half"].encode(items), encoders["full"].encode(items))
+    assert not any(parametrize.is_parametrized(m) for m in encoders["half"].model.modules())
+    monkeypatch.setattr(ReferenceCheckpoint, "load_model", None)  # a later load reads the lowered weights back
+    again = lm2vec.load(folders["full"], adapter=made / "supervised", dtype=dtype)
+    np.testing.assert_array_equal(again.encode(inputs(made)["pairs"]), encoders["full"].encode(inputs(made)["pairs"]))
+    with pytest.raises(TypeError):  # another adapter: its own weights
+        lm2vec.load(folders["full"], dtype=dtype)
+
+    base = AutoModel.from_pretrained(tmp_path / "half" / "base", dtype=torch.bfloat16)
+    model = merged_on_access(PeftModel.from_pretrained(base, made / "supervised"))
+    adapted = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    assert adapted and all(m.parametrizations.weight.original.dtype == torch.bfloat16 for m in adapted)
+    assert all(m.weight.dtype == torch.float32 for m in adapted)  # merged as read
 
 
 def test_bad_adapters_get_clear_errors(made: Path, tmp_path: Path):

@@ -39,10 +39,11 @@ import functools
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
@@ -521,6 +522,9 @@ def float32_in_turn(model: nn.Module) -> Iterator[None]:
             put_back(index)
         spare.clear()
         _to_float32(model)
+        for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:  # weights computed on access
+            for name in list(cast(nn.ModuleDict, module.parametrizations)):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         if isinstance(config := getattr(model, "config", None), PretrainedConfig):
             config.dtype = torch.float32  # as a float32 load says (transformers set the dtype it loaded in)
 

@@ -81,7 +81,10 @@ def load(
     if bidirectional is None:
         bidirectional = saved.bidirectional if saved else True
     pooling = parse_pooling(pooling or (saved.pooling if saved else PoolingMode.MEAN))
-    variant = (bidirectional, pooling.value, torch.device(device or "cpu").type)  # a plan is per device type
+    variant: tuple = (bidirectional, pooling.value, torch.device(device or "cpu").type)  # a plan is per device type
+    identity = checkpoint.contents() if checkpoint else None  # its lowered weights: cached by its base and adapters
+    variant += (identity,) if checkpoint else ()
+    cacheable = checkpoint is None or identity is not None
     tokenizer = load_tokenizer(resolved, trust_remote_code)
 
     def build(model: PreTrainedModel) -> Encoder:
@@ -108,22 +111,21 @@ def load(
         return cached_lower_model(resolved, variant, chosen, bidirectional, attn_implementation, trust_remote_code)
 
     lower = chosen in (*LOWER, "auto")
-    # a checkpoint's adapters merge into float32 weights; a model to lower loads in the 16-bit float it is stored in
-    weights = torch_dtype(chosen, resolved.half_dtype() if lower and checkpoint is None else None)
+    # a model to lower loads in the 16-bit float it is stored in (a checkpoint's adapters merged on access)
+    weights = torch_dtype(chosen, (checkpoint.base if checkpoint else resolved).half_dtype() if lower else None)
 
     def loaded() -> PreTrainedModel:
-        return (cached() if lower else None) or load_model(
-            resolved, bidirectional, weights, attn_implementation, trust_remote_code
-        )
+        if lower and cacheable and (model := cached()) is not None:
+            return model
+        if checkpoint is not None:
+            return checkpoint.load_model(bidirectional, weights, attn_implementation, trust_remote_code)
+        return load_model(resolved, bidirectional, weights, attn_implementation, trust_remote_code)
 
-    if checkpoint is not None:
-        model = checkpoint.load_model(bidirectional, weights, attn_implementation, trust_remote_code)
-    else:
-        model = loaded()
+    model = loaded()
     encoder = build(model)
     with _named_failures(model.config, bidirectional, chosen):  # the config: the first model's weights must be freeable
         if lower and lower_kind(model) is None:
-            if _lower(encoder, resolved, variant, chosen, cache=checkpoint is None):  # adapters merged: uncached
+            if _lower(encoder, resolved, variant, chosen, cache=cacheable):
                 # Until the first model is gone its weights stay mapped from their file, resident: read the
                 # lowered weights back as every later load does (the built-in model: 1166 -> 684 MB held after loading).
                 del encoder, model

@@ -14,16 +14,25 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 from transformers import AutoConfig, PreTrainedModel
 
+from ..cache import folder_digests
 from ..choices import PoolingMode
 from ..inputs import ReferenceStyle
+from ..quantization import HALF
 from ..st_format import STSettings
 from .model import load_model
 from .saved import read_saved_settings
 from .source import ModelLoadError, Source, resolve_source
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,10 +66,18 @@ class ReferenceCheckpoint:
     adapters: list[Path]
     settings: STSettings  # pooling, length and instruction convention as the reference would encode
 
+    def contents(self) -> list | None:
+        """The base model's and the adapters' files by content (:meth:`Source.contents`), or None where the base's
+        are not on disk yet (a hub model before its first load)."""
+        base = self.base.contents()
+        adapters = [folder_digests(adapter, (".safetensors", ".json")) for adapter in self.adapters]
+        return None if base is None else [base, *adapters]
+
     def load_model(
         self, bidirectional: bool, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
     ) -> PreTrainedModel:
-        """The base model with every adapter merged in (checked against the base first)."""
+        """The base model with every adapter merged in (checked against the base first). ``dtype``: the base's
+        weights' (bf16 or float16 where its files store it, for a lower precision: see :func:`merged_on_access`)."""
         from peft import PeftModel
 
         model = load_model(self.base, bidirectional, dtype, attn_implementation, trust_remote_code)
@@ -68,14 +85,60 @@ class ReferenceCheckpoint:
             try:
                 # strict: an adapter weight the model has no place for (or a layer of the model's adapter that gets
                 # none) would be dropped with a warning, leaving the adapter's layers at their initial weights
-                model = PeftModel.from_pretrained(model, str(adapter), strict_adapter_check="error").merge_and_unload()
+                adapted = PeftModel.from_pretrained(model, str(adapter), strict_adapter_check="error")
             except (RuntimeError, ValueError, KeyError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ModelLoadError(
                     f"the adapter {adapter} does not fit the base model {self.base.path} "
                     f"(trained on another base?): {first:.400}"  # peft's lists every weight's name
                 ) from err
+            model = merged_on_access(adapted) if dtype in HALF else adapted.merge_and_unload()
         return model
+
+
+def merged_on_access(adapted: PeftModel) -> PreTrainedModel:
+    """The model without its adapter's layers, each adapted weight computed on access as the 16-bit base weight plus
+    the adapter's update in float32 (:class:`_Update`: the bits peft's merge into float32 weights gives): the merged
+    model in float32 is never held whole, and :func:`lm2vec.quantization.float32_in_turn` makes plain float32 weights
+    of what lowering leaves. Adapters other than plain LoRA on linear layers (DoRA, LoRA biases, embeddings) are
+    merged into the model made float32 whole, as a float32 base is."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in adapted.modules() if isinstance(m, BaseTunerLayer)]
+    if not all(type(m) is LoraLinear and not m.lora_variant and not any(m.lora_bias.values()) for m in layers):
+        return cast("PreTrainedModel", adapted.float().merge_and_unload())
+    for layer in cast("list[LoraLinear]", layers):
+        for name in layer.active_adapters:
+            a, b = (cast(nn.Linear, factors[name]).weight for factors in (layer.lora_A, layer.lora_B))
+            update = _Update(a, b, layer.scaling[name], layer.fan_in_fan_out)
+            parametrize.register_parametrization(layer.get_base_layer(), "weight", update, unsafe=True)
+    return cast("PreTrainedModel", adapted.unload())
+
+
+class _Update(nn.Module):
+    """A LoRA update, ``scaling * B @ A`` (transposed for a fan-in-fan-out layer), added to the weight it
+    parametrizes in float32 (:func:`merged_on_access`), computed as peft's merge computes it (``get_delta_weight``;
+    a 16-bit weight made float32 exactly). A and B are buffers in the model's state dict, so that the merged model's
+    fingerprint (its calibration's cache key) is not the base's, under names of their own (a next adapter's strict
+    check would count peft's names as its own, missing)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool):
+        super().__init__()
+        self.register_buffer("a", a.detach())
+        self.register_buffer("b", b.detach())
+        self.scaling, self.transposed = scaling, transposed
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        a, b = self.a, self.b
+        if a.dtype in HALF:  # peft on a CPU: the product in float32, rounded back
+            update = (b.float() @ a.float()).mul_(self.scaling).to(a.dtype).float()
+        else:
+            update = (b @ a).mul_(self.scaling)
+        return (update.T if self.transposed else update).add_(weight)  # one new tensor: the first load's passes
 
 
 def find_reference_checkpoint(source: Source, adapter: str | os.PathLike | None) -> ReferenceCheckpoint | None:
