@@ -2,7 +2,8 @@
 
 Its published models come as an MNTP directory (the base model's config and tokenizer plus the MNTP LoRA adapter,
 whose ``base_model_name_or_path`` names the base weights) and, optionally, a second adapter trained on top
-(SimCSE or supervised). lm2vec loads the base, merges the adapters in that order, and encodes with the
+(SimCSE or supervised). lm2vec loads the base, merges the adapters in that order (in float32; on a base stored in
+bf16 that is lowered, as each weight is read: :func:`merged_on_access`), and encodes with the
 reference's settings (``llm2vec_config.json`` of the last directory, else its defaults: mean pooling, 512 tokens,
 documents cut to 400) and instruction convention (:class:`~lm2vec.inputs.ReferenceStyle`), so ``[[instruction,
 text], ...]`` inputs give the reference's vectors. Adapters are read from safetensors only.
