@@ -124,14 +124,14 @@ class _Update(nn.Module):
     fingerprint (its calibration's cache key) is not the base's, under names of their own (a next adapter's strict
     check would count peft's names as its own, missing)."""
 
+    a: torch.Tensor
+    b: torch.Tensor
+
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool):
         super().__init__()
         self.register_buffer("a", a.detach())
         self.register_buffer("b", b.detach())
         self.scaling, self.transposed = scaling, transposed
-
-    a: torch.Tensor
-    b: torch.Tensor
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         a, b = self.a, self.b
