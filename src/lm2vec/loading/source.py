@@ -89,11 +89,11 @@ class Source:
         except Exception:  # unreadable here, offline: transformers' load says what is wrong, if anything
             return None
         floats = {kind for kind in stored if kind.startswith(("F", "BF"))}  # F8_E4M3 ... F64, BF16
-        return HALF.get(floats.pop()) if len(floats) == 1 else None
+        return HALF_BY_NAME.get(floats.pop()) if len(floats) == 1 else None
 
 
 # The 16-bit floats by their safetensors names.
-HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
+HALF_BY_NAME = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 # What lm2vec reads itself from a hub model: every JSON file (the config, a saved encoder's settings) and the weights
 # of sentence-transformers' Dense modules (in folders it names N_Dense); from_pretrained fetches the model's weights.
