@@ -111,12 +111,12 @@ def load(
         return cached_lower_model(resolved, variant, chosen, bidirectional, attn_implementation, trust_remote_code)
 
     lower = chosen in (*LOWER, "auto")
-    # a model to lower loads in the 16-bit float it is stored in (a checkpoint's adapters merged on access)
-    weights = torch_dtype(chosen, (checkpoint.base if checkpoint else resolved).half_dtype() if lower else None)
 
     def loaded() -> PreTrainedModel:
         if lower and cacheable and (model := cached()) is not None:
             return model
+        # a model to lower loads in the 16-bit float it is stored in (a checkpoint's adapters merged on access)
+        weights = torch_dtype(chosen, (checkpoint.base if checkpoint else resolved).half_dtype() if lower else None)
         if checkpoint is not None:
             return checkpoint.load_model(bidirectional, weights, attn_implementation, trust_remote_code)
         return load_model(resolved, bidirectional, weights, attn_implementation, trust_remote_code)

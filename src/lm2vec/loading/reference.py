@@ -22,7 +22,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import AutoConfig, PreTrainedModel
 
-from ..cache import folder_digests
 from ..choices import PoolingMode
 from ..inputs import ReferenceStyle
 from ..quantization import HALF
@@ -71,8 +70,7 @@ class ReferenceCheckpoint:
         """The base model's and the adapters' files by content (:meth:`Source.contents`), or None where the base's
         are not on disk yet (a hub model before its first load)."""
         base = self.base.contents()
-        adapters = [folder_digests(adapter, (".safetensors", ".json")) for adapter in self.adapters]
-        return None if base is None else [base, *adapters]
+        return None if base is None else [base, *(Source(str(a), local=True).contents() for a in self.adapters)]
 
     def load_model(
         self, bidirectional: bool, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
