@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -312,6 +312,15 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(corpus: Path,
         train_simcse(tiny_encoder(), config, tmp_path / "resumed")
     with pytest.raises(ValueError, match=r"other settings \(steps: 6 there, 7 now\)"):  # the library checks too
         train_simcse(tiny_encoder(), replace(config, steps=7), tmp_path / "resumed", resume=True)
+    saved = tmp_path / "resumed" / "checkpoint-4" / "adapter_model.safetensors"
+    weights = load_file(saved)
+    first, *rest = weights
+    kept = {k: weights[k] for k in rest}
+    for changed, error in ((kept, "lacks"), ({f"{first}.x": weights[first], **kept}, "has not")):
+        save_file(changed, saved)  # not resumed from a model that is not the checkpoint's
+        with pytest.raises(ValueError, match=f"{error}.*another run's"):
+            train_simcse(tiny_encoder(), config, tmp_path / "resumed", resume=True)
+    save_file(weights, saved)
     train_simcse(tiny_encoder(), config, tmp_path / "resumed", resume=True)
     straight, resumed = adapter(tmp_path / "straight" / "checkpoint-6"), adapter(tmp_path / "resumed" / "checkpoint-6")
     assert straight.keys() == resumed.keys()

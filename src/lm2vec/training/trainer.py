@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -192,11 +192,19 @@ class StageTrainer(Trainer):
 
 
 def load_adapter(peft: PeftModel, checkpoint: str | os.PathLike) -> None:
-    """Put a checkpoint's adapter weights (safetensors) into a PeftModel."""
+    """Put a checkpoint's adapter weights (safetensors) into a PeftModel, refusing one whose weights are not exactly
+    the model's adapter weights: peft's loader skips names it does not know and leaves missing ones as initialised,
+    which would resume a run from a model that is not the checkpoint's."""
     path = Path(checkpoint) / ADAPTER
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no {ADAPTER}: not an lm2vec checkpoint")
-    set_peft_model_state_dict(peft, load_file(path))
+    weights = load_file(path)
+    expected = get_peft_model_state_dict(peft).keys()
+    if unknown := sorted(weights.keys() - expected):
+        raise ValueError(f"{path} holds weights this model's adapter has not, e.g. {unknown[:3]}: another run's")
+    if missing := sorted(expected - weights.keys()):
+        raise ValueError(f"{path} lacks weights of this model's adapter, e.g. {missing[:3]}: another run's")
+    set_peft_model_state_dict(peft, weights)
 
 
 def check_finite(loss: torch.Tensor, step: int, output_dir: str | os.PathLike) -> None:
