@@ -12,6 +12,8 @@ export LM2VEC_DATA ?= $(abspath ../shared/data)
 REFERENCE_DIR ?= $(CURDIR)/.peer-llm2vec
 REFERENCE_PEER := $(LM2VEC_DATA)/../peers/official_llm2vec
 REFERENCE_PY := $(REFERENCE_DIR)/venv/bin/python
+# Written last, as $(STAMP) is: a set-up that failed halfway is done again, not taken for finished.
+REFERENCE_STAMP := $(REFERENCE_DIR)/venv/.installed
 export LM2VEC_REFERENCE_DIR := $(REFERENCE_DIR)
 
 $(STAMP): pyproject.toml
@@ -34,18 +36,19 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	$(PY) examples/demo.py --data $(LM2VEC_DATA) --output outputs/demo --resume --ablation
 
-test: $(STAMP) $(REFERENCE_PY)
+test: $(STAMP) $(REFERENCE_STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-reference-venv: $(REFERENCE_PY)
-$(REFERENCE_PY):
+reference-venv: $(REFERENCE_STAMP)
+$(REFERENCE_STAMP):
 	python3 -m venv $(REFERENCE_DIR)/venv
 	$(REFERENCE_PY) -m pip install --quiet torch==2.13.0
 	grep -v -E '^(#|$$|torch==)' $(REFERENCE_PEER)/freeze-venv.txt > $(REFERENCE_DIR)/pins.txt
 	$(REFERENCE_PY) -m pip install --quiet -r $(REFERENCE_DIR)/pins.txt
+	touch $(REFERENCE_STAMP)
 
 # The reference with the built-in model converted for it (about 4 minutes), for benchmarks/vs_reference.py.
 reference: $(REFERENCE_DIR)/smollm2-hf
