@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,6 +168,11 @@ def test_train_simcse_from_the_command_line(tiny_dir, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     again = run("train", "simcse", tiny_dir, "-o", out, "--set", f"data={json.dumps([str(corpus)])}", *settings)
     assert again.returncode == 2 and "--resume" in again.stderr
+    other = Path(shutil.copytree(tiny_dir, tmp_path / "other"))  # another model: its files differ
+    (other / "config.json").write_text((other / "config.json").read_text().replace("{", '{"note": 1, ', 1))
+    settings.append(f"data={json.dumps([str(corpus)])}")
+    resumed = run("train", "simcse", other, "-o", out, "--resume", "--set", *settings)
+    assert resumed.returncode == 2 and f"holds a run on another model ({tiny_dir})" in resumed.stderr, resumed.stderr
 
 
 def test_cache_lists_each_kind_and_prunes_what_has_gone_unused(tiny_dir, tmp_path, monkeypatch: pytest.MonkeyPatch):

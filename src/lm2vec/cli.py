@@ -212,10 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = json.loads(Path(args.config).read_text()) if args.config else {}
     config = training.stage_config(args.stage, settings | parse_settings(args.set))  # checked before loading
     from lm2vec.training.data import check_data
-    from lm2vec.training.stage import claim_stage_dir
+    from lm2vec.training.stage import claim_for_model, claim_stage_dir
 
     check_data(config.data, args.data)
     claim_stage_dir(args.output, config, args.resume)
+    claim_for_model(args.output, model_source(args.model), args.resume)
     quiet_transformers()
     try:
         encoder = training.STAGES[args.stage].train(

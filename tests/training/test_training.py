@@ -667,7 +667,7 @@ def test_convert_runs_the_stages_in_order_and_resumes_finished_ones(
     with pytest.raises(FileExistsError, match="1-mntp holds an earlier run; pass resume=True"):
         convert(str(causal_lm_dir), recipe, tmp_path / "out", evaluate=False, log=lines.append)
     other = save_causal_lm(tmp_path / "mistral", "mistral")  # the same layers' names and shapes: nothing else tells
-    with pytest.raises(ValueError, match=f"holds a conversion of another model \\({causal_lm_dir}\\)"):
+    with pytest.raises(ValueError, match=f"holds a run on another model \\({causal_lm_dir}\\)"):
         convert(str(other), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)
     moved = shutil.copytree(causal_lm_dir, tmp_path / "moved")  # the same model elsewhere: its run resumes
     convert(str(moved), recipe, tmp_path / "out", evaluate=False, resume=True, log=lines.append)

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from ..blocks import blocks
-from ..cache import atomic_write
 from ..calibration import float_kind
 from ..choices import PoolingMode
 from ..encoder import Encoder
@@ -33,10 +32,9 @@ from ..quantization import ONEDNN, linear_layers, lowered
 from .config import STAGES, MNTPConfig, Recipe, StageConfig, load_recipe
 from .data import check_data
 from .mntp import mntp_inputs
-from .stage import ENCODER_DIR, TRAINING_DTYPE, Source, claim_stage_dir, saved_encoder
+from .stage import ENCODER_DIR, TRAINING_DTYPE, Source, claim_for_model, claim_stage_dir, saved_encoder
 
 CAUSAL_BASELINE = "causal, weighted mean (baseline)"
-MODEL_RECORD = "model.json"  # which model an output folder converts (claim_for_model)
 
 
 @dataclass
@@ -270,24 +268,6 @@ def starting_point(
     untrained = load(source, bidirectional=True, dtype=TRAINING_DTYPE)
     baselines.record("bidirectional, untrained", untrained, start, reused=True)
     return source if first_stage == "mntp" else untrained
-
-
-def claim_for_model(output_dir: Path, source: str | os.PathLike | None, resume: bool) -> None:
-    """Record which model ``output_dir`` converts (``model.json``), refusing to resume another model's run there:
-    its finished stages would be reused and its checkpoints continued as this model's. A local model (a GGUF file's
-    conversion, the built-in model) is known by its files' contents, so a moved or copied one resumes; a hub model
-    by its id."""
-    resolved = resolve_source(source)
-    identity: dict[str, object] = (
-        {"files": [list(pair) for pair in resolved.contents() or []]} if resolved.local else {"hub": resolved.path}
-    )
-    path = output_dir / MODEL_RECORD
-    if resume and path.is_file() and (earlier := json.loads(path.read_text()))["identity"] != identity:
-        raise ValueError(
-            f"{output_dir} holds a conversion of another model ({earlier['model']}), not of {resolved.path}: "
-            "choose another output folder"
-        )
-    atomic_write(path, json.dumps({"model": resolved.path, "identity": identity}, indent=2) + "\n")
 
 
 def run_or_reuse(

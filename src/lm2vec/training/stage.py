@@ -34,6 +34,7 @@ from ..encoder import Encoder, fitted_length
 from ..evaluation.sts import STSPairs, load_sts
 from ..inputs import Batch, Tokenization
 from ..loading import load
+from ..loading.source import resolve_source
 from ..packing import PACKED
 from ..quantization import is_linear
 from .config import SimCSEConfig, StageConfig, SupervisedConfig
@@ -388,6 +389,7 @@ def save_stage_encoder(encoder: Encoder, output_dir: str | os.PathLike, trainer:
 
 
 SETTINGS = "stage-settings.json"
+MODEL_RECORD = "model.json"  # which model an output folder converts or trains (claim_for_model)
 
 
 def claim_stage_dir(output_dir: str | os.PathLike, config: StageConfig, resume: bool) -> None:
@@ -414,6 +416,24 @@ def claim_stage_dir(output_dir: str | os.PathLike, config: StageConfig, resume: 
             )
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(settings, indent=2) + "\n")
+
+
+def claim_for_model(output_dir: str | os.PathLike, source: str | os.PathLike | None, resume: bool) -> None:
+    """Record which model ``output_dir`` converts or trains (``model.json``), refusing to resume another model's run
+    there: its finished stages would be reused and its checkpoints continued as this model's. A local model (a GGUF
+    file's conversion, the built-in model, an earlier stage's encoder) is known by its files' contents, so a moved or
+    copied one resumes; a hub model by its id."""
+    resolved = resolve_source(source)
+    identity: dict[str, object] = (
+        {"files": [list(pair) for pair in resolved.contents() or []]} if resolved.local else {"hub": resolved.path}
+    )
+    path = Path(output_dir) / MODEL_RECORD
+    if resume and path.is_file() and (earlier := json.loads(path.read_text()))["identity"] != identity:
+        raise ValueError(
+            f"{output_dir} holds a run on another model ({earlier['model']}), not on {resolved.path}: "
+            "choose another output folder"
+        )
+    atomic_write(path, json.dumps({"model": resolved.path, "identity": identity}, indent=2) + "\n")
 
 
 def is_finished(output_dir: str | os.PathLike) -> bool:
