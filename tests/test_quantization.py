@@ -7,6 +7,7 @@ import json
 import shutil
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -344,21 +345,28 @@ def test_float32_in_turn_runs_a_16_bit_model_as_its_float32_self_one_block_at_a_
     with lowered(encoder.model, plan):
         lowered_vectors = encoder.encode(TEXTS)
     modules = block_modules(encoder.model)
-    in_float32: list[list[int]] = []  # the blocks whose linear layers are float32, seen as each block runs
+    in_float32: list[tuple[int, list[int]]] = []  # each block run, with the blocks whose linear layers are float32
 
-    def seen(*_):
-        in_float32.append([b for b, m in enumerate(modules) if torch.float32 in weight_dtypes(m)])
+    def seen(block: int) -> Callable[..., None]:
+        float32 = lambda: [b for b, m in enumerate(modules) if torch.float32 in weight_dtypes(m)]  # noqa: E731
+        return lambda *_: in_float32.append((block, float32()))
 
     encoder.model.to(torch.bfloat16)
     encoder.model.config.dtype = torch.bfloat16  # as transformers says of a model it loaded in bf16
-    hooks = [block.register_forward_hook(seen) for block in modules]
     with float32_in_turn(encoder.model):
         assert encoder.model.get_input_embeddings().weight.dtype == torch.float32  # outside the blocks: at once
-        np.testing.assert_array_equal(encoder.encode(TEXTS), reference)
+        with _recorded(encoder.model, modules) as recording:
+            np.testing.assert_array_equal(encoder.encode(TEXTS), reference)
         assert set().union(*map(weight_dtypes, modules)) == {torch.bfloat16}  # between passes
+        hooks = [block.register_forward_hook(seen(b), prepend=True) for b, block in enumerate(modules)]
+        np.testing.assert_array_equal(encoder.encode(TEXTS), reference)
+        assert in_float32 and all(now == [b] for b, now in in_float32)
+        in_float32.clear()
+        with _replayed(modules[:2], recording.outputs[:2]):  # as calibration replays: their weights are not read
+            np.testing.assert_array_equal(encoder.encode(TEXTS), reference)
+        assert in_float32 and all(now == ([] if b < 2 else [b]) for b, now in in_float32)
     for handle in hooks:
         handle.remove()
-    assert in_float32 and all(len(now) == 1 for now in in_float32)
     assert all(torch.equal(t, weights[n]) for n, t in encoder.model.state_dict().items())  # float32 on exit
     assert encoder.model.config.dtype == torch.float32
 

@@ -37,6 +37,7 @@ from .quantization import (
     FLOAT32,
     ONEDNN,
     PRECISE,
+    REPLAYED,
     Plan,
     linear_layers,
     linear_speeds,
@@ -280,15 +281,17 @@ def _recorded(model: nn.Module, modules: list[nn.Module]) -> Iterator[_Recording
 def _replayed(modules: list[nn.Module], outputs: list[list[Any]]) -> Iterator[None]:
     """``modules`` return copies of their :func:`_recorded` outputs, in call order, instead of computing: a pass that
     changes nothing before a block need not run the blocks before it (half of calibration's block passes). Hooks
-    still run."""
+    still run; :data:`~lm2vec.quantization.REPLAYED` tells them no weights are read."""
     for module, kept in zip(modules, outputs, strict=True):
         replies = iter(kept)
         module.forward = lambda *_args, replies=replies, **_kwargs: _copied(next(replies))
+        setattr(module, REPLAYED, True)
     try:
         yield
     finally:
         for module in modules:
             del module.forward
+            delattr(module, REPLAYED)
 
 
 def _copied(out: Any) -> Any:

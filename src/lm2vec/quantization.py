@@ -484,6 +484,11 @@ def lowered_in_turn(model: nn.Module, plan: Plan, smoothing: dict[str, torch.Ten
         restore()  # a pass that failed inside a block
 
 
+# Set (True) on a block whose forward returns recorded outputs instead of computing (calibration's replays): it reads
+# no weights, so :func:`float32_in_turn` does not make them float32 for it.
+REPLAYED = "lm2vec_replayed"
+
+
 @contextlib.contextmanager
 def float32_in_turn(model: nn.Module) -> Iterator[None]:
     """A model loaded in the 16-bit float its checkpoint stores (:data:`HALF`) runs as its float32 self inside the
@@ -499,6 +504,8 @@ def float32_in_turn(model: nn.Module) -> Iterator[None]:
 
     def upcast(block: int) -> Callable[..., None]:
         def hook(*_) -> None:
+            if getattr(modules[block], REPLAYED, False):
+                return  # its weights are not read
             kept[block] = _to_float32(modules[block], spare=spare.copy())
             spare.clear()  # those not taken: shapes of another kind of block
 
